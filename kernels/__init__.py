@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``megatron_rcm.kernels``. Importing this never needs a GPU."""

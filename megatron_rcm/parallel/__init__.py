@@ -1,0 +1,1 @@
+"""Process groups, CPU compatibility and collectives with tangent-aware autograd."""

@@ -1,0 +1,62 @@
+"""Start and stop torch.distributed + Megatron-Core ``parallel_state`` on GPU (NCCL) or CPU (gloo)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_rcm.parallel.cpu_compat import enable_cpu_compat
+
+
+def initialize_parallel(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    context_parallel: int = 1,
+    seed: int = 1234,
+    backend: str | None = None,
+) -> None:
+    """Initialize the default process group (from torchrun/Slurm env vars or as a single process) and
+    Megatron's model-parallel groups. Raises ValueError when the world size does not factor."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        enable_cpu_compat()
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+        world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=10))
+    world = dist.get_world_size()
+    model_parallel = tensor_parallel * pipeline_parallel * context_parallel
+    if world % model_parallel != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by TP*PP*CP = {tensor_parallel}*{pipeline_parallel}*"
+            f"{context_parallel} = {model_parallel}; change the parallel sizes or the number of ranks"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            context_parallel_size=context_parallel,
+            create_gloo_process_groups=not use_cuda,
+        )
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
