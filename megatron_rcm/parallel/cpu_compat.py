@@ -47,6 +47,9 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 class _NullStream:
+    def __init__(self, *_a, **_k):
+        pass
+
     def wait_stream(self, *_a, **_k):
         return None
 
@@ -109,7 +112,7 @@ def enable_cpu_compat() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NullStream()
     torch.cuda.default_stream = lambda *a, **k: _NullStream()
-    torch.cuda.Stream = lambda *a, **k: _NullStream()
+    torch.cuda.Stream = _NullStream
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.memory_allocated = lambda *a, **k: 0
     torch.cuda.max_memory_allocated = lambda *a, **k: 0

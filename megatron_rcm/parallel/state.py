@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from megatron_rcm.parallel.cpu_compat import enable_cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def initialize_parallel(
@@ -31,7 +38,10 @@ def initialize_parallel(
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
         world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
+        if "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise ValueError("MASTER_PORT is not set for a multi-process run (torchrun/srun set it)")
+            os.environ["MASTER_PORT"] = str(_free_port())
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
             torch.cuda.set_device(local)

@@ -1,0 +1,1 @@
+"""Checkpoint key tables and converters between Wan2.1 layouts and megatron_rcm."""

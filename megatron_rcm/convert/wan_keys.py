@@ -1,0 +1,87 @@
+"""Key tables between megatron_rcm's Wan model and the two public layouts.
+
+* ``original``: the Wan2.1 release (``WanModel``: ``blocks.N.self_attn.q``, ``modulation``, ``head.head``).
+* ``diffusers``: ``WanTransformer3DModel`` (``blocks.N.attn1.to_q``, ``scale_shift_table``, ``proj_out``).
+
+Each table maps an external regex to our key template. Tensors keep their values; the only reshape is
+the patch embedding (Conv3d weight [D, C, pt, ph, pw] <-> our linear [D, C*pt*ph*pw]).
+"""
+
+from __future__ import annotations
+
+import re
+
+_BLOCK = r"blocks\.(\d+)\."
+
+DIFFUSERS_TO_OURS: list[tuple[str, str]] = [
+    (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
+    (r"condition_embedder\.time_embedder\.linear_(1|2)\.(weight|bias)", r"time_embedding.linear_\1.\2"),
+    (r"condition_embedder\.time_proj\.(weight|bias)", r"time_projection.\1"),
+    (r"condition_embedder\.text_embedder\.linear_(1|2)\.(weight|bias)", r"text_embedding.linear_\1.\2"),
+    (r"condition_embedder\.image_embedder\.norm(1|2)\.(weight|bias)", r"img_emb.norm\1.\2"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj\.(weight|bias)", r"img_emb.mlp.linear_1.\1"),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2\.(weight|bias)", r"img_emb.mlp.linear_2.\1"),
+    (_BLOCK + r"scale_shift_table", r"blocks.\1.modulation"),
+    (_BLOCK + r"attn1\.to_(q|k|v)\.(weight|bias)", r"blocks.\1.self_attn.linear_\2.\3"),
+    (_BLOCK + r"attn1\.to_out\.0\.(weight|bias)", r"blocks.\1.self_attn.linear_proj.\2"),
+    (_BLOCK + r"attn1\.norm_(q|k)\.weight", r"blocks.\1.self_attn.\2_norm.weight"),
+    (_BLOCK + r"attn2\.to_(q|k|v)\.(weight|bias)", r"blocks.\1.cross_attn.linear_\2.\3"),
+    (_BLOCK + r"attn2\.to_out\.0\.(weight|bias)", r"blocks.\1.cross_attn.linear_proj.\2"),
+    (_BLOCK + r"attn2\.norm_(q|k)\.weight", r"blocks.\1.cross_attn.\2_norm.weight"),
+    (_BLOCK + r"attn2\.add_(k|v)_proj\.(weight|bias)", r"blocks.\1.cross_attn.linear_\2_img.\3"),
+    (_BLOCK + r"attn2\.norm_added_k\.weight", r"blocks.\1.cross_attn.k_img_norm.weight"),
+    (_BLOCK + r"norm2\.(weight|bias)", r"blocks.\1.norm3.\2"),
+    (_BLOCK + r"ffn\.net\.0\.proj\.(weight|bias)", r"blocks.\1.ffn.linear_fc1.\2"),
+    (_BLOCK + r"ffn\.net\.2\.(weight|bias)", r"blocks.\1.ffn.linear_fc2.\2"),
+    (r"scale_shift_table", r"head.modulation"),
+    (r"proj_out\.(weight|bias)", r"head.linear.\1"),
+]
+
+ORIGINAL_TO_OURS: list[tuple[str, str]] = [
+    (r"patch_embedding\.(weight|bias)", r"patch_embedding.\1"),
+    (r"time_embedding\.0\.(weight|bias)", r"time_embedding.linear_1.\1"),
+    (r"time_embedding\.2\.(weight|bias)", r"time_embedding.linear_2.\1"),
+    (r"time_projection\.1\.(weight|bias)", r"time_projection.\1"),
+    (r"text_embedding\.0\.(weight|bias)", r"text_embedding.linear_1.\1"),
+    (r"text_embedding\.2\.(weight|bias)", r"text_embedding.linear_2.\1"),
+    (r"img_emb\.proj\.0\.(weight|bias)", r"img_emb.norm1.\1"),
+    (r"img_emb\.proj\.1\.(weight|bias)", r"img_emb.mlp.linear_1.\1"),
+    (r"img_emb\.proj\.3\.(weight|bias)", r"img_emb.mlp.linear_2.\1"),
+    (r"img_emb\.proj\.4\.(weight|bias)", r"img_emb.norm2.\1"),
+    (_BLOCK + r"modulation", r"blocks.\1.modulation"),
+    (_BLOCK + r"self_attn\.(q|k|v)\.(weight|bias)", r"blocks.\1.self_attn.linear_\2.\3"),
+    (_BLOCK + r"self_attn\.o\.(weight|bias)", r"blocks.\1.self_attn.linear_proj.\2"),
+    (_BLOCK + r"self_attn\.norm_(q|k)\.weight", r"blocks.\1.self_attn.\2_norm.weight"),
+    (_BLOCK + r"cross_attn\.(q|k|v)\.(weight|bias)", r"blocks.\1.cross_attn.linear_\2.\3"),
+    (_BLOCK + r"cross_attn\.o\.(weight|bias)", r"blocks.\1.cross_attn.linear_proj.\2"),
+    (_BLOCK + r"cross_attn\.norm_(q|k)\.weight", r"blocks.\1.cross_attn.\2_norm.weight"),
+    (_BLOCK + r"cross_attn\.(k|v)_img\.(weight|bias)", r"blocks.\1.cross_attn.linear_\2_img.\3"),
+    (_BLOCK + r"cross_attn\.norm_k_img\.weight", r"blocks.\1.cross_attn.k_img_norm.weight"),
+    (_BLOCK + r"norm3\.(weight|bias)", r"blocks.\1.norm3.\2"),
+    (_BLOCK + r"ffn\.0\.(weight|bias)", r"blocks.\1.ffn.linear_fc1.\2"),
+    (_BLOCK + r"ffn\.2\.(weight|bias)", r"blocks.\1.ffn.linear_fc2.\2"),
+    (r"head\.head\.(weight|bias)", r"head.linear.\1"),
+    (r"head\.modulation", r"head.modulation"),
+]
+
+TABLES = {"diffusers": DIFFUSERS_TO_OURS, "original": ORIGINAL_TO_OURS}
+
+
+def map_key(key: str, layout: str) -> str:
+    """External key -> our key. Raises KeyError naming the key if no rule matches."""
+    for pattern, template in TABLES[layout]:
+        m = re.fullmatch(pattern, key)
+        if m:
+            return m.expand(template)
+    raise KeyError(f"no {layout} mapping for key {key!r}")
+
+
+def to_ours(state_dict: dict, layout: str) -> dict:
+    """Map a full (unsharded) external state dict to our key names and shapes."""
+    out = {}
+    for key, value in state_dict.items():
+        ours = map_key(key, layout)
+        if ours == "patch_embedding.weight" and value.ndim == 5:
+            value = value.reshape(value.shape[0], -1)
+        out[ours] = value
+    return out

@@ -1,0 +1,134 @@
+"""Wan self- and cross-attention on Megatron tensor-parallel linears, with a tangent path.
+
+Legend: S full tokens, s = S/tp this rank's tokens (sequence parallel), L context tokens, B batch,
+N_tp heads on this rank, d head dim, D hidden, D_tp = N_tp * d.
+Tensor parallel: q/k/v are column-parallel (heads split), the output projection row-parallel; under
+sequence parallelism the column linears all-gather [s, B, D] -> [S, B, D_tp] and the row linear
+reduce-scatters back to [s, B, D].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_rcm.models.jvp import add_tangents, linear_jvp
+from megatron_rcm.models.wan.layers import TPRMSNorm
+from megatron_rcm.models.wan.rope import apply_rope
+from megatron_rcm.ops.attention import attention_jvp
+from megatron_rcm.parallel.collectives import tp_world_size
+
+
+def _column(spec, config, in_dim, out_dim):
+    return spec.column_linear(
+        in_dim,
+        out_dim,
+        config=config,
+        init_method=config.init_method,
+        bias=True,
+        gather_output=False,
+        skip_bias_add=True,
+    )
+
+
+def _row(spec, config, in_dim, out_dim):
+    return spec.row_linear(
+        in_dim,
+        out_dim,
+        config=config,
+        init_method=config.output_layer_init_method,
+        bias=True,
+        input_is_parallel=True,
+        skip_bias_add=True,
+    )
+
+
+class _WanAttentionBase(MegatronModule):
+    def __init__(self, config, spec):
+        super().__init__(config)
+        tp = tp_world_size()
+        if config.num_attention_heads % tp != 0:
+            raise ValueError(
+                f"num_attention_heads {config.num_attention_heads} is not divisible by tensor parallel "
+                f"size {tp}; choose a TP size that divides the head count"
+            )
+        self.heads_per_rank = config.num_attention_heads // tp
+        self.head_dim = config.head_dim
+        D = config.hidden_size
+        self.linear_q = _column(spec, config, D, D)
+        self.q_norm = TPRMSNorm(config, D)
+        self.linear_proj = _row(spec, config, D, D)
+
+    def _heads(self, x_SBD):
+        return x_SBD if x_SBD is None else x_SBD.unflatten(-1, (self.heads_per_rank, self.head_dim))
+
+    def _query(self, x, t_x):
+        q, t_q = linear_jvp(self.linear_q, x, t_x)
+        q, t_q = self.q_norm(q, t_q)
+        return self._heads(q), self._heads(t_q)
+
+    def _out(self, o_SBNd, t_o):
+        o = o_SBNd.flatten(-2)
+        t_o = None if t_o is None else t_o.flatten(-2)
+        return linear_jvp(self.linear_proj, o, t_o)
+
+
+class WanSelfAttention(_WanAttentionBase):
+    """x [s, B, D] -> [s, B, D]: q/k RMSNorm across heads, 3D RoPE, full (non-causal) attention."""
+
+    def __init__(self, config, spec):
+        super().__init__(config, spec)
+        D = config.hidden_size
+        self.linear_k = _column(spec, config, D, D)
+        self.linear_v = _column(spec, config, D, D)
+        self.k_norm = TPRMSNorm(config, D)
+        self.backend = config.attention_backend_name
+
+    def forward(self, x_sBD, t_x, rope_cos, rope_sin):
+        q, t_q = self._query(x_sBD, t_x)
+        k, t_k = linear_jvp(self.linear_k, x_sBD, t_x)
+        k, t_k = self.k_norm(k, t_k)
+        v, t_v = linear_jvp(self.linear_v, x_sBD, t_x)
+        k, t_k, v, t_v = self._heads(k), self._heads(t_k), self._heads(v), self._heads(t_v)
+        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
+        if t_x is not None:
+            t_q, t_k = apply_rope(t_q, rope_cos, rope_sin), apply_rope(t_k, rope_cos, rope_sin)
+        o, t_o = attention_jvp(q, k, v, t_q, t_k, t_v, backend=self.backend)
+        return self._out(o, t_o)
+
+
+class WanCrossAttention(_WanAttentionBase):
+    """x [s, B, D] attends to constant context [L, B, D] (text; for I2V also CLIP image tokens, with
+    their own k_img/v_img projections and key norm). Context carries no tangent: the kernel's fast path."""
+
+    def __init__(self, config, spec, with_image: bool):
+        super().__init__(config, spec)
+        D = config.hidden_size
+        # Context is replicated over TP ranks, not split along the sequence.
+        ctx_config = dataclasses.replace(config, sequence_parallel=False)
+        self.linear_k = _column(spec, ctx_config, D, D)
+        self.linear_v = _column(spec, ctx_config, D, D)
+        self.k_norm = TPRMSNorm(config, D)
+        self.with_image = with_image
+        if with_image:
+            self.linear_k_img = _column(spec, ctx_config, D, D)
+            self.linear_v_img = _column(spec, ctx_config, D, D)
+            self.k_img_norm = TPRMSNorm(config, D)
+        self.backend = config.attention_backend_name
+
+    def _attend(self, q, t_q, ctx_LBD, linear_k, linear_v, k_norm):
+        k, _ = k_norm(linear_jvp(linear_k, ctx_LBD, None)[0])
+        v, _ = linear_jvp(linear_v, ctx_LBD, None)
+        return attention_jvp(q, self._heads(k), self._heads(v), t_q, None, None, backend=self.backend)
+
+    def forward(self, x_sBD, t_x, context_LBD, context_img_LBD=None):
+        q, t_q = self._query(x_sBD, t_x)
+        o, t_o = self._attend(q, t_q, context_LBD, self.linear_k, self.linear_v, self.k_norm)
+        if self.with_image:
+            o_img, t_o_img = self._attend(
+                q, t_q, context_img_LBD, self.linear_k_img, self.linear_v_img, self.k_img_norm
+            )
+            o = o + o_img
+            t_o = add_tangents(t_o, t_o_img)
+        return self._out(o, t_o)

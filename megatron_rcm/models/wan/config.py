@@ -1,0 +1,151 @@
+"""Wan2.1 DiT configuration: a Megatron ``TransformerConfig`` plus the Wan-specific fields, and presets.
+
+Presets follow the released Wan2.1 configs (``config.json`` of Wan-AI/Wan2.1-*-Diffusers); the ``tiny``
+presets are debug sizes that exercise every code path (RoPE split, I2V image branch) in seconds on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.transformer import TransformerConfig
+
+
+@dataclass
+class WanConfig(TransformerConfig):
+    """Wan2.1 model hyper-parameters. ``hidden_size`` is Wan's ``dim``, ``ffn_hidden_size`` its ``ffn_dim``."""
+
+    model_type: str = "t2v"
+    """"t2v" or "i2v" (I2V adds the CLIP-feature projection and the image cross-attention)."""
+    in_channels: int = 16
+    """Latent channels into the patch embedding (I2V: 16 noisy + 4 mask + 16 image-condition = 36)."""
+    out_channels: int = 16
+    """Velocity channels out of the head."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """(frames, rows, cols) patch of the 3D patch embedding."""
+    text_dim: int = 4096
+    """Width of the text-encoder (umT5) embeddings."""
+    text_len: int = 512
+    """Text tokens the released models are trained with (context is used as given, not padded)."""
+    freq_dim: int = 256
+    """Width of the sinusoidal timestep embedding."""
+    image_dim: int = 1280
+    """Width of the CLIP image features (I2V only)."""
+    image_len: int = 257
+    """CLIP tokens ahead of the text tokens (I2V only)."""
+    norm_eps: float = 1e-6
+    """Epsilon of every LayerNorm / RMSNorm in the model."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    rope_max_seq_len: int = 1024
+    """Largest frame/row/column index the RoPE tables cover."""
+    attention_backend_name: str = "auto"
+    """Attention implementation: "auto" (Triton JVP kernel on CUDA, PyTorch reference on CPU), "torch", "triton"."""
+    use_te: bool = False
+    """Build linears from Transformer Engine (FP8/BF16) instead of Megatron's local tensor-parallel layers."""
+    recompute_blocks: bool = False
+    """Activation recompute: re-run each transformer block in the backward instead of storing activations."""
+    extra: dict = field(default_factory=dict)
+    """Free-form provenance (e.g. the source checkpoint a converted model came from)."""
+
+    def __post_init__(self):
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.model_type not in ("t2v", "i2v"):
+            raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        head_dim = self.hidden_size // self.num_attention_heads
+        if head_dim % 2 != 0 or head_dim < 6:
+            raise ValueError(f"head dim {head_dim} must be even and >= 6 for the 3D RoPE split")
+        super().__post_init__()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Head-dim split over (frame, row, column): 128 -> (44, 42, 42)."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+
+_PRESETS: dict[str, dict] = {
+    "wan2.1-t2v-1.3b": dict(
+        num_layers=30, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12, in_channels=16
+    ),
+    "wan2.1-t2v-14b": dict(
+        num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40, in_channels=16
+    ),
+    "wan2.1-i2v-14b": dict(
+        num_layers=40,
+        hidden_size=5120,
+        ffn_hidden_size=13824,
+        num_attention_heads=40,
+        in_channels=36,
+        model_type="i2v",
+    ),
+    "wan-tiny-t2v": dict(
+        num_layers=2,
+        hidden_size=128,
+        ffn_hidden_size=256,
+        num_attention_heads=4,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+    ),
+    "wan-tiny-i2v": dict(
+        num_layers=2,
+        hidden_size=128,
+        ffn_hidden_size=256,
+        num_attention_heads=4,
+        in_channels=8,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        image_dim=24,
+        model_type="i2v",
+    ),
+}
+
+PRESETS = tuple(_PRESETS)
+
+
+def wan_config(preset: str, **overrides) -> WanConfig:
+    """Build a ``WanConfig`` from a preset name plus field overrides.
+
+    Parallel sizes default to what ``parallel_state`` was initialized with; sequence parallelism is on
+    whenever TP > 1 (Megatron's recommended setting).
+    """
+    if preset not in _PRESETS:
+        raise ValueError(f"unknown Wan preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    kwargs = dict(_PRESETS[preset])
+    tp = overrides.pop("tensor_model_parallel_size", None)
+    if tp is None:
+        from megatron.core import parallel_state
+
+        tp = (
+            parallel_state.get_tensor_model_parallel_world_size()
+            if parallel_state.model_parallel_is_initialized()
+            else 1
+        )
+    kwargs.update(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=tp > 1,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        add_bias_linear=True,
+        layernorm_epsilon=1e-6,
+    )
+    known = {f.name for f in dataclasses.fields(WanConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown WanConfig field(s) {unknown} for preset {preset!r}")
+    kwargs.update(overrides)
+    return WanConfig(**kwargs)

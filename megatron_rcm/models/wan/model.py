@@ -1,0 +1,192 @@
+"""The Wan2.1 diffusion transformer (T2V and I2V) on Megatron-Core, with a forward-mode tangent path.
+
+Legend: B batch, C channels, F/H/W latent frames/rows/cols, f/h/w after patching, S = f*h*w tokens,
+s = S / tp tokens on this rank (sequence parallel), D hidden, L context tokens, P = C_out * prod(patch).
+
+    forward(x, timestep, context)                      -> v            (RF velocity, [B, C_out, F, H, W])
+    forward_jvp(x, t_x, timestep, t_timestep, context) -> (v, t_v)
+
+``timestep`` is the network time (Wan: 1000 * s_rf). Weights carry no tangent and the context (text,
+CLIP image features) is constant. The primal of ``forward_jvp`` keeps its autograd graph, the tangent none.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from megatron_rcm.models.jvp import compute_dtype, linear_jvp, silu_jvp
+from megatron_rcm.models.wan.block import WanBlock, modulate_jvp
+from megatron_rcm.models.wan.config import WanConfig
+from megatron_rcm.models.wan.layers import (
+    ImageEmbedder,
+    LayerNorm,
+    MLPEmbedder,
+    mark_sequence_parallel,
+    sinusoidal_embedding_jvp,
+)
+from megatron_rcm.models.wan.rope import rope_cos_sin
+from megatron_rcm.models.wan.spec import get_wan_block_spec
+from megatron_rcm.parallel.collectives import gather_sequence, scatter_sequence, tp_world_size
+
+
+def patchify(x_BCFHW: torch.Tensor, patch) -> torch.Tensor:
+    """[B, C, F, H, W] -> tokens [S, B, C*pt*ph*pw], tokens ordered (f, h, w), features (c, pt, ph, pw)
+    (the flattening of Wan's Conv3d patch-embedding weight [D, C, pt, ph, pw])."""
+    B, C, F, H, W = x_BCFHW.shape
+    pt, ph, pw = patch
+    x = x_BCFHW.reshape(B, C, F // pt, pt, H // ph, ph, W // pw, pw)
+    x = x.permute(2, 4, 6, 0, 1, 3, 5, 7)  # f h w B C pt ph pw
+    return x.reshape((F // pt) * (H // ph) * (W // pw), B, C * pt * ph * pw)
+
+
+def unpatchify(x_SBP: torch.Tensor, grid_fhw, patch, out_channels: int) -> torch.Tensor:
+    """tokens [S, B, pt*ph*pw*C] (Wan's head order: patch offsets, then channels) -> [B, C, F, H, W]."""
+    f, h, w = grid_fhw
+    pt, ph, pw = patch
+    B = x_SBP.shape[1]
+    x = x_SBP.reshape(f, h, w, B, pt, ph, pw, out_channels)
+    x = x.permute(3, 7, 0, 4, 1, 5, 2, 6)  # B C f pt h ph w pw
+    return x.reshape(B, out_channels, f * pt, h * ph, w * pw)
+
+
+class WanHead(MegatronModule):
+    """x = linear(LN(x) * (1 + scale) + shift), (shift, scale) = modulation + e (the time embedding)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        D = config.hidden_size
+        self.norm = LayerNorm(config, D, affine=False)
+        P = config.out_channels * int(torch.tensor(config.patch_size).prod())
+        self.linear = nn.Linear(D, P, dtype=config.params_dtype)
+        self.modulation = nn.Parameter(torch.randn(1, 2, D, dtype=config.params_dtype) / D**0.5)
+        if config.sequence_parallel:
+            mark_sequence_parallel(self)
+            mark_sequence_parallel(self.linear)
+
+    def forward(self, x, t_x, e_BD, t_e_BD):
+        cdt = compute_dtype(x)
+        shift, scale = (self.modulation.to(cdt) + e_BD.to(cdt)[:, None]).unbind(1)
+        t_shift, t_scale = (
+            (None, None) if t_e_BD is None else t_e_BD.to(cdt)[:, None].expand(-1, 2, -1).unbind(1)
+        )
+        h, t_h = self.norm(x, t_x)
+        h, t_h = modulate_jvp(h, t_h, shift, t_shift, scale, t_scale)
+        return linear_jvp(self.linear, h.to(x.dtype), None if t_h is None else t_h.to(x.dtype))
+
+
+class WanModel(MegatronModule):
+    """Wan2.1 DiT. Build after ``megatron_rcm.parallel.state.initialize_parallel``."""
+
+    def __init__(self, config: WanConfig, layer_offset: int = 0, num_local_layers: int | None = None):
+        super().__init__(config)
+        self.config: WanConfig = config
+        spec = get_wan_block_spec(config.use_te)
+        D = config.hidden_size
+        patch_dim = config.in_channels * int(torch.tensor(config.patch_size).prod())
+        self.patch_embedding = nn.Linear(patch_dim, D, dtype=config.params_dtype)
+        self.text_embedding = MLPEmbedder(config, config.text_dim, D, D, "gelu_tanh")
+        self.time_embedding = MLPEmbedder(config, config.freq_dim, D, D, "silu")
+        self.time_projection = nn.Linear(D, 6 * D, dtype=config.params_dtype)
+        self.img_emb = ImageEmbedder(config) if config.model_type == "i2v" else None
+        n = config.num_layers if num_local_layers is None else num_local_layers
+        self.blocks = nn.ModuleList([WanBlock(config, spec, layer_offset + i) for i in range(n)])
+        self.head = WanHead(config)
+
+    # ------------------------------------------------------------------------------------------------
+    def _check_inputs(self, x, timestep, context, clip_fea):
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be [B, C={cfg.in_channels}, F, H, W], got shape {tuple(x.shape)}")
+        B, _, F, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        if F % pt or H % ph or W % pw:
+            raise ValueError(
+                f"latent size (F, H, W) = {(F, H, W)} is not divisible by patch {cfg.patch_size}"
+            )
+        S = (F // pt) * (H // ph) * (W // pw)
+        tp = tp_world_size()
+        if cfg.sequence_parallel and S % tp:
+            raise ValueError(
+                f"{S} tokens (F*H*W / patch = {F}*{H}*{W} / {pt * ph * pw}) are not divisible by the "
+                f"sequence-parallel size {tp}; change the latent size or the TP size"
+            )
+        if max(F // pt, H // ph, W // pw) > cfg.rope_max_seq_len:
+            raise ValueError(
+                f"patched grid {(F // pt, H // ph, W // pw)} exceeds rope_max_seq_len {cfg.rope_max_seq_len}"
+            )
+        if timestep.shape != (B,):
+            raise ValueError(f"timestep must be [B={B}], got shape {tuple(timestep.shape)}")
+        if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
+            raise ValueError(f"context must be [B={B}, L, {cfg.text_dim}], got shape {tuple(context.shape)}")
+        if (clip_fea is not None) != (cfg.model_type == "i2v"):
+            raise ValueError(
+                f"clip_fea is required for i2v models and not accepted by t2v (model_type={cfg.model_type})"
+            )
+        if clip_fea is not None and (
+            clip_fea.ndim != 3 or clip_fea.shape[0] != B or clip_fea.shape[2] != cfg.image_dim
+        ):
+            raise ValueError(
+                f"clip_fea must be [B={B}, N, {cfg.image_dim}], got shape {tuple(clip_fea.shape)}"
+            )
+
+    def forward(self, x_BCFHW, timestep_B, context_BLD, clip_fea_BND=None):
+        return self.forward_jvp(x_BCFHW, None, timestep_B, None, context_BLD, clip_fea_BND)[0]
+
+    def forward_jvp(self, x_BCFHW, t_x_BCFHW, timestep_B, t_timestep_B, context_BLD, clip_fea_BND=None):
+        """Returns (v, t_v). Pass both tangents (zeros allowed) or neither (then t_v is None)."""
+        cfg = self.config
+        self._check_inputs(x_BCFHW, timestep_B, context_BLD, clip_fea_BND)
+        with_tangent = t_x_BCFHW is not None or t_timestep_B is not None
+        if with_tangent:
+            t_x_BCFHW = torch.zeros_like(x_BCFHW) if t_x_BCFHW is None else t_x_BCFHW
+            t_timestep_B = (
+                torch.zeros_like(timestep_B, dtype=torch.float32) if t_timestep_B is None else t_timestep_B
+            )
+            if t_x_BCFHW.shape != x_BCFHW.shape:
+                raise ValueError(f"t_x shape {tuple(t_x_BCFHW.shape)} != x shape {tuple(x_BCFHW.shape)}")
+        dtype = self.patch_embedding.weight.dtype
+        _, _, F, H, W = x_BCFHW.shape
+        pt, ph, pw = cfg.patch_size
+        grid = (F // pt, H // ph, W // pw)
+
+        # patch embedding, then this rank's sequence shard
+        x, t_x = linear_jvp(
+            self.patch_embedding,
+            patchify(x_BCFHW.to(dtype), cfg.patch_size),
+            patchify(t_x_BCFHW.to(dtype), cfg.patch_size) if with_tangent else None,
+        )
+        x = scatter_sequence(x)
+        t_x = scatter_sequence(t_x) if with_tangent else None
+
+        # time: e [B, D] (head), e0 [B, 6, D] (blocks); in float32 like Wan (float64 models: float64)
+        cdt = compute_dtype(self.patch_embedding.weight)
+        sin_emb, t_sin_emb = sinusoidal_embedding_jvp(timestep_B, t_timestep_B, cfg.freq_dim, cdt)
+        e, t_e = self.time_embedding(sin_emb.to(dtype), None if t_sin_emb is None else t_sin_emb.to(dtype))
+        e0, t_e0 = silu_jvp(e, t_e)
+        e0, t_e0 = linear_jvp(self.time_projection, e0, t_e0)
+        e0 = e0.unflatten(1, (6, -1))
+        t_e0 = None if t_e0 is None else t_e0.unflatten(1, (6, -1))
+
+        # constant conditioning (no tangent), Megatron layout [L, B, D]
+        context = self.text_embedding(context_BLD.to(dtype))[0].transpose(0, 1)
+        context_img = None
+        if self.img_emb is not None:
+            context_img = self.img_emb(clip_fea_BND.to(dtype)).transpose(0, 1)
+        rope_cos, rope_sin = rope_cos_sin(grid, cfg.rope_dims, cfg.rope_theta, x.device, cdt)
+
+        for block in self.blocks:
+            args = (x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin)
+            if cfg.recompute_blocks and torch.is_grad_enabled():
+                x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, t_x = block(*args)
+
+        out, t_out = self.head(x, t_x, e, t_e)
+        out = gather_sequence(out)
+        v = unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
+        if not with_tangent:
+            return v, None
+        t_v = unpatchify(gather_sequence(t_out), grid, cfg.patch_size, cfg.out_channels)
+        return v, t_v

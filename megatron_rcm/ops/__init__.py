@@ -1,0 +1,1 @@
+"""Numerical ops shared by the models (attention dispatch)."""
