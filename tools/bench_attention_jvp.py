@@ -1,0 +1,174 @@
+"""Benchmark the Triton attention JVP against torch SDPA (flash backend), measured in the same run.
+
+    python tools/bench_attention_jvp.py            # the full table (an H100 takes a few minutes)
+    python tools/bench_attention_jvp.py --quick    # smaller shapes, for a smoke run
+
+FLOP formulas (B batch, H heads, Sq/Skv lengths, Dqk/Dv head dims; 2 FLOPs per multiply-add):
+    attention forward  2 B H Sq Skv (Dqk + Dv)          S = Q K^T, O = P V
+    JVP forward        2 B H Sq Skv (3 Dqk + 3 Dv)      + dQ K^T, Q dK^T, P dV, H~ V  (rcm_math.md sec. 9)
+    JVP fast path      2 B H Sq Skv (2 Dqk + 2 Dv)      dK = dV = 0: S, dQ K^T, P V, H~ V
+    attention backward 2 B H Sq Skv (3 Dqk + 2 Dv)      FlashAttention-2 convention (5 products;
+                                                        our two-kernel backward recomputes 2 more)
+Times are the median of triton.testing.do_bench (CUDA events, L2 flushed between runs).
+Memory is the allocator's peak during one call minus the inputs already resident and the outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from megatron_rcm.kernels.attention_jvp import attention_jvp
+from megatron_rcm.kernels.attention_jvp_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+from megatron_rcm.kernels.attention_jvp_fwd import _attn_jvp_fwd
+
+
+def flops_fwd(b, h, sq, skv, dqk, dv):
+    return 2.0 * b * h * sq * skv * (dqk + dv)
+
+
+def flops_jvp(b, h, sq, skv, dqk, dv, fast):
+    return 2.0 * b * h * sq * skv * ((2 if fast else 3) * (dqk + dv))
+
+
+def flops_bwd(b, h, sq, skv, dqk, dv):
+    return 2.0 * b * h * sq * skv * (3 * dqk + 2 * dv)
+
+
+def bench(fn, rep=300):
+    return triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median")
+
+
+def make(b, h, sq, skv, d, dtype=torch.bfloat16, grad=False):
+    """sbhd inputs (Megatron's layout) and unit-variance tangents."""
+    dev = "cuda"
+    q = torch.randn(sq, b, h, d, device=dev, dtype=dtype, requires_grad=grad)
+    k = torch.randn(skv, b, h, d, device=dev, dtype=dtype, requires_grad=grad)
+    v = torch.randn(skv, b, h, d, device=dev, dtype=dtype, requires_grad=grad)
+    t = [torch.randn_like(x).detach() for x in (q, k, v)]
+    return q, k, v, t
+
+
+def sdpa(q, k, v):
+    """torch SDPA, flash backend only, on the same sbhd storage viewed as [b, h, s, d]."""
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(*(x.permute(1, 2, 0, 3) for x in (q, k, v)))
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def row(name, shape, ms, flops, base_ms, target):
+    tflops = flops / ms * 1e-9
+    ratio = ms / base_ms
+    ok = "yes" if ratio <= target else "NO"
+    return f"| {name} | {shape} | {ms:.3f} | {tflops:.0f} | {base_ms:.3f} | {ratio:.2f}x | <= {target}x {ok} |"
+
+
+def forward_row(b, h, sq, skv, d, fast, target):
+    q, k, v, (tq, tk, tv) = make(b, h, sq, skv, d)
+    if fast:
+        tk = tv = None
+    o, _ = attention_jvp(q, k, v, tq, tk, tv)
+    err = rel(o.permute(1, 2, 0, 3), sdpa(q, k, v))
+    base = bench(lambda: sdpa(q, k, v))
+    ms = bench(lambda: attention_jvp(q, k, v, tq, tk, tv))
+    name = "JVP fwd, dK=dV=0" if fast else "JVP fwd"
+    line = row(name, f"B{b} H{h} Sq{sq} Skv{skv} D{d}", ms, flops_jvp(b, h, sq, skv, d, d, fast), base, target)
+    print(line, f"(config {_attn_jvp_fwd.best_config}; |o - sdpa|/|sdpa| = {err:.1e})", flush=True)
+    return line
+
+
+def backward_row(b, h, sq, skv, d, target):
+    q, k, v, (tq, tk, tv) = make(b, h, sq, skv, d, grad=True)
+    g = torch.randn(sq, b, h, d, device="cuda", dtype=q.dtype)
+    o_ref = sdpa(q, k, v)
+    g_ref = g.permute(1, 2, 0, 3)
+    base = bench(lambda: torch.autograd.grad(o_ref, (q, k, v), g_ref, retain_graph=True))
+    o, _ = attention_jvp(q, k, v, tq, tk, tv)
+    ms = bench(lambda: torch.autograd.grad(o, (q, k, v), g, retain_graph=True))
+    ours = torch.autograd.grad(o, (q, k, v), g, retain_graph=True)
+    ref = torch.autograd.grad(o_ref, (q, k, v), g_ref, retain_graph=True)
+    errs = ", ".join(f"{n} {rel(a, r):.1e}" for n, a, r in zip("qkv", ours, ref))
+    line = row("backward (dQ, dK, dV)", f"B{b} H{h} Sq{sq} Skv{skv} D{d}", ms,
+               flops_bwd(b, h, sq, skv, d, d), base, target)
+    print(line, f"(dkdv {_attn_bwd_dkdv.best_config}, dq {_attn_bwd_dq.best_config};"
+          f" grad rel. diff. to SDPA: {errs})", flush=True)
+    return line
+
+
+def math_jvp(q, k, v, tq, tk, tv):
+    """torch.func.jvp over math attention, [b, h, s, d] views, as an eager user would write it."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    f = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+    view = lambda x: x.permute(1, 2, 0, 3)
+    return torch.func.jvp(f, tuple(map(view, (q, k, v))), tuple(map(view, (tq, tk, tv))))
+
+
+def peak_extra_mib(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    out_bytes = sum(x.numel() * x.element_size() for x in out)
+    return (torch.cuda.max_memory_allocated() - base - out_bytes) / 2**20
+
+
+def memory_row(s):
+    q, k, v, (tq, tk, tv) = make(1, 12, s, s, 128)
+    with torch.no_grad():
+        ours = peak_extra_mib(lambda: attention_jvp(q, k, v, tq, tk, tv))
+        ms_ours = bench(lambda: attention_jvp(q, k, v, tq, tk, tv), rep=100)
+        try:
+            ref = peak_extra_mib(lambda: math_jvp(q, k, v, tq, tk, tv))
+            ms_ref = bench(lambda: math_jvp(q, k, v, tq, tk, tv), rep=100)
+            ref_s = f"{ref:.0f} MiB, {ms_ref:.2f} ms"
+        except torch.OutOfMemoryError:
+            ref_s = "out of memory"
+    line = f"| B1 H12 S{s} D128 | {ours:.1f} MiB, {ms_ours:.2f} ms | {ref_s} |"
+    print(line, flush=True)
+    return line
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    prop = torch.cuda.get_device_properties(0)
+    print(f"device: {prop.name}, {prop.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}; {datetime.date.today()}", flush=True)
+    if args.quick:
+        self_shapes = [(1, 4, 4096, 4096, 128)]
+        cross_shapes = [(1, 4, 4096, 512, 128)]
+        mem_seqlens = [2048]
+    else:
+        self_shapes = [(1, 12, 32760, 32760, 128), (1, 40, 8192, 8192, 128)]
+        cross_shapes = [(1, 12, 32760, 512, 128), (1, 40, 32760, 512, 128)]
+        mem_seqlens = [4096, 8192]
+
+    header = "| kernel | shape | ms | TFLOP/s | SDPA ms | ratio | target |\n|---|---|---|---|---|---|---|"
+    rows = [forward_row(*shape, fast=False, target=3.2) for shape in self_shapes]
+    rows += [forward_row(*shape, fast=True, target=2.5) for shape in cross_shapes]
+    rows += [backward_row(*shape, target=1.2) for shape in self_shapes]
+    mem = [memory_row(s) for s in mem_seqlens]
+
+    print("\nSDPA column: torch SDPA flash backend, forward for JVP rows, backward for backward rows.")
+    print(header)
+    print("\n".join(rows))
+    print("\n| memory beyond inputs/outputs | attention_jvp (Triton) | torch.func.jvp over math attention |")
+    print("|---|---|---|")
+    print("\n".join(mem))
+
+
+if __name__ == "__main__":
+    main()
