@@ -108,7 +108,9 @@ def enable_cpu_compat() -> bool:
         return False
     if _ENABLED:
         return True
-    torch.cuda.current_device = lambda: 0
+    # "cpu", not 0: buffers allocated with device=current_device() inside autograd backward (where the
+    # function mode is not active) must land on the CPU too.
+    torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NullStream()
     torch.cuda.default_stream = lambda *a, **k: _NullStream()

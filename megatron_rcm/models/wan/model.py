@@ -12,6 +12,8 @@ CLIP image features) is constant. The primal of ``forward_jvp`` keeps its autogr
 
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
@@ -58,7 +60,7 @@ class WanHead(MegatronModule):
         super().__init__(config)
         D = config.hidden_size
         self.norm = LayerNorm(config, D, affine=False)
-        P = config.out_channels * int(torch.tensor(config.patch_size).prod())
+        P = config.out_channels * math.prod(config.patch_size)
         self.linear = nn.Linear(D, P, dtype=config.params_dtype)
         self.modulation = nn.Parameter(torch.randn(1, 2, D, dtype=config.params_dtype) / D**0.5)
         if config.sequence_parallel:
@@ -84,11 +86,15 @@ class WanModel(MegatronModule):
         self.config: WanConfig = config
         spec = get_wan_block_spec(config.use_te)
         D = config.hidden_size
-        patch_dim = config.in_channels * int(torch.tensor(config.patch_size).prod())
+        patch_dim = config.in_channels * math.prod(config.patch_size)
         self.patch_embedding = nn.Linear(patch_dim, D, dtype=config.params_dtype)
         self.text_embedding = MLPEmbedder(config, config.text_dim, D, D, "gelu_tanh")
         self.time_embedding = MLPEmbedder(config, config.freq_dim, D, D, "silu")
         self.time_projection = nn.Linear(D, 6 * D, dtype=config.params_dtype)
+        if config.sequence_parallel:
+            # e/e0 modulate this rank's tokens only: their grads are partial sums over the sequence.
+            for module in (self.time_embedding.linear_1, self.time_embedding.linear_2, self.time_projection):
+                mark_sequence_parallel(module)
         self.img_emb = ImageEmbedder(config) if config.model_type == "i2v" else None
         n = config.num_layers if num_local_layers is None else num_local_layers
         self.blocks = nn.ModuleList([WanBlock(config, spec, layer_offset + i) for i in range(n)])
