@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
@@ -99,6 +100,19 @@ class WanModel(MegatronModule):
         n = config.num_layers if num_local_layers is None else num_local_layers
         self.blocks = nn.ModuleList([WanBlock(config, spec, layer_offset + i) for i in range(n)])
         self.head = WanHead(config)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Checkpoint keys name each block by its global layer number (``blocks.{layer_number}.``), not its
+        index on this pipeline stage, so a checkpoint loads under any pipeline split."""
+        sharded_sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        for i, block in enumerate(self.blocks):
+            if block.layer_number == i:
+                continue
+            local = f"{prefix}blocks.{i}."
+            # select by state-dict key (local index), rename the checkpoint key: no clash between blocks
+            block_sd = {k: v for k, v in sharded_sd.items() if k.startswith(local)}
+            replace_prefix_for_sharding(block_sd, local, f"{prefix}blocks.{block.layer_number}.")
+        return sharded_sd
 
     # ------------------------------------------------------------------------------------------------
     def _check_inputs(self, x, timestep, context, clip_fea):
