@@ -124,17 +124,25 @@ def _make_prune(rows, cols, n_acc_dims):
         if len(configs) == 1:
             return configs
         args = {**named_args, **kwargs}
-        acc_cols = args["BLOCK_DQK"] + (args["BLOCK_DV"] if n_acc_dims == 2 else 0)
-        kept = []
-        for c in configs:
-            br, bc, w, st = c.kwargs[rows], c.kwargs[cols], c.num_warps, c.num_stages
-            regs = (br * acc_cols + 2 * br * bc) / (32 * w)
-            smem = st * bc * (args["BLOCK_DQK"] + args["BLOCK_DV"]) * 2 + br * (
-                args["BLOCK_DQK"] + args["BLOCK_DV"]) * 2
-            narrow = bc == 32 and args["BLOCK_DQK"] <= 64  # 32-wide tiles only pay off for wide heads
-            if regs <= 192 and smem <= 200 * 1024 and (w == 4 or br == 128) and not narrow:
-                kept.append(c)
-        return kept or configs[:1]
+        dqk, dv = args["BLOCK_DQK"], args["BLOCK_DV"]
+        acc_cols = dqk + (dv if n_acc_dims == 2 else 0)
+
+        def regs(c):  # fp32 accumulators [rows, acc_cols] + two score tiles [rows, cols], per thread
+            br, bc = c.kwargs[rows], c.kwargs[cols]
+            return (br * acc_cols + 2 * br * bc) / (32 * c.num_warps)
+
+        def smem(c):
+            br, bc = c.kwargs[rows], c.kwargs[cols]
+            return (c.num_stages * bc + br) * (dqk + dv) * 2
+
+        fits = [c for c in configs if smem(c) <= 200 * 1024]
+        kept = [
+            c for c in fits
+            if regs(c) <= 192
+            and (c.num_warps == 4 or c.kwargs[rows] == 128)
+            and not (c.kwargs[cols] == 32 and dqk <= 64)  # 32-wide tiles only pay off for wide heads
+        ]
+        return kept or [min(fits or configs, key=regs)]
 
     return prune
 

@@ -9,6 +9,13 @@ the online-softmax state of FlashAttention-2 plus the tangent state:
 each rescaled by exp(m_old - m_new) when the running row maximum m grows. Epilogue:
 O = acc / l, dLSE = r / l, dO = t_acc / l - dLSE * O, LSE = m + log l.
 
+Centering: H~ is formed from dS - c with a per-row constant c (the P~-weighted mean of dS over
+the first key tile), so B~ and r hold only the spread of dS around c and dLSE = r / l + c. The
+result is the same function (the c terms of B~ / l and dLSE * O cancel exactly), but a large
+common offset in dS (keys with a large mean, dQ . mean(K)) no longer passes through the bf16
+rounding of H~ and cancels afterwards: with keys offset by 3 standard deviations this keeps the
+tangent's error at the offset-free level instead of 4x above it.
+
 Six products per tile; with constant K/V (HAS_T_KV=False) dK = dV = 0, so A~ = 0 and
 dS = dQ K^T: four products, and the softmax scale of dS moves to the epilogue.
 
@@ -68,7 +75,7 @@ def _store_tile(ptrs, tile, rows, n_rows, cols, N_COLS: tl.constexpr, CHECK_COLS
 
 @triton.jit
 def _attn_jvp_fwd_tile(
-    acc, t_acc, m_i, l_i, r_i, q, t_q,
+    acc, t_acc, m_i, l_i, r_i, c_i, q, t_q,
     k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs, rows_n, seqlen_kv, offs_dqk, offs_dv,
     softmax_scale, qk_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -92,13 +99,16 @@ def _attn_jvp_fwd_tile(
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    # -- H~ = P~ * dS; the fast path applies dS's scale once, in the epilogue
+    # -- H~ = P~ * (dS - c); the fast path applies dS's scale once, in the epilogue
     if HAS_T_KV:
-        h = p * (ds * softmax_scale)
-    else:
-        h = p * ds
-    l_i = l_i * alpha + tl.sum(p, 1)
-    r_i = r_i * alpha + tl.sum(h, 1)
+        ds = ds * softmax_scale
+    h = p * ds
+    p_sum = tl.sum(p, 1)
+    h_sum = tl.sum(h, 1)
+    c_i = tl.where(l_i == 0.0, h_sum / p_sum, c_i)  # set once, on the first tile (l = 0 before it)
+    h = h - p * c_i[:, None]
+    l_i = l_i * alpha + p_sum
+    r_i = r_i * alpha + (h_sum - c_i * p_sum)
 
     # -- accumulate: O~ += P~ V, A~ + B~ += P~ dV + H~ V
     acc = acc * alpha[:, None]
@@ -109,7 +119,7 @@ def _attn_jvp_fwd_tile(
         t_v = _load_tile(t_v_ptrs, rows_n, seqlen_kv, offs_dv, HEAD_DV, MASK_N, BLOCK_DV != HEAD_DV)
         t_acc = _dot(p_lo, t_v, t_acc, UPCAST, PRECISION)
     t_acc = _dot(h.to(v.dtype), v, t_acc, UPCAST, PRECISION)
-    return acc, t_acc, m_new, l_i, r_i
+    return acc, t_acc, m_new, l_i, r_i, c_i
 
 
 def _fwd_configs():
@@ -132,16 +142,24 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     dqk, dv = args["BLOCK_DQK"], args["BLOCK_DV"]
     n_kv_tiles = 2 if args["HAS_T_KV"] else 1  # (K, V) or (K, V, dK, dV)
     elem = 2  # bf16 / fp16 bytes; fp32 inputs are a checking path, tuned with the same rule
-    kept = []
-    for c in configs:
-        bm, bn, w, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
-        # two [BM, Dv] accumulators + S and dS tiles [BM, BN], fp32, per thread
-        regs = (2 * bm * dv + 2 * bm * bn) / (32 * w)
-        smem = st * n_kv_tiles * bn * (dqk + dv) * elem + 2 * bm * dqk * elem
-        narrow = bn == 32 and dqk <= 64  # 32-wide key tiles only pay off for wide heads
-        if regs <= 192 and smem <= 200 * 1024 and (w == 4 or bm == 128) and not narrow:
-            kept.append(c)
-    return kept or configs[:1]
+
+    def regs(c):  # two [BM, Dv] accumulators + S and dS tiles [BM, BN], fp32, per thread
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return (2 * bm * dv + 2 * bm * bn) / (32 * c.num_warps)
+
+    def smem(c):
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return c.num_stages * n_kv_tiles * bn * (dqk + dv) * elem + 2 * bm * dqk * elem
+
+    fits = [c for c in configs if smem(c) <= 200 * 1024]
+    kept = [
+        c for c in fits
+        if regs(c) <= 192
+        and (c.num_warps == 4 or c.kwargs["BLOCK_M"] == 128)  # one warpgroup per 64 query rows
+        and not (c.kwargs["BLOCK_N"] == 32 and dqk <= 64)  # 32-wide key tiles only for wide heads
+    ]
+    # head dim 256: nothing fits the rule; take the leanest config that fits shared memory
+    return kept or [min(fits or configs, key=regs)]
 
 
 @triton.autotune(
@@ -196,6 +214,7 @@ def _attn_jvp_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
+    c_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     t_acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     qk_scale = softmax_scale * 1.4426950408889634  # log2(e)
@@ -203,8 +222,8 @@ def _attn_jvp_fwd(
     # -- main loop: full key tiles, no masks
     n_full = (seqlen_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, t_acc, m_i, l_i, r_i = _attn_jvp_fwd_tile(
-            acc, t_acc, m_i, l_i, r_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
+        acc, t_acc, m_i, l_i, r_i, c_i = _attn_jvp_fwd_tile(
+            acc, t_acc, m_i, l_i, r_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
             start_n + offs_n, seqlen_kv, offs_dqk, offs_dv, softmax_scale, qk_scale,
             HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, False, UPCAST, PRECISION,
         )
@@ -215,21 +234,22 @@ def _attn_jvp_fwd(
             t_v_ptrs += BLOCK_N * stride_tvs
     # -- tail: the last, partial key tile (masked; never empty, so every row max stays finite)
     if n_full < seqlen_kv:
-        acc, t_acc, m_i, l_i, r_i = _attn_jvp_fwd_tile(
-            acc, t_acc, m_i, l_i, r_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
+        acc, t_acc, m_i, l_i, r_i, c_i = _attn_jvp_fwd_tile(
+            acc, t_acc, m_i, l_i, r_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
             n_full + offs_n, seqlen_kv, offs_dqk, offs_dv, softmax_scale, qk_scale,
             HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, True, UPCAST, PRECISION,
         )
 
-    # -- epilogue: O = O~/l, dLSE = r/l, dO = (A~ + B~)/l - dLSE * O, LSE = m + log l
+    # -- epilogue: O = O~/l, dO = (A~ + B~)/l - (r/l) O, dLSE = r/l + c, LSE = m + log l
     l_rcp = 1.0 / l_i
     o = acc * l_rcp[:, None]
+    r_l = r_i * l_rcp
     if HAS_T_KV:
-        t_lse = r_i * l_rcp
-        t_o = t_acc * l_rcp[:, None] - t_lse[:, None] * o
+        t_o = t_acc * l_rcp[:, None] - r_l[:, None] * o
+        t_lse = r_l + c_i
     else:
-        t_lse = r_i * (l_rcp * softmax_scale)
-        t_o = t_acc * (l_rcp * softmax_scale)[:, None] - t_lse[:, None] * o
+        t_o = (t_acc * l_rcp[:, None] - r_l[:, None] * o) * softmax_scale
+        t_lse = (r_l + c_i) * softmax_scale
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2): back to natural log
 
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + row0 * stride_os

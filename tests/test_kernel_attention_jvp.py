@@ -34,6 +34,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     err = rel_err(out, ref)
+    print(f"{name}: relative error {err:.2e} (tolerance {tol:.0e})")  # pytest -s shows the measurements
     assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
 
 
@@ -107,6 +108,13 @@ def test_large_magnitude_rows_stay_finite():
     # neither overflow nor lose the tangent.
     inputs = make_inputs("sbhd", 1, 2, 37, 19, 32, 32, torch.float32, q_scale=30.0)
     check_forward(attention_jvp, inputs, "sbhd", TOL_CPU[torch.float32])  # measured 2e-7
+
+
+def test_keys_with_a_large_mean():
+    # K offset by 3 standard deviations puts a large common term dQ . mean(K) into every dS of a
+    # row; the kernel's centering (dS - c) must leave o, t_o and t_lse exact.
+    q, k, v, t_q, t_k, t_v = make_inputs("sbhd", 1, 2, 37, 50, 32, 32, torch.float32)
+    check_forward(attention_jvp, (q, k + 3.0, v, t_q, t_k, t_v), "sbhd", TOL_CPU[torch.float32])
 
 
 def test_strided_inputs_read_in_place():
@@ -222,6 +230,38 @@ TOL_GPU = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 def test_gpu_forward(layout, sq, skv, dqk, dv, fast, dtype):
     inputs = make_inputs(layout, 1, 2, sq, skv, dqk, dv, dtype, fast=fast)
     check_forward(attention_jvp, inputs, layout, TOL_GPU[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_head_dim_256():
+    inputs = make_inputs("sbhd", 1, 2, 1000, 777, 256, 256, torch.bfloat16)
+    check_forward(attention_jvp, inputs, "sbhd", TOL_GPU[torch.bfloat16])
+    q, k, v = (x.detach().requires_grad_(True) for x in inputs[:3])
+    o, _ = attention_jvp(q, k, v, *inputs[3:])
+    g_o = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), g_o)
+    q64, k64, v64 = (to_bhsd(x, "sbhd").detach().double().requires_grad_(True) for x in (q, k, v))
+    o64 = torch.softmax(q64 @ k64.transpose(-1, -2) / 16.0, -1) @ v64
+    refs = torch.autograd.grad(o64, (q64, k64, v64), to_bhsd(g_o, "sbhd").double())
+    for name, grad, ref in zip(("dq", "dk", "dv"), grads, refs):
+        assert_close(name, to_bhsd(grad, "sbhd"), ref, TOL_GPU[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_keys_with_a_large_mean_keep_the_tangent_error():
+    # bf16: without centering dS (dS - c in the kernel), a key mean of 3 standard deviations
+    # passes a large common term through the bf16 rounding of H~ = P~ dS; emulated, that raised
+    # the tangent error about 4x. With centering the error must stay at the offset-free level.
+    q, k, v, t_q, t_k, t_v = make_inputs("sbhd", 1, 2, 4099, 4099, 128, 128, torch.bfloat16)
+    errs = []
+    for k_mean in (0.0, 3.0):
+        inputs = (q, (k.float() + k_mean).to(k.dtype), v, t_q, t_k, t_v)
+        t_o, r_t_o = check_forward(attention_jvp, inputs, "sbhd", TOL_GPU[torch.bfloat16])
+        errs.append(rel_err(to_bhsd(t_o, "sbhd"), r_t_o))
+    print("t_o error without / with a key offset:", errs)
+    assert errs[1] < 1.5 * errs[0]
 
 
 @pytest.mark.gpu
