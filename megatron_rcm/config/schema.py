@@ -1,0 +1,265 @@
+"""Typed experiment configuration: one dataclass per concern, a docstring per field.
+
+Precedence when loading (see ``megatron_rcm.config.loader``): command line > YAML file > these defaults.
+The ``distill`` section is the rCM engine's own ``DistillConfig`` (``megatron_rcm.rcm``); it is
+imported lazily so that reading a config never imports the engine's dependencies before needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _default_distill() -> Any:
+    from megatron_rcm.rcm import DistillConfig
+
+    return DistillConfig()
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "wan-tiny-t2v"
+    """Name of a ``megatron_rcm.models.wan.wan_config`` preset (wan2.1-t2v-1.3b, wan2.1-t2v-14b, ...)."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Keyword overrides passed to ``wan_config`` (e.g. ``{in_channels: 16, num_layers: 2}``)."""
+
+    params_dtype: str = "bf16"
+    """Dtype of the model parameters: ``bf16`` (reference; fp32 master weights live in the optimizer),
+    ``fp16`` or ``fp32``."""
+
+    teacher_checkpoint: str | None = None
+    """Teacher weights: a ``dist_checkpointing`` directory written by this package (``model`` entry of a
+    checkpoint, or a teacher export), or None to start from random weights (tests, throughput runs)."""
+
+    recompute: bool = False
+    """Activation recompute (Megatron ``recompute_granularity=full``, uniform, one layer per chunk) for the
+    trained networks: trades one extra forward for activation memory."""
+
+    def validate(self) -> None:
+        _check(self.params_dtype in ("bf16", "fp16", "fp32"), "model.params_dtype", self.params_dtype,
+               "one of bf16, fp16, fp32")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-6
+    """Student peak learning rate (reference: 2e-6 for Wan2.1 1.3B, 1e-6 for 14B)."""
+
+    critic_lr: float = 4e-7
+    """Fake-score critic peak learning rate (reference: 4e-7 for 1.3B, 1e-7 for 14B)."""
+
+    beta1: float = 0.0
+    """AdamW beta1 (rCM uses 0: no first-moment momentum)."""
+
+    beta2: float = 0.999
+    """AdamW beta2."""
+
+    eps: float = 1e-8
+    """AdamW epsilon."""
+
+    weight_decay: float = 0.01
+    """Decoupled (AdamW) weight decay."""
+
+    clip_grad: float = 1.0
+    """Clip the global gradient 2-norm to this value; 0 disables clipping."""
+
+    warmup_steps: int = 100
+    """Linear learning-rate warm-up, in optimizer steps of each network: lr * min(1, (k+1)/warmup)."""
+
+    grad_accumulation_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optimizer.lr", self.lr, "> 0")
+        _check(self.critic_lr > 0, "optimizer.critic_lr", self.critic_lr, "> 0")
+        _check(0 <= self.beta1 < 1, "optimizer.beta1", self.beta1, "in [0, 1)")
+        _check(0 <= self.beta2 < 1, "optimizer.beta2", self.beta2, "in [0, 1)")
+        _check(self.clip_grad >= 0, "optimizer.clip_grad", self.clip_grad, ">= 0")
+        _check(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, ">= 0")
+        _check(self.grad_accumulation_steps >= 1, "optimizer.grad_accumulation_steps",
+               self.grad_accumulation_steps, ">= 1")
+
+
+@dataclass
+class DataConfig:
+    source: str = "shards"
+    """``shards`` (tar shards written by tools/make_shards.py), ``mock`` (random tensors of the shapes
+    below, for throughput runs) or ``digits`` (the embedded quickstart data set)."""
+
+    path: str | None = None
+    """Directory holding the tar shards (and their ``index.json``) when ``source: shards``."""
+
+    micro_batch_size: int = 1
+    """Samples per data-parallel rank per micro-batch."""
+
+    latent_shape: list[int] = field(default_factory=lambda: [16, 21, 60, 104])
+    """Latent shape ``[C, F, H, W]`` of one sample (mock data; checked against the shards)."""
+
+    text_len: int = 512
+    """Text tokens per sample; shorter embeddings are zero-padded (as Wan does), longer ones are an error."""
+
+    text_dim: int = 4096
+    """Text-embedding width (umT5-XXL: 4096)."""
+
+    shuffle: bool = True
+    """Shuffle the global sample order each epoch (seeded by ``training.seed`` and the epoch)."""
+
+    def validate(self) -> None:
+        _check(self.source in ("shards", "mock", "digits"), "data.source", self.source,
+               "one of shards, mock, digits")
+        _check(self.source != "shards" or bool(self.path), "data.path", self.path,
+               "a directory of tar shards when data.source is 'shards'")
+        _check(self.micro_batch_size >= 1, "data.micro_batch_size", self.micro_batch_size, ">= 1")
+        _check(len(self.latent_shape) == 4 and all(int(s) > 0 for s in self.latent_shape),
+               "data.latent_shape", self.latent_shape, "four positive sizes [C, F, H, W]")
+        _check(self.text_len >= 1, "data.text_len", self.text_len, ">= 1")
+        _check(self.text_dim >= 1, "data.text_dim", self.text_dim, ">= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    """Checkpoint directory (``step_XXXXXXXX`` subdirectories and a ``latest`` pointer); None: no saving."""
+
+    save_every: int = 500
+    """Save every this many steps (and at the end of training); 0 saves only at the end."""
+
+    keep_last: int = 3
+    """Keep this many most recent checkpoints; older ones are deleted after a successful save."""
+
+    resume: str = "auto"
+    """``auto``: resume from ``dir/latest`` when present; ``never``; or a path to one checkpoint."""
+
+    def validate(self) -> None:
+        _check(self.save_every >= 0, "checkpoint.save_every", self.save_every, ">= 0")
+        _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, ">= 1")
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    """Print/log metrics every this many steps."""
+
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0."""
+
+    wandb_mode: str = "disabled"
+    """``disabled``, ``offline`` or ``online``; the env var WANDB_MODE overrides it when set.
+    wandb is imported only when not disabled."""
+
+    wandb_project: str = "megatron-rcm"
+    """wandb project name."""
+
+    sample_every: int = 0
+    """Write a PNG grid of student samples every this many steps (0: never)."""
+
+    sample_steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    """Student sampling step counts shown in the sample grids."""
+
+    num_samples: int = 8
+    """Samples per grid row."""
+
+    def validate(self) -> None:
+        _check(self.log_every >= 1, "logging.log_every", self.log_every, ">= 1")
+        _check(self.wandb_mode in ("disabled", "offline", "online"), "logging.wandb_mode", self.wandb_mode,
+               "one of disabled, offline, online")
+        _check(all(int(n) >= 1 for n in self.sample_steps), "logging.sample_steps", self.sample_steps,
+               "positive step counts")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """Tensor-parallel size (Megatron TP)."""
+
+    context_parallel: int = 1
+    """Context-parallel size; the parallelism issue wires it into the trainer (only 1 is accepted now)."""
+
+    pipeline_parallel: int = 1
+    """Pipeline-parallel size (only 1 is accepted now)."""
+
+    distributed_optimizer: bool = True
+    """Megatron DistributedOptimizer (ZeRO-1 sharded fp32 master weights) on CUDA. On CPU the trainer
+    falls back to a plain fp32 torch AdamW with the same hyperparameters and logs it."""
+
+    def validate(self) -> None:
+        _check(self.tensor_parallel >= 1, "parallel.tensor_parallel", self.tensor_parallel, ">= 1")
+        _check(self.context_parallel >= 1, "parallel.context_parallel", self.context_parallel, ">= 1")
+        _check(self.pipeline_parallel >= 1, "parallel.pipeline_parallel", self.pipeline_parallel, ">= 1")
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 1000
+    """Total training steps (student and critic steps both count)."""
+
+    seed: int = 1234
+    """Global seed (model init, data order, noise)."""
+
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cuda`` or ``cpu``."""
+
+    output_dir: str = "outputs/run"
+    """Where logs, sample grids and (by default) checkpoints go."""
+
+    def validate(self) -> None:
+        _check(self.max_steps >= 0, "training.max_steps", self.max_steps, ">= 0")
+        _check(self.device in ("auto", "cuda", "cpu"), "training.device", self.device, "one of auto, cuda, cpu")
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The Wan DiT shared by teacher, student and critic."""
+
+    distill: Any = field(default_factory=_default_distill)
+    """The rCM engine's ``DistillConfig`` (losses, time distributions, schedule, EMA)."""
+
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW, clipping, warm-up and gradient accumulation for student and critic."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the latents and text embeddings come from."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, keeping and resuming."""
+
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console, wandb and sample grids."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Model/data parallel sizes and the optimizer flavour."""
+
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Steps, seed, device, output directory."""
+
+    def validate(self) -> None:
+        for name in ("model", "optimizer", "data", "checkpoint", "logging", "parallel", "training"):
+            getattr(self, name).validate()
+        self.distill = _rebuild(self.distill, "distill")
+
+
+def _rebuild(obj: Any, key: str) -> Any:
+    """Re-run a dataclass's ``__post_init__`` checks after fields were set one by one (nested first);
+    its ValueError becomes a ConfigError naming the section."""
+    import dataclasses
+
+    kwargs = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        kwargs[f.name] = _rebuild(v, f"{key}.{f.name}") if dataclasses.is_dataclass(v) else v
+    try:
+        return type(obj)(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"invalid '{key}' section: {err}") from err
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for '{key}': {value!r} (expected {expected})")
