@@ -1,0 +1,140 @@
+"""sCM: continuous-time consistency loss through a JVP of the student (rcm_math.md section 3).
+
+Shape legend: B batch, C/F/H/W latent channels/frames/height/width; ``*_B`` per-sample, float64.
+
+With the (guided) teacher's TrigFlow velocity F_T at x_t = cos t x0 + sin t eps:
+
+    dx_t = cos t sin t F_T,   dt = cos t sin t                    (JVP rearrangement, sCM Sec. 5.1)
+    (F_sg, dF) = JVP of the student F_theta- at (x_t, t) along (dx_t, dt)
+    g = -cos t sqrt(1 - r^2 sin^2 t) (F_sg - F_T) - r (cos t sin t x_t + dF)
+    g <- g / (||g||_2 + 0.1)                                     (per sample, float64)
+    L_sCM = loss_scale * sum((F_theta - F_sg - g)^2)
+
+On the tangent warm-up r = min(1, step / tangent_warmup): sCM (Sec. 4.2, "tangent warmup") and the
+authors' release scale the *whole* second term cos t sin t (x_t + dF/dt) by r, i.e. r multiplies dF
+as well: the dF/dt term is the unstable one the warm-up exists to ramp in. rcm_math.md sec. 3 writes
+"- (r cos t sin t x_t + dF)"; the two agree once r = 1 (after warm-up). We follow the paper.
+
+Since d/dF_theta of the loss is -2 loss_scale g (F_theta == F_sg numerically), the loss value is
+about loss_scale * ||g_normalized||^2 < loss_scale whatever the student; ``g_norm`` (before the
+normalization) is the quantity that tracks progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SCMLoss",
+    "bcast_mask",
+    "finite_mask",
+    "finite_difference_dF",
+    "normalize_per_sample",
+    "scm_loss",
+    "scm_tangents",
+    "scm_target",
+    "tangent_warmup_ratio",
+]
+
+
+def _b(c_B: Tensor, like: Tensor) -> Tensor:
+    """[B] -> [B, 1, 1, ...] matching ``like`` (float64 stays float64)."""
+    return c_B.to(torch.promote_types(c_B.dtype, like.dtype)).view(-1, *([1] * (like.dim() - 1)))
+
+
+def bcast_mask(mask_B: Tensor, like: Tensor) -> Tensor:
+    """[B] bool -> [B, 1, 1, ...] bool matching ``like``."""
+    return mask_B.view(-1, *([1] * (like.dim() - 1)))
+
+
+def finite_mask(*tensors: Tensor) -> Tensor:
+    """[B] bool: True for samples whose every element in every tensor is finite."""
+    mask = None
+    for x in tensors:
+        m = torch.isfinite(x).flatten(1).all(dim=1)
+        mask = m if mask is None else mask & m
+    return mask
+
+
+def tangent_warmup_ratio(step: int, tangent_warmup: int) -> float:
+    """r = min(1, step / tangent_warmup); no warm-up (0 steps) means r = 1 (sec. 3)."""
+    if tangent_warmup <= 0:
+        return 1.0
+    return min(1.0, step / tangent_warmup)
+
+
+def scm_tangents(t_B: Tensor, F_T: Tensor) -> tuple[Tensor, Tensor]:
+    """Tangents of the JVP (sCM Sec. 5.1 rearrangement): dx_t = cos t sin t F_T, dt = cos t sin t."""
+    t_B = t_B.to(torch.float64)
+    cs_B = torch.cos(t_B) * torch.sin(t_B)
+    return _b(cs_B, F_T).to(F_T.dtype) * F_T, cs_B
+
+
+def scm_target(x_t: Tensor, t_B: Tensor, F_sg: Tensor, F_T: Tensor, dF: Tensor, r: float) -> Tensor:
+    """Unnormalized g of sec. 3 (float64): -cos t sqrt(1 - r^2 sin^2 t)(F_sg - F_T) - r (cos t sin t x_t + dF)."""
+    x_t, F_sg, F_T, dF = (x.to(torch.float64) for x in (x_t, F_sg, F_T, dF))
+    t_B = t_B.to(torch.float64)
+    cos_t, sin_t = _b(torch.cos(t_B), x_t), _b(torch.sin(t_B), x_t)
+    return -cos_t * torch.sqrt(1.0 - r**2 * sin_t**2) * (F_sg - F_T) - r * (cos_t * sin_t * x_t + dF)
+
+
+def normalize_per_sample(g: Tensor, eps: float = 0.1) -> tuple[Tensor, Tensor]:
+    """(g / (||g||_2 + eps), ||g||_2) per sample, in float64 (sec. 3)."""
+    g = g.to(torch.float64)
+    norm_B = torch.linalg.vector_norm(g.flatten(1), dim=1)
+    return g / _b(norm_B + eps, g), norm_B
+
+
+class SCMLoss(NamedTuple):
+    loss: Tensor
+    """Scalar float64: loss_scale * mean over the batch of the per-sample sum of squares."""
+    g_norm: Tensor
+    """Mean ||g||_2 (before normalization) over the finite samples (0 when there are none)."""
+    num_nonfinite: Tensor
+    """Number of samples dropped because g or F_theta was not finite."""
+
+
+def scm_loss(F_theta: Tensor, g: Tensor, loss_scale: float, eps: float = 0.1) -> SCMLoss:
+    """L_sCM = loss_scale * sum((F_theta - sg(F_theta) - g_normalized)^2)  (sec. 3).
+
+    ``F_theta`` carries the student graph; ``g`` is the unnormalized target of ``scm_target``. Samples
+    whose g or F_theta is non-finite are zeroed out of the loss (their gradient is exactly 0) and
+    counted; the batch mean still divides by the full batch size.
+    """
+    B = F_theta.shape[0]
+    ok_B = finite_mask(g, F_theta.detach())
+    g = torch.where(bcast_mask(ok_B, g), g.to(torch.float64), 0.0)
+    g_n, norm_B = normalize_per_sample(g, eps)
+    F64 = F_theta.to(torch.float64)
+    diff = torch.where(bcast_mask(ok_B, g_n), F64 - F64.detach() - g_n, 0.0)
+    loss = loss_scale * diff.square().flatten(1).sum(dim=1).sum() / B
+    n_ok = ok_B.sum()
+    g_norm = torch.where(ok_B, norm_B, 0.0).sum() / n_ok.clamp_min(1)
+    return SCMLoss(loss=loss, g_norm=g_norm.detach(), num_nonfinite=(B - n_ok).detach())
+
+
+def finite_difference_dF(
+    F_fn: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t_B: Tensor, F_sg: Tensor, F_T: Tensor, h: float
+) -> Tensor:
+    """dF of sec. 3 by a finite difference along the teacher ODE (sec. 6), without a JVP.
+
+        x_{t-h} = cos h x_t - sin h F_T                       (one TrigFlow DDIM step of the teacher)
+        dF/dt  ~= (cos h F(x_t, t) - F(x_{t-h}, t-h)) / sin h
+        dF      = cos t sin t dF/dt                           (same scaling as the JVP tangent dt)
+
+    ``F_fn(x, t_B)`` evaluates the student's F_hat (called under no grad); ``F_sg`` is F at (x_t, t).
+    The step is h per sample, or t/2 where t < 2h so that t - h stays positive. The error is O(h);
+    in float32 the cancellation adds O(1e-7 / h), so this needs an fp32 (not bf16) student.
+    """
+    t_B = t_B.to(torch.float64)
+    h_B = torch.clamp(t_B / 2, max=h)
+    x64, F_T64 = x_t.to(torch.float64), F_T.to(torch.float64)
+    x_prev = (_b(torch.cos(h_B), x64) * x64 - _b(torch.sin(h_B), x64) * F_T64).to(x_t.dtype)
+    with torch.no_grad():
+        F_prev = F_fn(x_prev, t_B - h_B).to(torch.float64)
+    dF_dt = (_b(torch.cos(h_B), x64) * F_sg.detach().to(torch.float64) - F_prev) / _b(torch.sin(h_B), x64)
+    return _b(torch.cos(t_B) * torch.sin(t_B), x64) * dF_dt
