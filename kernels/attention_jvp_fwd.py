@@ -9,12 +9,16 @@ the online-softmax state of FlashAttention-2 plus the tangent state:
 each rescaled by exp(m_old - m_new) when the running row maximum m grows. Epilogue:
 O = acc / l, dLSE = r / l, dO = t_acc / l - dLSE * O, LSE = m + log l.
 
-Centering: H~ is formed from dS - c with a per-row constant c (the P~-weighted mean of dS over
-the first key tile), so B~ and r hold only the spread of dS around c and dLSE = r / l + c. The
-result is the same function (the c terms of B~ / l and dLSE * O cancel exactly), but a large
-common offset in dS (keys with a large mean, dQ . mean(K)) no longer passes through the bf16
-rounding of H~ and cancels afterwards: with keys offset by 3 standard deviations this keeps the
-tangent's error at the offset-free level instead of 4x above it.
+Online centering (same function, better rounding): the kernel forms H~ = P~ * (dS - c) with c
+the running P~-weighted mean of dS, i.e. the running dLSE. Then r = 0 by construction and
+dLSE = c; when c moves from c_old to c_new, the accumulated B~ is re-centred exactly in float32
+by t_acc += (c_old - c_new) * acc, since sum P~ (dS - c) V shifts by the same multiple of O~.
+Formed naively, B~ / l and dLSE * O are large and nearly equal whenever dS has a large common
+part (keys with a large mean: dQ . mean(K)) or one key dominates a row (large logits), and the
+bf16 rounding of H~ survives their difference. Measured in a float64 emulation of the bf16
+kernel (4096 keys, D = 128): the tangent's relative error is 1.6e-3 for plain random inputs with
+or without centering, but 8.5e-3 -> 1.2e-3 with q scaled by 30 and 4.3e-3 -> 1.6e-3 with keys
+offset by 3 standard deviations.
 
 Six products per tile; with constant K/V (HAS_T_KV=False) dK = dV = 0, so A~ = 0 and
 dS = dQ K^T: four products, and the softmax scale of dS moves to the epilogue.
@@ -75,7 +79,7 @@ def _store_tile(ptrs, tile, rows, n_rows, cols, N_COLS: tl.constexpr, CHECK_COLS
 
 @triton.jit
 def _attn_jvp_fwd_tile(
-    acc, t_acc, m_i, l_i, r_i, c_i, q, t_q,
+    acc, t_acc, m_i, l_i, c_i, q, t_q,
     k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs, rows_n, seqlen_kv, offs_dqk, offs_dv,
     softmax_scale, qk_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -99,27 +103,26 @@ def _attn_jvp_fwd_tile(
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    # -- H~ = P~ * (dS - c); the fast path applies dS's scale once, in the epilogue
+    l_new = l_i * alpha + tl.sum(p, 1)
+    # -- online centering: c = running P~-weighted mean of dS (rescaled by alpha like l)
+    pd = p * ds
     if HAS_T_KV:
-        ds = ds * softmax_scale
-    h = p * ds
-    p_sum = tl.sum(p, 1)
-    h_sum = tl.sum(h, 1)
-    c_i = tl.where(l_i == 0.0, h_sum / p_sum, c_i)  # set once, on the first tile (l = 0 before it)
-    h = h - p * c_i[:, None]
-    l_i = l_i * alpha + p_sum
-    r_i = r_i * alpha + (h_sum - c_i * p_sum)
+        c_new = (c_i * l_i * alpha + tl.sum(pd, 1) * softmax_scale) / l_new
+        h = pd * softmax_scale - p * c_new[:, None]  # H~ = P~ * (dS - c)
+    else:  # the fast path keeps dS unscaled and applies the scale in the epilogue
+        c_new = (c_i * l_i * alpha + tl.sum(pd, 1)) / l_new
+        h = pd - p * c_new[:, None]
 
-    # -- accumulate: O~ += P~ V, A~ + B~ += P~ dV + H~ V
+    # -- rescale, re-centre B~ from c_old to c_new, accumulate O~ += P~ V, A~ + B~ += P~ dV + H~ V
+    t_acc = (t_acc + (c_i - c_new)[:, None] * acc) * alpha[:, None]
     acc = acc * alpha[:, None]
-    t_acc = t_acc * alpha[:, None]
     p_lo = p.to(v.dtype)
     acc = _dot(p_lo, v, acc, UPCAST, PRECISION)
     if HAS_T_KV:
         t_v = _load_tile(t_v_ptrs, rows_n, seqlen_kv, offs_dv, HEAD_DV, MASK_N, BLOCK_DV != HEAD_DV)
         t_acc = _dot(p_lo, t_v, t_acc, UPCAST, PRECISION)
     t_acc = _dot(h.to(v.dtype), v, t_acc, UPCAST, PRECISION)
-    return acc, t_acc, m_new, l_i, r_i, c_i
+    return acc, t_acc, m_new, l_new, c_new
 
 
 def _fwd_configs():
@@ -213,7 +216,6 @@ def _attn_jvp_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    r_i = tl.zeros([BLOCK_M], tl.float32)
     c_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     t_acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -222,8 +224,8 @@ def _attn_jvp_fwd(
     # -- main loop: full key tiles, no masks
     n_full = (seqlen_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, t_acc, m_i, l_i, r_i, c_i = _attn_jvp_fwd_tile(
-            acc, t_acc, m_i, l_i, r_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
+        acc, t_acc, m_i, l_i, c_i = _attn_jvp_fwd_tile(
+            acc, t_acc, m_i, l_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
             start_n + offs_n, seqlen_kv, offs_dqk, offs_dv, softmax_scale, qk_scale,
             HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, False, UPCAST, PRECISION,
         )
@@ -234,22 +236,21 @@ def _attn_jvp_fwd(
             t_v_ptrs += BLOCK_N * stride_tvs
     # -- tail: the last, partial key tile (masked; never empty, so every row max stays finite)
     if n_full < seqlen_kv:
-        acc, t_acc, m_i, l_i, r_i, c_i = _attn_jvp_fwd_tile(
-            acc, t_acc, m_i, l_i, r_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
+        acc, t_acc, m_i, l_i, c_i = _attn_jvp_fwd_tile(
+            acc, t_acc, m_i, l_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
             n_full + offs_n, seqlen_kv, offs_dqk, offs_dv, softmax_scale, qk_scale,
             HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, True, UPCAST, PRECISION,
         )
 
-    # -- epilogue: O = O~/l, dO = (A~ + B~)/l - (r/l) O, dLSE = r/l + c, LSE = m + log l
+    # -- epilogue: O = O~/l, dO = (A~ + B~)/l (r = 0: B~ is centred at c = dLSE), LSE = m + log l
     l_rcp = 1.0 / l_i
     o = acc * l_rcp[:, None]
-    r_l = r_i * l_rcp
     if HAS_T_KV:
-        t_o = t_acc * l_rcp[:, None] - r_l[:, None] * o
-        t_lse = r_l + c_i
+        t_o = t_acc * l_rcp[:, None]
+        t_lse = c_i
     else:
-        t_o = (t_acc * l_rcp[:, None] - r_l[:, None] * o) * softmax_scale
-        t_lse = (r_l + c_i) * softmax_scale
+        t_o = t_acc * (l_rcp * softmax_scale)[:, None]
+        t_lse = c_i * softmax_scale
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln(2): back to natural log
 
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + row0 * stride_os
