@@ -102,16 +102,21 @@ class WanModel(MegatronModule):
         self.head = WanHead(config)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Checkpoint keys name each block by its global layer number (``blocks.{layer_number}.``), not its
-        index on this pipeline stage, so a checkpoint loads under any pipeline split."""
-        sharded_sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        """Megatron's default, except for the blocks: each is asked for its own sharded state dict (an
+        ``nn.ModuleList`` has none, and the default would record its TP shards as replicated tensors), and
+        its checkpoint keys name it by global layer number (``blocks.{layer_number}.``), not by its index on
+        this pipeline stage, so a checkpoint loads at any TP size and under any pipeline split."""
+        blocks = f"{prefix}blocks."
+        sharded_sd = {
+            k: v
+            for k, v in super().sharded_state_dict(prefix, sharded_offsets, metadata).items()
+            if not k.startswith(blocks)
+        }
         for i, block in enumerate(self.blocks):
-            if block.layer_number == i:
-                continue
-            local = f"{prefix}blocks.{i}."
-            # select by state-dict key (local index), rename the checkpoint key: no clash between blocks
-            block_sd = {k: v for k, v in sharded_sd.items() if k.startswith(local)}
-            replace_prefix_for_sharding(block_sd, local, f"{prefix}blocks.{block.layer_number}.")
+            block_sd = block.sharded_state_dict(f"{blocks}{i}.", sharded_offsets, metadata)
+            if block.layer_number != i:  # state-dict keys stay local, checkpoint keys become global
+                replace_prefix_for_sharding(block_sd, f"{blocks}{i}.", f"{blocks}{block.layer_number}.")
+            sharded_sd.update(block_sd)
         return sharded_sd
 
     # ------------------------------------------------------------------------------------------------
