@@ -1,0 +1,268 @@
+"""The architecture of a Wan2.1 DiT as a converter sees it: read from either layout's ``config.json`` or
+from tensor shapes, matched against the presets, written back as either layout's ``config.json``, and
+recorded as JSON beside a Megatron checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from megatron_rcm.convert.errors import ConversionError
+from megatron_rcm.models.wan import PRESETS, WanConfig, wan_config
+
+DEFAULT_HEAD_DIM = 128  # every released Wan2.1 model; shapes do not reveal the head count
+ORIGINAL_IMAGE_DIM = 1280  # the original WanModel hard-codes the CLIP width of MLPProj
+_BASE_PRESET = {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.1-i2v-14b"}
+
+
+@dataclass(frozen=True)
+class WanArch:
+    """Everything that decides a Wan2.1 DiT's tensors and numerics. Field names follow ``WanConfig``."""
+
+    model_type: str
+    """"t2v" or "i2v"."""
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    in_channels: int
+    out_channels: int
+    patch_size: tuple[int, int, int]
+    text_dim: int
+    freq_dim: int
+    image_dim: int
+    """CLIP feature width (I2V); recorded for T2V too, where it is unused."""
+    norm_eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+    text_len: int = 512
+
+    def __post_init__(self):
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        if self.model_type not in ("t2v", "i2v"):
+            raise ConversionError(f"unsupported Wan model_type {self.model_type!r} (supported: t2v, i2v)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self) | {"patch_size": list(self.patch_size)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> WanArch:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConversionError(f"unknown architecture field(s) {unknown} in the recorded config")
+        return cls(**d)
+
+    def wan_config(self, **overrides) -> WanConfig:
+        """A ``WanConfig`` with exactly this architecture (a preset's other defaults, plus overrides)."""
+        fields = self.to_json() | {"patch_size": self.patch_size}
+        return wan_config(_BASE_PRESET[self.model_type], **fields, **overrides)
+
+
+def match_preset(arch: WanArch) -> str | None:
+    """The preset whose architecture equals ``arch`` (every field), or None."""
+    for name in PRESETS:
+        cfg = wan_config(name, tensor_model_parallel_size=1)
+        preset = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)}
+        preset["patch_size"] = tuple(preset["patch_size"])
+        if preset["model_type"] == "t2v":  # the CLIP width does not exist in a T2V model
+            preset["image_dim"] = arch.image_dim
+        if WanArch(**preset) == arch:
+            return name
+    return None
+
+
+def preset_arch(name: str) -> WanArch:
+    cfg = wan_config(name, tensor_model_parallel_size=1)
+    return WanArch(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# diffusers WanTransformer3DModel config.json
+
+
+def from_diffusers_config(cfg: dict) -> WanArch:
+    """Defaults are ``WanTransformer3DModel.__init__``'s. Variants this model does not implement (no q/k
+    norm, no cross-attention norm, FLF2V position embedding) are refused by name."""
+    get = cfg.get
+    if get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ConversionError(f"unsupported diffusers config: qk_norm={get('qk_norm')!r}")
+    if not get("cross_attn_norm", True):
+        raise ConversionError("unsupported diffusers config: cross_attn_norm=false")
+    if get("pos_embed_seq_len") is not None:
+        raise ConversionError(
+            "unsupported diffusers config: pos_embed_seq_len (Wan FLF2V) is not implemented"
+        )
+    heads, head_dim = int(get("num_attention_heads", 40)), int(get("attention_head_dim", 128))
+    image_dim = get("image_dim")
+    hidden = heads * head_dim
+    if image_dim is not None and get("added_kv_proj_dim") not in (None, hidden):
+        raise ConversionError(
+            f"unsupported diffusers config: added_kv_proj_dim={get('added_kv_proj_dim')} != inner dim {hidden}"
+        )
+    in_channels = int(get("in_channels", 16))
+    return WanArch(
+        model_type="i2v" if image_dim is not None else "t2v",
+        num_layers=int(get("num_layers", 40)),
+        hidden_size=hidden,
+        ffn_hidden_size=int(get("ffn_dim", 13824)),
+        num_attention_heads=heads,
+        in_channels=in_channels,
+        out_channels=int(get("out_channels") or in_channels),
+        patch_size=tuple(get("patch_size", (1, 2, 2))),
+        text_dim=int(get("text_dim", 4096)),
+        freq_dim=int(get("freq_dim", 256)),
+        image_dim=int(image_dim) if image_dim is not None else ORIGINAL_IMAGE_DIM,
+        norm_eps=float(get("eps", 1e-6)),
+        rope_max_seq_len=int(get("rope_max_seq_len", 1024)),
+    )
+
+
+def to_diffusers_config(arch: WanArch, diffusers_version: str = "0.35.0") -> dict:
+    i2v = arch.model_type == "i2v"
+    return {
+        "_class_name": "WanTransformer3DModel",
+        "_diffusers_version": diffusers_version,
+        "added_kv_proj_dim": arch.hidden_size if i2v else None,
+        "attention_head_dim": arch.head_dim,
+        "cross_attn_norm": True,
+        "eps": arch.norm_eps,
+        "ffn_dim": arch.ffn_hidden_size,
+        "freq_dim": arch.freq_dim,
+        "image_dim": arch.image_dim if i2v else None,
+        "in_channels": arch.in_channels,
+        "num_attention_heads": arch.num_attention_heads,
+        "num_layers": arch.num_layers,
+        "out_channels": arch.out_channels,
+        "patch_size": list(arch.patch_size),
+        "pos_embed_seq_len": None,
+        "qk_norm": "rms_norm_across_heads",
+        "rope_max_seq_len": arch.rope_max_seq_len,
+        "text_dim": arch.text_dim,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# original WanModel config.json (the Wan2.1 release: dim, ffn_dim, in_dim, num_heads, ...)
+
+
+def from_original_config(cfg: dict) -> WanArch:
+    """Defaults are the original ``WanModel.__init__``'s."""
+    get = cfg.get
+    model_type = get("model_type", "t2v")
+    if model_type not in ("t2v", "i2v"):
+        raise ConversionError(f"unsupported original config: model_type={model_type!r} (supported: t2v, i2v)")
+    if not get("qk_norm", True) or not get("cross_attn_norm", True):
+        raise ConversionError("unsupported original config: qk_norm and cross_attn_norm must be true")
+    if tuple(get("window_size", (-1, -1))) != (-1, -1):
+        raise ConversionError(
+            f"unsupported original config: window_size={get('window_size')} (local attention)"
+        )
+    return WanArch(
+        model_type=model_type,
+        num_layers=int(get("num_layers", 32)),
+        hidden_size=int(get("dim", 2048)),
+        ffn_hidden_size=int(get("ffn_dim", 8192)),
+        num_attention_heads=int(get("num_heads", 16)),
+        in_channels=int(get("in_dim", 16)),
+        out_channels=int(get("out_dim", 16)),
+        patch_size=tuple(get("patch_size", (1, 2, 2))),
+        text_dim=int(get("text_dim", 4096)),
+        freq_dim=int(get("freq_dim", 256)),
+        image_dim=ORIGINAL_IMAGE_DIM,
+        norm_eps=float(get("eps", 1e-6)),
+        text_len=int(get("text_len", 512)),
+    )
+
+
+def to_original_config(arch: WanArch) -> dict:
+    return {
+        "_class_name": "WanModel",
+        "_diffusers_version": "0.30.0",
+        "cross_attn_norm": True,
+        "dim": arch.hidden_size,
+        "eps": arch.norm_eps,
+        "ffn_dim": arch.ffn_hidden_size,
+        "freq_dim": arch.freq_dim,
+        "in_dim": arch.in_channels,
+        "model_type": arch.model_type,
+        "num_heads": arch.num_attention_heads,
+        "num_layers": arch.num_layers,
+        "out_dim": arch.out_channels,
+        "patch_size": list(arch.patch_size),
+        "qk_norm": True,
+        "text_dim": arch.text_dim,
+        "text_len": arch.text_len,
+    }
+
+
+def from_config_json(cfg: dict, layout: str) -> WanArch:
+    cls = cfg.get("_class_name")
+    expected = {"diffusers": "WanTransformer3DModel", "original": "WanModel"}[layout]
+    if cls is not None and cls != expected:
+        raise ConversionError(
+            f"config.json names class {cls!r}, but the tensors are in the {layout} layout ({expected})"
+        )
+    return from_diffusers_config(cfg) if layout == "diffusers" else from_original_config(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tensor shapes (our key names)
+
+
+def from_shapes(
+    shapes: dict[str, tuple],
+    num_heads: int | None = None,
+    patch_size: tuple[int, int, int] | None = None,
+) -> WanArch:
+    """Infer the architecture from tensor shapes under our key names. The patch size comes from a 5-D
+    Conv3d patch weight, else ``patch_size`` (default (1, 2, 2)); the head count is not in any shape:
+    ``num_heads``, else hidden / 128 (Wan2.1's head dim)."""
+    need = [
+        "patch_embedding.weight",
+        "text_embedding.linear_1.weight",
+        "time_embedding.linear_1.weight",
+        "head.linear.weight",
+        "blocks.0.ffn.linear_fc1.weight",
+    ]
+    absent = [k for k in need if k not in shapes]
+    if absent:
+        raise ConversionError(f"cannot infer the architecture from shapes: no tensor for {absent}")
+    pe = tuple(shapes["patch_embedding.weight"])
+    hidden = pe[0]
+    if len(pe) == 5:
+        patch = tuple(pe[2:])
+        in_channels = pe[1]
+    else:
+        patch = tuple(patch_size or (1, 2, 2))
+        if pe[1] % math.prod(patch):
+            raise ConversionError(f"patch_embedding.weight {pe} does not divide by patch {patch}")
+        in_channels = pe[1] // math.prod(patch)
+    if num_heads is None:
+        if hidden % DEFAULT_HEAD_DIM:
+            raise ConversionError(
+                f"hidden size {hidden} is not a multiple of {DEFAULT_HEAD_DIM}: the head count cannot be "
+                "inferred; give it (--num-heads) or put a config.json beside the weights"
+            )
+        num_heads = hidden // DEFAULT_HEAD_DIM
+    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
+    i2v = "img_emb.norm1.weight" in shapes
+    return WanArch(
+        model_type="i2v" if i2v else "t2v",
+        num_layers=max(layers) + 1 if layers else 0,
+        hidden_size=hidden,
+        ffn_hidden_size=shapes["blocks.0.ffn.linear_fc1.weight"][0],
+        num_attention_heads=num_heads,
+        in_channels=in_channels,
+        out_channels=shapes["head.linear.weight"][0] // math.prod(patch),
+        patch_size=patch,
+        text_dim=shapes["text_embedding.linear_1.weight"][1],
+        freq_dim=shapes["time_embedding.linear_1.weight"][1],
+        image_dim=shapes["img_emb.norm1.weight"][0] if i2v else ORIGINAL_IMAGE_DIM,
+    )

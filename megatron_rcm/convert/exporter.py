@@ -1,0 +1,254 @@
+"""Export a Wan model from a Megatron ``dist_checkpointing`` checkpoint to the diffusers or original layout.
+
+Which checkpoints (the contract, also in docs/conversion.md):
+
+* CKPT is a checkpoint folder (``metadata.json`` + ``.metadata``): one written by ``tools/convert.py
+  import``, or one ``step_*`` folder of a training run; or a training run's root, whose ``latest`` file
+  names the checkpoint to use.
+* A checkpoint may hold several Wan models, each under a key prefix: its tensors are
+  ``{prefix}{parameter name}`` (blocks by global layer number), e.g. ``""`` for the converter's own output,
+  ``"ema."`` for an EMA copy. ``--ema`` picks the prefix containing ``ema``; otherwise the one model that is
+  not an EMA, critic, fake-score or teacher copy; ``--prefix`` names one outright.
+* The architecture comes from ``wan_config.json`` in the checkpoint folder (or the run root); failing that
+  from the tensor shapes (head count: ``--num-heads``, else hidden / 128).
+
+Tensors are read from the checkpoint a few hundred MB at a time and written straight to safetensors
+shards: memory stays at that window, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from megatron_rcm.convert.arch import (
+    WanArch,
+    from_shapes,
+    match_preset,
+    to_diffusers_config,
+    to_original_config,
+)
+from megatron_rcm.convert.dist_ckpt import (
+    is_dist_checkpoint,
+    load_full_tensors,
+    meta_sharded_state_dict,
+    read_wan_config,
+    sharded_tensors,
+    tensor_metadata,
+)
+from megatron_rcm.convert.errors import ConversionError, KeyMismatchError, ShapeMismatchError
+from megatron_rcm.convert.importer import DTYPE_CHOICES, DTYPES, dtype_name, ensure_single_process_parallel
+from megatron_rcm.convert.output_dir import atomic_output_dir, check_output_dir
+from megatron_rcm.convert.safetensors_io import TensorSpec, write_sharded
+from megatron_rcm.convert.wan_keys import external_shape, from_ours
+
+FORMATS = ("diffusers", "original")
+WEIGHTS_STEM = "diffusion_pytorch_model"  # both releases name their DiT weights this way
+_ANCHOR = "patch_embedding.weight"
+_NOT_THE_STUDENT = ("ema", "critic", "fake", "teacher")
+
+
+def resolve_checkpoint(ckpt) -> Path:
+    """The checkpoint folder CKPT designates (a training run's root -> the one ``latest`` names)."""
+    path = Path(ckpt)
+    if is_dist_checkpoint(path):
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        step = path / latest.read_text().strip()
+        if not is_dist_checkpoint(step):
+            raise ConversionError(f"{latest} names {step.name!r}, which is not a complete checkpoint")
+        return step
+    raise ConversionError(
+        f"{path}: not a Megatron dist_checkpointing checkpoint (no metadata.json and .metadata) "
+        "nor a training run (no 'latest' file)"
+    )
+
+
+def model_prefixes(keys) -> list[str]:
+    return sorted(k[: -len(_ANCHOR)] for k in keys if k.endswith(_ANCHOR))
+
+
+def select_prefix(keys, ema: bool, prefix: str | None) -> str:
+    found = model_prefixes(keys)
+    if prefix is not None:
+        if prefix not in found:
+            raise ConversionError(f"--prefix {prefix!r}: no Wan model under it; models found under {found}")
+        return prefix
+    if ema:
+        chosen = [p for p in found if "ema" in p.lower()]
+        what = "an EMA model (--ema)"
+    else:
+        chosen = [p for p in found if not any(w in p.lower() for w in _NOT_THE_STUDENT)]
+        what = "the raw model"
+    if len(chosen) != 1:
+        raise ConversionError(
+            f"cannot tell which checkpoint prefix holds {what}: Wan models found under {found}; "
+            "name one with --prefix"
+        )
+    return chosen[0]
+
+
+def checkpoint_arch(ckpt_dir: Path, shapes: dict, num_heads: int | None) -> tuple[WanArch, str]:
+    run_root = [ckpt_dir.parent] if (ckpt_dir.parent / "latest").is_file() else []
+    for folder in [ckpt_dir, *run_root]:
+        record = read_wan_config(folder)
+        if record is not None:
+            return record["arch"], str(folder / "wan_config.json")
+    return from_shapes(shapes, num_heads), "tensor shapes"
+
+
+class _Window:
+    """Reads tensors in the order they will be asked for, ``budget`` bytes per checkpoint read."""
+
+    def __init__(self, ckpt_dir: Path, order: list[tuple[str, tuple, torch.dtype]], budget: int):
+        self.ckpt_dir, self.order, self.budget = ckpt_dir, order, budget
+        self.pos = {key: i for i, (key, _, _) in enumerate(order)}
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.cache:
+            batch, size = {}, 0
+            for k, shape, dtype in self.order[self.pos[key] :]:
+                nbytes = torch.Size(shape).numel() * dtype.itemsize
+                if batch and size + nbytes > self.budget:
+                    break
+                batch[k] = (shape, dtype)
+                size += nbytes
+            self.cache.update(load_full_tensors(self.ckpt_dir, batch))
+        return self.cache.pop(key)
+
+
+@dataclass
+class ExportReport:
+    out: str
+    ckpt: str
+    prefix: str
+    fmt: str
+    arch: WanArch
+    arch_from: str
+    preset: str | None
+    files: list[str]
+    tensors: int
+    bytes_written: int
+    dtype: str
+    seconds: float
+
+    def summary(self) -> str:
+        return "\n".join(
+            [
+                f"read:    {self.ckpt} (models under prefix {self.prefix!r}; architecture from {self.arch_from}; "
+                f"preset {self.preset or 'none'})",
+                f"wrote:   {self.out}: {self.fmt} layout, {self.tensors} tensors, {self.dtype}, "
+                f"{self.bytes_written / 1e9:.2f} GB in {self.seconds:.1f} s: {', '.join(self.files)}",
+            ]
+        )
+
+
+def run_export(
+    ckpt,
+    out,
+    *,
+    fmt: str,
+    ema: bool = False,
+    prefix: str | None = None,
+    dtype: str = "keep",
+    num_heads: int | None = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = 10 * 2**30,
+    read_budget_bytes: int = 512 * 2**20,
+    progress: bool = True,
+    log=print,
+) -> ExportReport:
+    if fmt not in FORMATS:
+        raise ConversionError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPE_CHOICES:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    t0 = time.time()
+    check_output_dir(out, overwrite)
+    ckpt_dir = resolve_checkpoint(ckpt)
+    stored = tensor_metadata(ckpt_dir)
+    pfx = select_prefix(stored, ema, prefix)
+    ours_shapes = {k[len(pfx) :]: shape for k, (shape, _) in stored.items() if k.startswith(pfx)}
+    arch, arch_from = checkpoint_arch(ckpt_dir, ours_shapes, num_heads)
+    preset = match_preset(arch)
+    log(
+        f"checkpoint: {ckpt_dir}, model prefix {pfx!r}, architecture from {arch_from}, preset {preset or 'none'}"
+    )
+
+    ensure_single_process_parallel()
+    expected = {k: tuple(sh.global_shape) for k, sh in sharded_tensors(meta_sharded_state_dict(arch)).items()}
+    wan_names = set()
+    for key in ours_shapes:
+        try:
+            from_ours(key, fmt)
+            wan_names.add(key)
+        except KeyError:
+            pass  # not a Wan parameter (e.g. an optimizer's state under the same prefix)
+    what = f"{ckpt_dir} (prefix {pfx!r}, architecture from {arch_from})"
+    missing = sorted(pfx + k for k in expected if k not in ours_shapes)
+    unexpected = sorted(pfx + k for k in wan_names if k not in expected)
+    if missing or unexpected:
+        raise KeyMismatchError(what, missing, unexpected)
+    bad = [(pfx + k, ours_shapes[k], shape) for k, shape in expected.items() if ours_shapes[k] != shape]
+    if bad:
+        raise ShapeMismatchError(what, bad)
+
+    specs, source_of, order = [], {}, []
+    for key, shape in expected.items():
+        stored_dtype = stored[pfx + key][1]
+        name = from_ours(key, fmt)
+        out_dtype = stored_dtype if dtype == "keep" else DTYPES[dtype]
+        specs.append(
+            TensorSpec(name, external_shape(key, shape, arch.in_channels, arch.patch_size), out_dtype)
+        )
+        source_of[name] = pfx + key
+        order.append((pfx + key, shape, stored_dtype))
+    window = _Window(ckpt_dir, order, read_budget_bytes)
+
+    def produce(name: str) -> torch.Tensor:
+        spec = specs_by_name[name]
+        return window.get(source_of[name]).reshape(spec.shape).to(spec.dtype)
+
+    specs_by_name = {s.name: s for s in specs}
+    config = (
+        to_diffusers_config(arch, _diffusers_version()) if fmt == "diffusers" else to_original_config(arch)
+    )
+    bar = tqdm(total=len(specs), unit="tensor", desc=f"export {fmt}", disable=not progress)
+    with atomic_output_dir(out, overwrite) as tmp:
+        files = write_sharded(
+            tmp, WEIGHTS_STEM, specs, produce, max_shard_bytes, on_tensor=lambda s: bar.update(1)
+        )
+        bar.close()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        nbytes = sum(p.stat().st_size for p in tmp.iterdir())
+    kept = sorted({dtype_name(s.dtype) for s in specs})
+    return ExportReport(
+        out=str(out),
+        ckpt=str(ckpt_dir),
+        prefix=pfx,
+        fmt=fmt,
+        arch=arch,
+        arch_from=arch_from,
+        preset=preset,
+        files=[*files, "config.json"],
+        tensors=len(specs),
+        bytes_written=nbytes,
+        dtype="+".join(kept),
+        seconds=time.time() - t0,
+    )
+
+
+def _diffusers_version() -> str:
+    try:
+        import diffusers
+
+        return re.sub(r"(\.dev\d*|\+.*)$", "", diffusers.__version__)
+    except ImportError:
+        return "0.35.0"

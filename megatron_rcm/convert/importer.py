@@ -1,0 +1,255 @@
+"""Import Wan2.1 weights (original or diffusers layout) into a Megatron ``dist_checkpointing`` checkpoint.
+
+    plan_import(SRC)  -> ImportPlan: files, layout, architecture, preset; every key and shape checked
+    run_import(SRC, OUT, ...) -> ImportReport: the checkpoint written (streaming), optionally verified
+
+Nothing is written until the whole source has been checked, and OUT appears only once complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from megatron_rcm.convert.arch import WanArch, from_config_json, from_shapes, match_preset, preset_arch
+from megatron_rcm.convert.dist_ckpt import (
+    meta_sharded_state_dict,
+    save_streaming,
+    sharded_tensors,
+    write_wan_config,
+)
+from megatron_rcm.convert.errors import ConversionError, KeyMismatchError, ShapeMismatchError
+from megatron_rcm.convert.output_dir import atomic_output_dir, check_output_dir
+from megatron_rcm.convert.sources import Source, detect_layout, open_source
+from megatron_rcm.convert.wan_keys import external_shape, from_ours, map_key, patch_weight_to_ours
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_CHOICES = ("keep", *DTYPES)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_tp(arch: WanArch, tp: int) -> None:
+    """The model splits over ``tp`` ranks: heads (and so hidden) and the FFN width divide by it."""
+    bad = [
+        f"{name} {value}"
+        for name, value in (
+            ("num_attention_heads", arch.num_attention_heads),
+            ("ffn_hidden_size", arch.ffn_hidden_size),
+        )
+        if value % tp
+    ]
+    if tp < 1 or bad:
+        raise ConversionError(f"--tp {tp}: {', '.join(bad) or 'must be >= 1'} not divisible by {tp}")
+
+
+def ensure_single_process_parallel() -> None:
+    """The converter is one process: a gloo group of one, TP=1 (dist_checkpointing needs a group)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_rcm.parallel.state import initialize_parallel
+
+    if not dist.is_initialized():
+        initialize_parallel(tensor_parallel=1)
+    elif dist.get_world_size() != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise ConversionError(
+            "run the converter as a single process (not under torchrun): it writes every shard"
+        )
+
+
+@dataclass
+class ImportPlan:
+    source: Source
+    layout: str
+    arch: WanArch
+    arch_from: str
+    preset: str | None
+    ours_of: dict[str, str]
+    """source key -> our key"""
+    shapes: dict[str, tuple] = field(default_factory=dict)
+    """our key -> global shape in the checkpoint"""
+
+    def describe(self) -> str:
+        s = self.source
+        where = str(s.index or (s.files[0] if len(s.files) == 1 else s.root))
+        if s.pipeline_root is not None:
+            where += f" (transformer/ of the pipeline at {s.pipeline_root})"
+        a = self.arch
+        return "\n".join(
+            [
+                f"source:  {where}: {len(s.files)} file(s), {len(self.ours_of)} tensors, {s.total_bytes() / 1e9:.2f} GB",
+                f"layout:  {self.layout} ({'WanTransformer3DModel' if self.layout == 'diffusers' else 'original WanModel'} keys)",
+                f"preset:  {self.preset or 'none (architecture taken from ' + self.arch_from + ')'}",
+                f"arch:    {a.model_type}, {a.num_layers} layers, hidden {a.hidden_size}, ffn {a.ffn_hidden_size}, "
+                f"{a.num_attention_heads} heads, in/out channels {a.in_channels}/{a.out_channels}, patch "
+                f"{a.patch_size}, text {a.text_dim}, freq {a.freq_dim}"
+                + (f", image {a.image_dim}" if a.model_type == "i2v" else "")
+                + f" (from {self.arch_from})",
+            ]
+        )
+
+
+def plan_import(src, preset: str | None = None, num_heads: int | None = None) -> ImportPlan:
+    """Open SRC, detect its layout and architecture, and check every key and shape against the model."""
+    source = open_source(src)
+    try:
+        layout = detect_layout(source.keys(), source.config)
+        ours_of, unexpected, seen = {}, [], {}
+        for key in source.keys():
+            try:
+                ours = map_key(key, layout)
+            except KeyError:
+                unexpected.append(key)
+                continue
+            if ours in seen:
+                raise ConversionError(f"{key!r} and {seen[ours]!r} both map to {ours!r}")
+            seen[ours] = key
+            ours_of[key] = ours
+        if preset is not None:
+            arch, arch_from = preset_arch(preset), f"--preset {preset}"
+        elif source.config is not None:
+            arch, arch_from = from_config_json(source.config, layout), f"{source.root / 'config.json'}"
+            clip_norm = seen.get("img_emb.norm1.weight")
+            if layout == "original" and arch.model_type == "i2v" and clip_norm is not None:
+                # the original config has no CLIP width (WanModel hard-codes 1280): the tensor says it
+                arch = dataclasses.replace(arch, image_dim=source.shape(clip_norm)[0])
+        else:
+            shapes = {o: source.shape(k) for k, o in ours_of.items()}
+            arch, arch_from = from_shapes(shapes, num_heads), "tensor shapes"
+        if num_heads is not None and num_heads != arch.num_attention_heads:
+            raise ConversionError(
+                f"--num-heads {num_heads} contradicts {arch_from} ({arch.num_attention_heads} heads)"
+            )
+        matched = preset or match_preset(arch)
+        expected = {
+            k: tuple(sh.global_shape) for k, sh in sharded_tensors(meta_sharded_state_dict(arch)).items()
+        }
+        what = (
+            f"{src} ({layout} layout, {'preset ' + matched if matched else 'architecture from ' + arch_from})"
+        )
+        missing = sorted(from_ours(k, layout) for k in expected if k not in seen)
+        unexpected += [k for k, o in ours_of.items() if o not in expected]
+        if missing or unexpected:
+            raise KeyMismatchError(what, missing, sorted(unexpected))
+        mismatches = []
+        for key, ours in ours_of.items():
+            want = external_shape(ours, expected[ours], arch.in_channels, arch.patch_size)
+            if source.shape(key) != want:
+                mismatches.append((key, source.shape(key), want))
+        if mismatches:
+            raise ShapeMismatchError(what, mismatches)
+        return ImportPlan(source, layout, arch, arch_from, matched, ours_of, expected)
+    except BaseException:
+        source.close()
+        raise
+
+
+@dataclass
+class ImportReport:
+    out: str
+    plan: ImportPlan
+    dtype: str
+    tensors: int
+    params: int
+    bytes_written: int
+    seconds: float
+    verify: dict | None = None
+
+    def summary(self) -> str:
+        lines = [
+            f"wrote:   {self.out}: Megatron dist_checkpointing (torch_dist), {self.tensors} tensors, "
+            f"{self.params / 1e9:.3f} B parameters, {self.dtype}, {self.bytes_written / 1e9:.2f} GB in "
+            f"{self.seconds:.1f} s",
+            f"         model config in {self.out}/wan_config.json; loads at any TP size (resharded on load)",
+        ]
+        if self.verify is not None:
+            v = self.verify
+            lines.append(
+                f"verify:  max |ours - source| = {v['max_abs']:.3e} (max |source| = {v['max_ref']:.3e}, "
+                f"relative {v['rel']:.3e}) on input {v['input']}"
+            )
+        return "\n".join(lines)
+
+
+def _dir_bytes(path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_import(
+    src,
+    out,
+    *,
+    tp: int = 1,
+    dtype: str = "keep",
+    preset: str | None = None,
+    num_heads: int | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    progress: bool = True,
+    log=print,
+) -> ImportReport:
+    """Convert SRC to a Megatron checkpoint at OUT (see the module docstring)."""
+    if dtype not in DTYPE_CHOICES:
+        raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    t0 = time.time()
+    check_output_dir(out, overwrite)  # fail before reading anything large
+    ensure_single_process_parallel()
+    plan = plan_import(src, preset, num_heads)
+    source = plan.source
+    try:
+        log(plan.describe())
+        check_tp(plan.arch, tp)
+        src_key_of = {o: k for k, o in plan.ours_of.items()}
+        target = {o: source.dtype(k) if dtype == "keep" else DTYPES[dtype] for k, o in plan.ours_of.items()}
+        sharded_sd = meta_sharded_state_dict(plan.arch)
+        for key, sh in sharded_tensors(sharded_sd).items():
+            sh.data = torch.empty(sh.local_shape, dtype=target[key], device="meta")
+        kept = sorted({dtype_name(d) for d in target.values()})
+        recorded_dtype = "+".join(kept) if dtype == "keep" else dtype
+        bar = tqdm(total=len(target), unit="tensor", desc="import", disable=not progress)
+
+        def fetch(ours: str) -> torch.Tensor:
+            t = patch_weight_to_ours(source.read(src_key_of[ours]), ours).to(target[ours])
+            bar.update(1)
+            return t
+
+        with atomic_output_dir(out, overwrite) as tmp:
+            save_streaming(sharded_sd, tmp, fetch)
+            bar.close()
+            write_wan_config(
+                tmp,
+                plan.arch,
+                plan.preset,
+                recorded_dtype,
+                source={
+                    "path": str(src),
+                    "layout": plan.layout,
+                    "files": [str(p) for p in source.files],
+                    "arch_from": plan.arch_from,
+                },
+                tp_checked=tp,
+            )
+            nbytes = _dir_bytes(tmp)
+        report = ImportReport(
+            out=str(out),
+            plan=plan,
+            dtype=recorded_dtype,
+            tensors=len(target),
+            params=sum(torch.Size(s).numel() for s in plan.shapes.values()),
+            bytes_written=nbytes,
+            seconds=time.time() - t0,
+        )
+        if verify:
+            from megatron_rcm.convert.verify import verify_import
+
+            report.verify = verify_import(plan, out, log=log)
+        return report
+    finally:
+        source.close()

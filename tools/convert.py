@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Convert Wan2.1 weights between the public layouts and Megatron-Core distributed checkpoints.
+
+  import  Wan2.1 T2V/I2V weights (original ``WanModel`` keys or diffusers ``WanTransformer3DModel``;
+          .safetensors or .pth, single or sharded with an index; a diffusers pipeline root or its
+          transformer/ folder) -> a Megatron ``dist_checkpointing`` checkpoint that loads at any TP size.
+  export  a Megatron checkpoint (the converter's, or a training run's raw student or its EMA) ->
+          diffusers (``WanTransformer3DModel.from_pretrained``) or the original layout.
+
+Both stream: one tensor (import) or a 512 MB window (export) in memory at a time. Details and the on-disk
+contract: docs/conversion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  python tools/convert.py import /models/Wan2.1-T2V-14B /ckpt/wan14b --dtype bf16
+  python tools/convert.py import /models/Wan2.1-T2V-1.3B-Diffusers /ckpt/wan1.3b --tp 2 --verify
+  python tools/convert.py export /runs/rcm/checkpoints /out/student-diffusers --format diffusers --ema
+  python tools/convert.py export /ckpt/wan1.3b /out/wan1.3b-original --format original
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_rcm.convert.importer import DTYPE_CHOICES
+    from megatron_rcm.models.wan import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="convert.py",
+        description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    imp = sub.add_parser("import", help="Wan2.1 weights -> Megatron dist_checkpointing checkpoint")
+    imp.add_argument("src", help="weight file, *.index.json, folder of them, or diffusers pipeline root")
+    imp.add_argument("out", help="output checkpoint folder (must not hold a checkpoint, unless --overwrite)")
+    imp.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size you will load at: checks heads and FFN width divide by it (the checkpoint "
+        "itself loads at any TP size); --verify runs at TP=1",
+    )
+    imp.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="keep",
+        help="stored dtype: keep the source's (default), bf16, ...",
+    )
+    imp.add_argument("--preset", choices=PRESETS, help="force a preset instead of detecting the architecture")
+    imp.add_argument(
+        "--num-heads",
+        type=int,
+        help="attention heads, when neither a preset nor config.json gives them (default hidden/128)",
+    )
+    imp.add_argument(
+        "--verify",
+        action="store_true",
+        help="run the source (diffusers) and the converted model on one random input; report the max difference",
+    )
+
+    exp = sub.add_parser("export", help="Megatron checkpoint -> diffusers or original layout")
+    exp.add_argument(
+        "ckpt", help="checkpoint folder (converter output or a training step_*), or a run's root"
+    )
+    exp.add_argument("out", help="output folder (must not hold a model, unless --overwrite)")
+    exp.add_argument("--format", required=True, choices=("diffusers", "original"), dest="fmt")
+    exp.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw model")
+    exp.add_argument("--prefix", help="checkpoint key prefix of the model to export (overrides --ema)")
+    exp.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="keep", help="output dtype (default: as stored)"
+    )
+    exp.add_argument(
+        "--num-heads", type=int, help="attention heads, when the checkpoint has no wan_config.json"
+    )
+    exp.add_argument(
+        "--max-shard-size", type=float, default=10.0, help="GB per safetensors shard (default 10)"
+    )
+
+    for p in (imp, exp):
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it already holds files")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from megatron_rcm.convert.errors import ConversionError
+
+    try:
+        if args.command == "import":
+            from megatron_rcm.convert.importer import run_import
+
+            report = run_import(
+                args.src,
+                args.out,
+                tp=args.tp,
+                dtype=args.dtype,
+                preset=args.preset,
+                num_heads=args.num_heads,
+                overwrite=args.overwrite,
+                verify=args.verify,
+                progress=not args.no_progress,
+            )
+        else:
+            from megatron_rcm.convert.exporter import run_export
+
+            report = run_export(
+                args.ckpt,
+                args.out,
+                fmt=args.fmt,
+                ema=args.ema,
+                prefix=args.prefix,
+                dtype=args.dtype,
+                num_heads=args.num_heads,
+                overwrite=args.overwrite,
+                max_shard_bytes=int(args.max_shard_size * 1e9),
+                progress=not args.no_progress,
+            )
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
