@@ -1,5 +1,6 @@
 """Discrete-time CM baseline (rcm_math.md sec. 6) against a float64 reference."""
 
+import pytest
 import torch
 
 from megatron_rcm.rcm.engine import DistillBatch, DistillConfig, RCMEngine
@@ -7,6 +8,15 @@ from megatron_rcm.rcm.trigflow import Conditioning
 from tests.test_rcm_reference import T_SCALE, bc, grads, make_toy, ref_x0, zero_grads
 
 W, N, SHIFT = 5.0, 48, 5.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tensors here are tiny: extra intra-op threads only spin (and are slow on a loaded CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def ref_dcm(toy, seed, teacher_step=True):
