@@ -104,7 +104,16 @@ def forward_row(b, h, sq, skv, d, fast, target):
     line = row(name, f"B{b} H{h} Sq{sq} Skv{skv} D{d}", ms, flops_jvp(b, h, sq, skv, d, d, fast), base, target,
                cudnn)
     print(line, f"(config {_attn_jvp_fwd.best_config}; |o - sdpa|/|sdpa| = {err:.1e})", flush=True)
+    print_tuning(_attn_jvp_fwd)
     return line
+
+
+def print_tuning(kernel, top=6):
+    """The autotuner's fastest configs of its last tuning run (median ms), for the notes."""
+    timings = getattr(kernel, "configs_timings", None) or {}
+    ranked = sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], list) else kv[1])
+    for config, ms in ranked[:top]:
+        print(f"    tuned {ms[0] if isinstance(ms, list) else ms:8.3f} ms  {config}")
 
 
 def backward_row(b, h, sq, skv, d, target):
