@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from megatron_rcm.rcm.dcm import dcm_grid, dcm_loss, teacher_euler_step
-from megatron_rcm.rcm.dmd import critic_loss, dmd_loss, draw_rollout, rollout_steps, student_rollout
+from megatron_rcm.rcm.dmd import critic_loss as fake_score_loss
+from megatron_rcm.rcm.dmd import dmd_loss, draw_rollout, rollout_steps, student_rollout
 from megatron_rcm.rcm.samplers import student_sample
 from megatron_rcm.rcm.schedule import StudentCriticSchedule
 from megatron_rcm.rcm.scm import (
@@ -188,7 +189,9 @@ class RCMEngine:
         """True: update the student with ``student_loss``; False: the critic with ``critic_loss``."""
         return self.schedule.is_student_step(step)
 
-    def uses_critic(self) -> bool:
+    @property
+    def has_critic(self) -> bool:
+        """Whether the trainer must build a critic (fake score, initialized from the teacher) and its optimizer."""
         return self.config.has_critic
 
     # -- student -------------------------------------------------------------------------------------
@@ -326,7 +329,7 @@ class RCMEngine:
                 student, x0, batch.cond, self.schedule.num_critic_steps(step), generator, False
             )
         x_D, t_D = self._noised_for_critic(G, generator)
-        loss, nonfinite = critic_loss(G, critic(x_D, t_D, batch.cond).x0, t_D, cfg.critic_loss_scale)
+        loss, nonfinite = fake_score_loss(G, critic(x_D, t_D, batch.cond).x0, t_D, cfg.critic_loss_scale)
         loss = loss.float()
         return loss, {
             "loss/critic": loss.detach(),

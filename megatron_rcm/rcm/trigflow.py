@@ -178,18 +178,6 @@ class Conditioning:
             neg = neg.expand(self.batch_size, *neg.shape[1:])
         return replace(self, context=neg, neg_context=None)
 
-    def index(self, idx: Tensor | slice) -> Conditioning:
-        """The conditioning of a sub-batch (``neg_context`` of batch 1 stays as it is)."""
-        neg = self.neg_context
-        if neg is not None and neg.shape[0] == self.batch_size:
-            neg = neg[idx]
-        return Conditioning(
-            context=self.context[idx],
-            clip_fea=None if self.clip_fea is None else self.clip_fea[idx],
-            y=None if self.y is None else self.y[idx],
-            neg_context=neg,
-        )
-
 
 def _cat_cond(a: Conditioning, b: Conditioning) -> Conditioning | None:
     """Both branches batched in one network call, or None when their shapes differ."""
