@@ -84,7 +84,6 @@ def _attn_jvp_fwd_tile(
     softmax_scale, qk_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_T_KV: tl.constexpr, MASK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr,
 ):
     """One key/value tile of the JVP forward (rcm_math.md section 9); returns the updated state."""
     k = _load_tile(k_ptrs, rows_n, seqlen_kv, offs_dqk, HEAD_DQK, MASK_N, BLOCK_DQK != HEAD_DQK)
@@ -100,25 +99,14 @@ def _attn_jvp_fwd_tile(
     if MASK_N:
         s = tl.where((rows_n < seqlen_kv)[None, :], s, float("-inf"))
 
-    # -- online softmax in the log2 domain: P~ = exp2(S * scale * log2(e) - m), state rescaled by
-    #    alpha = exp2(m_old - m_new); lazily: only once some row's maximum grew by more than 8
-    #    (a factor 256; FlashAttention-4's trick), so P~ <= 256 against a stale m, harmless in
-    #    fp32 sums and bf16 products, and most tiles skip the two [BM, Dv] multiplies
+    # -- online softmax in the log2 domain: P~ = exp2(S * scale * log2(e) - m); the state so far
+    #    is rescaled by alpha = exp2(m_old - m_new)
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    if LAZY_RESCALE:
-        if tl.max(m_new - m_i, 0) > 8.0:
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            t_acc = t_acc * alpha[:, None]
-            m_i = m_new
-    else:
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha
-        acc = acc * alpha[:, None]
-        t_acc = t_acc * alpha[:, None]
-        m_i = m_new
-    p = tl.math.exp2(s * qk_scale - m_i[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha
+    acc = acc * alpha[:, None]
+    t_acc = t_acc * alpha[:, None]
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_new = l_i + tl.sum(p, 1)
     # -- online centering: c = running P~-weighted mean of dS
     pd = p * ds
@@ -137,19 +125,18 @@ def _attn_jvp_fwd_tile(
         t_v = _load_tile(t_v_ptrs, rows_n, seqlen_kv, offs_dv, HEAD_DV, MASK_N, BLOCK_DV != HEAD_DV)
         t_acc = _dot(p_lo, t_v, t_acc, UPCAST, PRECISION)
     t_acc = _dot(h.to(v.dtype), v, t_acc, UPCAST, PRECISION)
-    return acc, t_acc, m_i, l_new, c_new
+    return acc, t_acc, m_new, l_new, c_new
 
 
 def _fwd_configs():
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "LAZY_RESCALE": True}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "LAZY_RESCALE": lazy}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm in (64, 128)
         for bn in (32, 64, 128)
         for w in (4, 8)
         for s in (2, 3)
-        for lazy in (False, True)
     ]
 
 
@@ -201,7 +188,7 @@ def _attn_jvp_fwd(
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_T_KV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     SEQ_BUCKET_Q, SEQ_BUCKET_KV,  # autotune key only: powers of two, so they do not recompile
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -243,7 +230,7 @@ def _attn_jvp_fwd(
         acc, t_acc, m_i, l_i, c_i = _attn_jvp_fwd_tile(
             acc, t_acc, m_i, l_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
             start_n + offs_n, seqlen_kv, offs_dqk, offs_dv, softmax_scale, qk_scale,
-            HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, False, UPCAST, PRECISION, LAZY_RESCALE,
+            HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, False, UPCAST, PRECISION,
         )
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
@@ -255,7 +242,7 @@ def _attn_jvp_fwd(
         acc, t_acc, m_i, l_i, c_i = _attn_jvp_fwd_tile(
             acc, t_acc, m_i, l_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
             n_full + offs_n, seqlen_kv, offs_dqk, offs_dv, softmax_scale, qk_scale,
-            HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, True, UPCAST, PRECISION, LAZY_RESCALE,
+            HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, True, UPCAST, PRECISION,
         )
 
     # -- epilogue: O = O~/l, dO = (A~ + B~)/l (r = 0: B~ is centred at c = dLSE), LSE = m + log l

@@ -92,20 +92,6 @@ def test_forward_float32(layout, fast):
     check_forward(attention_jvp, inputs, layout, TOL_CPU[torch.float32])
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["tangent_kv", "zero_tangent_kv"])
-def test_forward_eager_rescale(monkeypatch, fast):
-    # The interpreter's one config rescales lazily (LAZY_RESCALE=True); autotuning on a GPU may
-    # pick the eager variant, so run that one here too. q * 4 makes the row maxima move.
-    import triton
-
-    from megatron_rcm.kernels import attention_jvp_fwd
-
-    eager = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "LAZY_RESCALE": False}, num_warps=4, num_stages=1)
-    monkeypatch.setattr(attention_jvp_fwd._attn_jvp_fwd, "configs", [eager])
-    inputs = make_inputs("sbhd", 1, 2, 37, 50, 32, 16, torch.float32, fast=fast, q_scale=4.0)
-    check_forward(attention_jvp, inputs, "sbhd", TOL_CPU[torch.float32])
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_forward_16bit(dtype):
     inputs = make_inputs("sbhd", 1, 2, 37, 19, 64, 64, dtype)
@@ -225,8 +211,11 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
 
 
 # --------------------------------------------------------------------------- GPU, real sizes
-# bf16 on an H100 (round-to-nearest): errors measured on 2026-11-22 are next to each tolerance.
-TOL_GPU = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# H100, round-to-nearest, sizes ~4k (errors measured 2026-11-22, tools: pytest -m gpu -s):
+TOL_GPU = {
+    torch.bfloat16: 1e-2,  # measured o 2.2e-3 .. 2.3e-3, t_o 2.0e-3 .. 2.3e-3, grads 2.4e-3, lse 1e-7
+    torch.float16: 2e-3,  # measured o 2.8e-4, t_o 2.9e-4
+}
 
 
 @pytest.mark.gpu
