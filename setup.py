@@ -28,11 +28,12 @@ setup(
         "triton": ["triton>=3.1"],
         "te": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
-        "interop": ["diffusers>=0.33", "transformers"],
+        "interop": ["diffusers>=0.33", "accelerate", "transformers"],
         "test": [
             "pytest>=8",
             "ruff>=0.6",
             "diffusers>=0.33",
+            "accelerate",  # diffusers' from_pretrained of WanTransformer3DModel needs it (convert tests)
             "scikit-learn",
             "triton>=3.1",
         ],

@@ -115,12 +115,9 @@ def test_dtype_choice_and_verify(tmp_path):
 
     meta = tensor_metadata(tmp_path / "bf16")
     assert {dtype for _, dtype in meta.values()} == {torch.bfloat16}
-    q = load_full_tensors(
-        tmp_path / "bf16", {"blocks.0.self_attn.linear_q.weight": meta["blocks.0.self_attn.linear_q.weight"]}
-    )
-    assert torch.equal(
-        q["blocks.0.self_attn.linear_q.weight"], ref.blocks[0].attn1.to_q.weight.detach().bfloat16()
-    )
+    key = "model.blocks.0.self_attn.linear_q.weight"
+    q = load_full_tensors(tmp_path / "bf16", {key: meta[key]})[key]
+    assert torch.equal(q, ref.blocks[0].attn1.to_q.weight.detach().bfloat16())
 
 
 def test_pipeline_stage_loads_its_global_layers(tmp_path):

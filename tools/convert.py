@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 EPILOG = """examples:
   python tools/convert.py import /models/Wan2.1-T2V-14B /ckpt/wan14b --dtype bf16
@@ -88,7 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_library_warnings() -> None:
+    """Megatron-Core and DCP warn on import and load about things a conversion does not use (Transformer
+    Engine, Apex, deprecated aliases they call themselves); the tool's own messages are the ones to read."""
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings(
+            "ignore", category=category, module=r"(megatron|torch\.distributed\.checkpoint)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_library_warnings()
     args = build_parser().parse_args(argv)
     from megatron_rcm.convert.errors import ConversionError
 

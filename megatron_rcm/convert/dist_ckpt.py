@@ -8,8 +8,10 @@ On disk (Megatron's ``torch_dist`` format, i.e. PyTorch DCP)::
     common.pt       Megatron's non-sharded state (empty here)
     wan_config.json the architecture (``WanArch``), preset, dtype and provenance (this package)
 
-Each tensor is stored under its Megatron sharded key -- our parameter name, blocks numbered by global
-layer -- with its full (global) shape, so ``dist_checkpointing.load`` reshards it on load to any TP size.
+Each tensor is stored under its Megatron sharded key -- ``model.`` + our parameter name, blocks numbered
+by global layer -- with its full (global) shape, so ``dist_checkpointing.load`` reshards it on load to any
+TP size. ``model.`` is the prefix the trainer's teacher loader and ``export_model`` use
+(``megatron_rcm.training.models.EXPORT_PREFIX``): a converted checkpoint is a teacher checkpoint.
 
 Writing streams: the sharded state dict comes from a WanModel built on the ``meta`` device (structure and
 shapes without storage), and the DCP planner's ``resolve_data`` -- called once per tensor, right before
@@ -18,6 +20,7 @@ its bytes are written -- fetches that one tensor from the source.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +36,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     mcore_to_pyt_state_dict,
 )
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
@@ -41,6 +45,7 @@ from megatron_rcm.convert.arch import WanArch
 from megatron_rcm.convert.errors import ConversionError
 
 CONFIG_FILE = "wan_config.json"
+MODEL_PREFIX = "model."
 FORMAT = "megatron-rcm/wan-dist-ckpt"
 FORMAT_VERSION = 1
 
@@ -82,6 +87,11 @@ def read_wan_config(ckpt_dir: str | Path) -> dict | None:
     return record
 
 
+def arch_of(config) -> WanArch:
+    """The ``WanArch`` of a ``WanConfig`` (to record beside a checkpoint the trainer writes)."""
+    return WanArch(**{f.name: getattr(config, f.name) for f in dataclasses.fields(WanArch)})
+
+
 def load_wan_config(ckpt_dir: str | Path, **overrides):
     """A ``WanConfig`` for the checkpoint at ``ckpt_dir`` (parallel sizes and dtype from ``overrides``)."""
     record = read_wan_config(ckpt_dir)
@@ -114,11 +124,17 @@ class _FetchingPlanner(MCoreSavePlanner):
     def __init__(self, fetch: Callable[[str], torch.Tensor]):
         super().__init__(flatten_state_dict=False, can_run_decentralized_global_plan=False)
         self._fetch = fetch
+        self.error: BaseException | None = None
+        """What ``fetch`` raised (DCP re-raises it wrapped in a CheckpointException of tracebacks)."""
 
     def resolve_data(self, write_item):
         if write_item.type == WriteItemType.BYTE_IO:
             return super().resolve_data(write_item)
-        return self._fetch(write_item.index.fqn)
+        try:
+            return self._fetch(write_item.index.fqn)
+        except BaseException as e:
+            self.error = e
+            raise
 
 
 class StreamingTorchDistSave(SaveShardedStrategy):
@@ -139,7 +155,13 @@ class StreamingTorchDistSave(SaveShardedStrategy):
         writer = FileSystemWriter(
             str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1
         )
-        dcp.save(pyt_state_dict, storage_writer=writer, planner=_FetchingPlanner(self._fetch))
+        planner = _FetchingPlanner(self._fetch)
+        try:
+            dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
+        except CheckpointException:
+            if planner.error is not None:
+                raise planner.error from None
+            raise
 
 
 def save_streaming(sharded_sd: dict, ckpt_dir: str | Path, fetch: Callable[[str], torch.Tensor]) -> None:
@@ -189,9 +211,9 @@ def load_full_tensors(ckpt_dir: str | Path, specs: dict[str, tuple[tuple[int, ..
     return out
 
 
-def load_model(model: torch.nn.Module, ckpt_dir: str | Path, prefix: str = "") -> None:
+def load_model(model: torch.nn.Module, ckpt_dir: str | Path, prefix: str = MODEL_PREFIX) -> None:
     """Load a checkpoint into a (possibly TP-sharded, pipeline-staged) WanModel; every rank calls it.
-    Keys under ``prefix`` (e.g. a trainer checkpoint's ``"ema."``) are read; all the model's must be there
+    Keys under ``prefix`` (a training checkpoint's ``"student."`` or ``"ema.student."``) are read; all the model's must be there
     (the checkpoint may hold more: other pipeline stages' layers, other models, optimizer state)."""
     sharded_sd = model.sharded_state_dict(prefix=prefix)
     loaded = dist_checkpointing.load(sharded_sd, str(ckpt_dir))  # a missing tensor raises

@@ -6,9 +6,11 @@ Which checkpoints (the contract, also in docs/conversion.md):
   import``, or one ``step_*`` folder of a training run; or a training run's root, whose ``latest`` file
   names the checkpoint to use.
 * A checkpoint may hold several Wan models, each under a key prefix: its tensors are
-  ``{prefix}{parameter name}`` (blocks by global layer number), e.g. ``""`` for the converter's own output,
-  ``"ema."`` for an EMA copy. ``--ema`` picks the prefix containing ``ema``; otherwise the one model that is
-  not an EMA, critic, fake-score or teacher copy; ``--prefix`` names one outright.
+  ``{prefix}{parameter name}`` (blocks by global layer number). ``model.``: the converter's output and the
+  trainer's ``export_model``; ``student.``, ``ema.student.``, ``critic.`` and ``optimizer.*``: a training
+  checkpoint. ``--ema`` picks the one prefix containing ``ema``; otherwise the one model that is not an
+  EMA, critic, fake-score, teacher or optimizer copy; ``--prefix`` names one outright (e.g. the student's
+  fp32 master weights, ``optimizer.student.fp32_param.student.``).
 * The architecture comes from ``wan_config.json`` in the checkpoint folder (or the run root); failing that
   from the tensor shapes (head count: ``--num-heads``, else hidden / 128).
 
@@ -51,7 +53,7 @@ from megatron_rcm.convert.wan_keys import external_shape, from_ours
 FORMATS = ("diffusers", "original")
 WEIGHTS_STEM = "diffusion_pytorch_model"  # both releases name their DiT weights this way
 _ANCHOR = "patch_embedding.weight"
-_NOT_THE_STUDENT = ("ema", "critic", "fake", "teacher")
+_NOT_THE_STUDENT = ("ema", "critic", "fake", "teacher", "optimizer")
 
 
 def resolve_checkpoint(ckpt) -> Path:
@@ -82,7 +84,7 @@ def select_prefix(keys, ema: bool, prefix: str | None) -> str:
             raise ConversionError(f"--prefix {prefix!r}: no Wan model under it; models found under {found}")
         return prefix
     if ema:
-        chosen = [p for p in found if "ema" in p.lower()]
+        chosen = [p for p in found if "ema" in p.lower() and not p.startswith("optimizer")]
         what = "an EMA model (--ema)"
     else:
         chosen = [p for p in found if not any(w in p.lower() for w in _NOT_THE_STUDENT)]

@@ -9,6 +9,8 @@ Nothing is written until the whole source has been checked, and OUT appears only
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +19,7 @@ from tqdm import tqdm
 
 from megatron_rcm.convert.arch import WanArch, from_config_json, from_shapes, match_preset, preset_arch
 from megatron_rcm.convert.dist_ckpt import (
+    MODEL_PREFIX,
     meta_sharded_state_dict,
     save_streaming,
     sharded_tensors,
@@ -50,13 +53,24 @@ def check_tp(arch: WanArch, tp: int) -> None:
 
 
 def ensure_single_process_parallel() -> None:
-    """The converter is one process: a gloo group of one, TP=1 (dist_checkpointing needs a group)."""
+    """The converter is one process: a gloo group of one, TP=1 (dist_checkpointing needs a group). Its
+    rendezvous gets a fresh port: a MASTER_PORT inherited from a parent process may be taken."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_rcm.parallel.state import initialize_parallel
 
     if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+            raise ConversionError(
+                "run the converter as a single process (not under torchrun): it writes every shard"
+            )
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
         initialize_parallel(tensor_parallel=1)
     elif dist.get_world_size() != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1:
         raise ConversionError(
@@ -165,7 +179,7 @@ class ImportReport:
     def summary(self) -> str:
         lines = [
             f"wrote:   {self.out}: Megatron dist_checkpointing (torch_dist), {self.tensors} tensors, "
-            f"{self.params / 1e9:.3f} B parameters, {self.dtype}, {self.bytes_written / 1e9:.2f} GB in "
+            f"{_count(self.params)} parameters, {self.dtype}, {self.bytes_written / 1e9:.2f} GB in "
             f"{self.seconds:.1f} s",
             f"         model config in {self.out}/wan_config.json; loads at any TP size (resharded on load)",
         ]
@@ -176,6 +190,10 @@ class ImportReport:
                 f"relative {v['rel']:.3e}) on input {v['input']}"
             )
         return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
 def _dir_bytes(path) -> int:
@@ -208,14 +226,15 @@ def run_import(
         check_tp(plan.arch, tp)
         src_key_of = {o: k for k, o in plan.ours_of.items()}
         target = {o: source.dtype(k) if dtype == "keep" else DTYPES[dtype] for k, o in plan.ours_of.items()}
-        sharded_sd = meta_sharded_state_dict(plan.arch)
+        sharded_sd = meta_sharded_state_dict(plan.arch, prefix=MODEL_PREFIX)
         for key, sh in sharded_tensors(sharded_sd).items():
-            sh.data = torch.empty(sh.local_shape, dtype=target[key], device="meta")
+            sh.data = torch.empty(sh.local_shape, dtype=target[key.removeprefix(MODEL_PREFIX)], device="meta")
         kept = sorted({dtype_name(d) for d in target.values()})
         recorded_dtype = "+".join(kept) if dtype == "keep" else dtype
         bar = tqdm(total=len(target), unit="tensor", desc="import", disable=not progress)
 
-        def fetch(ours: str) -> torch.Tensor:
+        def fetch(key: str) -> torch.Tensor:
+            ours = key.removeprefix(MODEL_PREFIX)
             t = patch_weight_to_ours(source.read(src_key_of[ours]), ours).to(target[ours])
             bar.update(1)
             return t
