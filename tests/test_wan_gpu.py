@@ -31,6 +31,12 @@ def _tp1():
     yield
 
 
+def test_cuda_attention_dispatches_to_the_triton_kernel():
+    from megatron_rcm.ops.attention import _triton_attention_jvp
+
+    assert _triton_attention_jvp() is not None, "megatron_rcm.kernels.attention_jvp is not importable"
+
+
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
 def test_bf16_forward_matches_diffusers(kind, _tp1):
     ref = make_diffusers(kind).cuda()
