@@ -1,0 +1,91 @@
+"""Metric logging on rank 0: a tqdm progress bar, periodic console lines, ``metrics.jsonl`` and wandb.
+
+wandb is imported only when enabled (``logging.wandb_mode`` or the WANDB_MODE environment variable),
+and runs offline unless configured online. Memory: CUDA peak allocated, else the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("megatron_rcm.train")
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return rss_kib / 2**20
+
+
+class MetricLogger:
+    def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int, log_every: int,
+                 progress_bar: bool, wandb_mode: str, wandb_project: str, run_name: str, config: dict,
+                 enabled: bool = True):
+        self.enabled = enabled
+        self.log_every = log_every
+        self.output_dir = Path(output_dir)
+        self._bar = None
+        self._wandb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(self.output_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc=run_name, dynamic_ncols=True,
+                             file=sys.stderr)
+        mode = os.environ.get("WANDB_MODE", wandb_mode)
+        if mode != "disabled":
+            try:
+                import wandb
+            except ImportError:
+                logger.warning("wandb_mode=%s but wandb is not installed; logging to metrics.jsonl only", mode)
+            else:
+                self._wandb = wandb.init(project=wandb_project, name=run_name, mode=mode, config=config,
+                                         dir=str(self.output_dir), resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._bar is not None:
+            self._bar.update(1)
+            short = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("loss/")}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=False)
+        if (step + 1) % self.log_every == 0:
+            line = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
+            msg = f"step {step + 1}: {line}"
+            if self._bar is not None:
+                self._bar.write(msg)
+            else:
+                print(msg, flush=True)
+
+    def info(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()

@@ -1,0 +1,306 @@
+"""The distillation trainer: Megatron DDP student + critic, frozen teacher, the rCM engine's losses.
+
+One ``train_step``:
+    net = student if engine.is_student_step(step) else critic
+    for each of grad_accumulation_steps micro-batches: loss / accum -> backward (fp32 main_grad buffers)
+    finalize_model_grads (DP all-reduce, sequence-parallel norm grads) -> optimizer step (clip, AdamW)
+    student steps also update the power EMA.
+
+Parallelism: the process groups come from ``megatron_rcm.parallel.state``; batches are split over
+data-parallel ranks by the data source; the engine's generator is seeded per DP rank (so CP/TP ranks of
+one DP replica draw the same t and eps). CP/PP plug into ``_build_networks`` (model chunks) and the data
+split without changing the step logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_rcm.config.loader import to_dict
+from megatron_rcm.config.schema import ConfigError, ExperimentConfig
+from megatron_rcm.data import build_data_source
+from megatron_rcm.training.checkpoint import CheckpointManager
+from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
+from megatron_rcm.training.models import DTYPES, build_model, build_wan_config, load_weights
+from megatron_rcm.training.optim import LinearWarmup, build_optimizer
+from megatron_rcm.training.rng import capture_rng_state, restore_rng_state
+
+logger = logging.getLogger("megatron_rcm.train")
+
+
+def _strip(d: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
+
+
+class Trainer:
+    """Build everything from an ``ExperimentConfig`` and run (or resume) the distillation."""
+
+    def __init__(self, cfg: ExperimentConfig, teacher=None):
+        from megatron_rcm.parallel.state import initialize_parallel
+        from megatron_rcm.rcm import PowerEMA, RCMEngine
+
+        self.cfg = cfg
+        pcfg = cfg.parallel
+        if pcfg.pipeline_parallel != 1 or pcfg.context_parallel != 1:
+            raise NotImplementedError("the trainer runs TP x DP today; pipeline and context parallelism are "
+                                      "added by the parallelism issue (parallel.pipeline_parallel / "
+                                      "context_parallel must be 1)")
+        if cfg.training.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("training.device='cuda' but no CUDA device is available")
+        if cfg.training.device == "cpu" and torch.cuda.is_available():
+            raise ConfigError("training.device='cpu' on a CUDA machine is not supported (Megatron-Core's CUDA "
+                              "paths are active); use training.device=auto")
+        initialize_parallel(pcfg.tensor_parallel, pcfg.pipeline_parallel, pcfg.context_parallel,
+                            seed=cfg.training.seed)
+        from megatron.core import parallel_state as ps
+
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
+            torch.device("cpu")
+        self.rank = dist.get_rank()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.use_megatron_optimizer = torch.cuda.is_available()
+        if self.device.type == "cpu":
+            # AdamW's second moments of tiny gradients become denormal floats, which x86 CPUs process
+            # ~100x slower (steps slowed from 0.1 s to 4 s in the quickstart); flush them to zero.
+            torch.set_flush_denormal(True)
+        self.engine = RCMEngine(cfg.distill)
+        self.accum = cfg.optimizer.grad_accumulation_steps
+
+        # -- networks -------------------------------------------------------------------------------
+        self.wan_cfg = build_wan_config(cfg.model, cfg.data)
+        self.teacher = teacher if teacher is not None else self._build_teacher()
+        self.teacher.requires_grad_(False).eval()
+        self.student = self._wrap(self._copy_of_teacher())
+        self.critic = self._wrap(self._copy_of_teacher()) if self.engine.has_critic else None
+        self.ema = PowerEMA(self.student.module, std=0.1)
+
+        # -- optimizers -----------------------------------------------------------------------------
+        ocfg, dtype = cfg.optimizer, DTYPES[cfg.model.params_dtype]
+        self.opt_student = build_optimizer(self.student, ocfg.lr, ocfg, dtype, pcfg.distributed_optimizer, "student")
+        self.sched_student = LinearWarmup(ocfg.lr, ocfg.warmup_steps, ocfg.weight_decay)
+        self.opt_critic = self.sched_critic = None
+        if self.critic is not None:
+            self.opt_critic = build_optimizer(self.critic, ocfg.critic_lr, ocfg, dtype, pcfg.distributed_optimizer,
+                                              "critic")
+            self.sched_critic = LinearWarmup(ocfg.critic_lr, ocfg.warmup_steps, ocfg.weight_decay)
+
+        # -- data, randomness, checkpoints ----------------------------------------------------------
+        self.data = build_data_source(cfg.data, cfg.training.seed, self.dp_rank, self.dp_size)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.training.seed * 1000 + self.dp_rank)
+        self.step = 0
+        self.output_dir = Path(cfg.training.output_dir)
+        ckpt_dir = cfg.checkpoint.dir
+        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last) if ckpt_dir else None
+        self.resumed_from = None
+        if self.ckpt is not None:
+            path = self.ckpt.resolve_resume(cfg.checkpoint.resume)
+            if path is not None:
+                self.load_checkpoint(path)
+                self.resumed_from = path
+        self._sample_batch = None
+
+    # ------------------------------------------------------------------------------------------------
+    def _build_teacher(self):
+        import dataclasses
+
+        teacher_cfg = dataclasses.replace(self.wan_cfg, recompute_blocks=False)
+        model = build_model(teacher_cfg, self.cfg.training.seed).to(self.device)
+        if self.cfg.model.teacher_checkpoint:
+            load_weights(model, self.cfg.model.teacher_checkpoint)
+        elif self.rank == 0:
+            logger.warning("model.teacher_checkpoint is not set: the teacher has random weights (tests and "
+                           "throughput runs only)")
+        return model
+
+    def _copy_of_teacher(self):
+        model = build_model(self.wan_cfg, self.cfg.training.seed).to(self.device)
+        model.load_state_dict(self.teacher.state_dict())
+        return model
+
+    def _wrap(self, module):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.use_megatron_optimizer and self.cfg.parallel.distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        return DistributedDataParallel(self.wan_cfg, ddp_cfg, module)
+
+    # ------------------------------------------------------------------------------------------------
+    def _distill_batch(self, batch):
+        from megatron_rcm.rcm import Conditioning, DistillBatch
+
+        batch = batch.to(self.device)
+        cond = Conditioning(context=batch.context_BLD, neg_context=batch.neg_context_BLD)
+        return DistillBatch(x0=batch.latent_BCFHW, cond=cond), batch
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step of the student or the critic; returns the step's metrics."""
+        from megatron.core.distributed import finalize_model_grads
+
+        t0 = time.perf_counter()
+        step = self.step
+        is_student = self.engine.is_student_step(step)
+        net, opt, sched = ((self.student, self.opt_student, self.sched_student) if is_student
+                           else (self.critic, self.opt_critic, self.sched_critic))
+        net.zero_grad_buffer()
+        opt.zero_grad()
+        lr = sched.apply(opt)
+        sums: dict[str, float] = {}
+        tokens = 0
+        for _ in range(self.accum):
+            dbatch, batch = self._distill_batch(self.data.next_batch())
+            if self._sample_batch is None:
+                self._sample_batch = batch
+            tokens += batch.num_tokens(self.wan_cfg.patch_size)
+            if is_student:
+                loss, logs = self.engine.student_loss(self.student, self.critic, self.teacher, dbatch, step,
+                                                      self.generator)
+            else:
+                loss, logs = self.engine.critic_loss(self.student, self.critic, dbatch, step, self.generator)
+            (loss / self.accum).backward()
+            for k, v in logs.items():
+                v = float(v)
+                if k.endswith("nonfinite"):
+                    sums[k] = sums.get(k, 0.0) + v  # counts add up over micro-batches
+                else:
+                    sums[k] = sums.get(k, 0.0) + v / self.accum
+        finalize_model_grads([net])
+        ok, grad_norm = opt.step()
+        if not ok:
+            raise FloatingPointError(f"step {step}: non-finite gradient norm ({grad_norm}) of the "
+                                     f"{'student' if is_student else 'critic'}; training stopped")
+        sched.step()
+        if is_student:
+            self.ema.update(self.student.module)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        name = "student" if is_student else "critic"
+        metrics = dict(sums)
+        metrics.update({
+            f"grad_norm/{name}": grad_norm,
+            f"lr/{name}": lr,
+            "step_time_s": dt,
+            "tokens_per_s": tokens * self.dp_size / dt,
+            "memory_gib": peak_memory_gib(),
+            "is_student_step": float(is_student),
+        })
+        self.step += 1
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------
+    def train(self, max_steps: int | None = None) -> list[dict[str, float]]:
+        """Train until ``max_steps`` (default ``training.max_steps``); returns the metrics of each step run."""
+        cfg = self.cfg
+        max_steps = cfg.training.max_steps if max_steps is None else max_steps
+        log = MetricLogger(self.output_dir, max_steps, self.step, cfg.logging.log_every, cfg.logging.progress_bar,
+                           cfg.logging.wandb_mode, cfg.logging.wandb_project, self.output_dir.name, to_dict(cfg),
+                           enabled=self.rank == 0)
+        if self.resumed_from is not None:
+            log.info(f"resumed from {self.resumed_from} at step {self.step}")
+        if not self.use_megatron_optimizer:
+            log.info("CPU run: fp32 torch AdamW fallback optimizer (Megatron's optimizers need CUDA), same "
+                     "hyperparameters")
+        history = []
+        try:
+            while self.step < max_steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                log.log(self.step - 1, metrics)
+                every = cfg.logging.sample_every
+                if every and self.step % every == 0 and self.rank == 0:
+                    path = self.save_samples(self.output_dir / "samples" / f"step_{self.step:08d}.png")
+                    log.info(f"samples -> {path}")
+                if self.ckpt is not None and cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                    log.info(f"checkpoint -> {self.save_checkpoint()}")
+            if self.ckpt is not None and (not self.ckpt.latest() or self.ckpt.latest().name !=
+                                          self.ckpt.step_dir_name(self.step)):
+                log.info(f"checkpoint -> {self.save_checkpoint()}")
+        finally:
+            log.close()
+        return history
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, num_steps: int, batch=None, use_ema: bool = True, seed: int = 0,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Few-step student samples [B, C, F, H, W] for ``batch`` (default: the first training batch), from
+        ``noise`` (default: drawn from ``seed``); intermediate noises come from ``seed``."""
+        from megatron_rcm.rcm import Conditioning
+
+        batch = batch if batch is not None else self._sample_batch
+        if batch is None:
+            batch = self.data.next_batch().to(self.device)  # only before the first step (consumes data)
+        g = torch.Generator(self.device).manual_seed(seed)
+        if noise is None:
+            noise = torch.randn(batch.latent_BCFHW.shape, generator=g, device=self.device)
+        cond = Conditioning(context=batch.context_BLD, neg_context=batch.neg_context_BLD)
+        module = self.student.module
+        if use_ema:
+            with self.ema.swapped_into(module):
+                return self.engine.sample(module, noise, cond, num_steps, g)
+        return self.engine.sample(module, noise, cond, num_steps, g)
+
+    def save_samples(self, path) -> Path:
+        from megatron_rcm.training.samples import save_grid
+
+        n = self.cfg.logging.num_samples
+        batch = self._sample_batch
+        rows = {"data": batch.latent_BCFHW[:n]}
+        for k in self.cfg.logging.sample_steps:
+            rows[f"student {k}-step"] = self.sample(k, batch)[:n]
+        value_range = (-1.0, 1.0) if self.cfg.data.source == "digits" else None
+        return save_grid(rows, path, value_range=value_range)
+
+    # -- checkpointing ---------------------------------------------------------------------------------
+    def sharded_state_dict(self) -> dict:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+        from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        s_sd = self.student.module.sharded_state_dict(prefix="student.")
+        sd = {"student": s_sd, "step": self.step, "scheduler_student": self.sched_student.state_dict()}
+        sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student")
+        sd["ema"] = {name: make_sharded_optimizer_tensor(s_sd[f"student.{name}"], t, "ema")
+                     for name, t in self.ema.shadow.items()}
+        sd["ema_meta"] = {"std": self.ema.std, "num_updates": self.ema.num_updates}
+        if self.critic is not None:
+            c_sd = self.critic.module.sharded_state_dict(prefix="critic.")
+            sd["critic"] = c_sd
+            sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic")
+            sd["scheduler_critic"] = self.sched_critic.state_dict()
+        # per-rank states: one shard per global rank
+        sd["rng"] = ShardedObject("rng_state", capture_rng_state(self.generator), (world,), (rank,))
+        sd["data"] = ShardedObject("data_state", self.data.state_dict(), (world,), (rank,))
+        return sd
+
+    def save_checkpoint(self) -> Path:
+        meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size()}
+        return self.ckpt.save(self.step, self.sharded_state_dict(), meta)
+
+    def load_checkpoint(self, path) -> None:
+        loaded = self.ckpt.load(self.sharded_state_dict(), path)
+        self.student.module.load_state_dict(_strip(loaded["student"], "student."), strict=True)
+        self.opt_student.load_state_dict(loaded["optimizer_student"])
+        self.sched_student.load_state_dict(loaded["scheduler_student"])
+        self.ema.load_state_dict({**loaded["ema_meta"], "shadow": loaded["ema"]})
+        if self.critic is not None:
+            if "critic" not in loaded:
+                raise KeyError(f"{path} has no critic but distill.algorithm={self.cfg.distill.algorithm!r} needs one")
+            self.critic.module.load_state_dict(_strip(loaded["critic"], "critic."), strict=True)
+            self.opt_critic.load_state_dict(loaded["optimizer_critic"])
+            self.sched_critic.load_state_dict(loaded["scheduler_critic"])
+        restore_rng_state(loaded["rng"], self.generator)
+        self.data.load_state_dict(loaded["data"])
+        self.step = int(loaded["step"])
+
+    def close(self) -> None:
+        self.data.close()

@@ -1,0 +1,104 @@
+"""Atomic checkpoints: a process SIGKILLed in the middle of a save (data written and partly truncated,
+before the rename) leaves the previous checkpoint intact and ``latest`` on it; resuming from it continues
+exactly (the re-run steps log the same losses as the killed run did); only the last N are kept."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from megatron_rcm.config import load_config
+from megatron_rcm.training import CheckpointManager, Trainer
+from tests.test_ckpt_resume import COMPARED, TINY
+
+DRIVER = r'''
+import os, signal, sys
+import megatron.core.dist_checkpointing as dc
+from megatron_rcm.config import load_config
+from megatron_rcm.training import Trainer
+
+_orig, _calls = dc.save, [0]
+
+def killing_save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
+    _calls[0] += 1
+    out = _orig(sharded_state_dict, checkpoint_dir, *args, **kwargs)
+    if _calls[0] == 2:  # second save: leave a half-written file behind and die before the rename
+        data = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith(".distcp"))
+        with open(os.path.join(checkpoint_dir, data[0]), "r+b") as f:
+            f.truncate(16)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+dc.save = killing_save
+
+def main():
+    Trainer(load_config(None, sys.argv[1:])).train()
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _args(tmp_path, max_steps):
+    return [*TINY, f"training.max_steps={max_steps}", f"training.output_dir={tmp_path / 'out'}",
+            f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_every=2", "checkpoint.keep_last=2"]
+
+
+def test_sigkill_during_save_then_resume(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    log = tmp_path / "driver.log"
+    # Own session: Megatron's checkpoint writer starts helper processes that outlive a SIGKILLed parent;
+    # they are ended through the group id afterwards. Output goes to a file (a pipe would stay open).
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(driver), *_args(tmp_path, 6)], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=240)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "step_00000002"
+    assert (ckpt / ".tmp-step_00000004").is_dir()  # the interrupted save, never renamed
+    assert not (ckpt / "step_00000004").exists()
+    killed = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in killed] == [0, 1, 2, 3]
+
+    trainer = Trainer(load_config(None, _args(tmp_path, 6)))
+    assert trainer.step == 2
+    history = trainer.train()
+    for i, step in enumerate((2, 3)):  # steps the killed run had already logged
+        for k, v in history[i].items():
+            if k.startswith(COMPARED):
+                assert killed[step][k] == v, (step, k)
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["latest", "step_00000004", "step_00000006"]  # tmp dir cleaned, keep_last=2
+
+
+def test_failed_save_keeps_latest_on_previous(tmp_path, monkeypatch):
+    cfg = load_config(None, [*TINY, "training.max_steps=1", f"training.output_dir={tmp_path / 'out'}",
+                             f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_every=1"])
+    trainer = Trainer(cfg)
+    trainer.train()
+    first = CheckpointManager(tmp_path / "ckpt").latest()
+    assert first.name == "step_00000001"
+    import megatron_rcm.training.checkpoint as ck
+
+    def fail(_path):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(ck, "fsync_tree", fail)
+    trainer.train_step()
+    with pytest.raises(OSError, match="injected"):
+        trainer.save_checkpoint()
+    assert CheckpointManager(tmp_path / "ckpt").latest() == first
+    monkeypatch.undo()
+    resumed = Trainer(cfg)  # loads the intact previous checkpoint
+    assert resumed.step == 1
