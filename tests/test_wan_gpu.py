@@ -18,7 +18,8 @@ pytestmark = [
 ]
 
 # bf16 has an 8-bit mantissa (unit round-off 2^-9 = 2e-3); two tiny blocks of it compound to the
-# errors measured on an H100 (2026-11-22) written next to each bound. Bounds ~2-3x the measurement.
+# errors measured on an H200 (2026-11-22, attention through the Triton JVP kernel) written next to each
+# bound. Bounds ~3x the measurement.
 
 
 def _cuda(inp, dtype):
@@ -49,7 +50,7 @@ def test_bf16_forward_matches_diffusers(kind, _tp1):
         v = ours(b["x"], b["timestep"], b["context"], b["clip"])
     err = rel_err(v, v_ref)
     print(f"{kind} bf16 forward rel err {err:.2e}")
-    assert err <= 3e-2
+    assert err <= 3e-2  # measured 7.5e-3 (t2v), 8.7e-3 (i2v)
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])
@@ -70,7 +71,7 @@ def test_bf16_jvp_matches_fp64(kind, _tp1):
         )
     ev, et = rel_err(v16, v64), rel_err(t16, t64)
     print(f"{kind} bf16 jvp rel err: primal {ev:.2e}, tangent {et:.2e}")
-    assert ev <= 3e-2 and et <= 3e-2
+    assert ev <= 3e-2 and et <= 3e-2  # measured primal 8.1e-3 / 8.7e-3, tangent 9.1e-3 / 1.0e-2
 
 
 def _nccl_worker(rank, world, full_sd, inp):
@@ -94,4 +95,4 @@ def test_tp2_nccl_matches_tp1():
     v1, t1 = spawn(_nccl_worker, 1, full_sd, inp)
     ev, et = rel_err(v2, v1), rel_err(t2, t1)
     print(f"TP=2 (NCCL) vs TP=1 fp32: primal {ev:.2e}, tangent {et:.2e}")
-    assert ev <= 1e-5 and et <= 1e-5
+    assert ev <= 1e-5 and et <= 1e-5  # measured 2.6e-7 / 3.7e-7 on 2 H200s

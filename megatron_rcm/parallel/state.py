@@ -58,7 +58,7 @@ def initialize_parallel(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             context_parallel_size=context_parallel,
-            create_gloo_process_groups=not use_cuda,
+            create_gloo_process_groups=True,  # DistributedOptimizer checkpointing needs them
         )
     model_parallel_cuda_manual_seed(seed)
 
