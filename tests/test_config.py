@@ -39,6 +39,10 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
     assert cfg.optimizer.critic_lr == 1e-5  # file
     assert cfg.optimizer.warmup_steps == ExperimentConfig().optimizer.warmup_steps  # default
     assert cfg.distill.student_time.P_mean == 1.1 and cfg.distill.mid_t == (1.2,)
+    # dict fields merge key by key (a file's overrides survive a single CLI override)
+    f.write_text("data: {source: mock}\nmodel: {overrides: {num_layers: 2, hidden_size: 64}}\n")
+    cfg = load_config(f, ["model.overrides.num_layers=1"])
+    assert cfg.model.overrides == {"num_layers": 1, "hidden_size": 64}
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     key = key.strip().lstrip("-")
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
+    if not all(key.split(".")):
+        raise ConfigError(f"override {item!r} has an empty part in its dotted key")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
@@ -82,7 +84,10 @@ def merge_into(obj: Any, data: dict, prefix: str, origin: str) -> None:
                                   f"got {value!r}")
             merge_into(current, value, prefix=f"{dotted}.", origin=origin)
             continue
-        setattr(obj, key, coerce(value, hints.get(key, Any), dotted, origin))
+        value = coerce(value, hints.get(key, Any), dotted, origin)
+        if isinstance(current, dict) and isinstance(value, dict):
+            value = {**current, **value}  # dict fields merge: `model.overrides.num_layers=1` keeps the rest
+        setattr(obj, key, value)
 
 
 def coerce(value: Any, tp: Any, key: str, origin: str) -> Any:

@@ -35,6 +35,7 @@ class MetricLogger:
         self._bar = None
         self._wandb = None
         self._jsonl = None
+        self._window: dict[str, list[float]] = {}
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -66,9 +67,15 @@ class MetricLogger:
             self._bar.update(1)
             short = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("loss/")}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in short.items()}, refresh=False)
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self._window.setdefault(k, []).append(float(v))
         if (step + 1) % self.log_every == 0:
-            line = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)))
-            msg = f"step {step + 1}: {line}"
+            # means over the steps since the last line (student and critic steps alternate, so a single
+            # step would show only one network's terms)
+            line = " ".join(f"{k}={sum(v) / len(v):.4g}" for k, v in self._window.items())
+            msg = f"step {step + 1} (mean of last {self.log_every}): {line}"
+            self._window = {}
             if self._bar is not None:
                 self._bar.write(msg)
             else:

@@ -132,7 +132,7 @@ class CpuAdamW:
         return True, norm
 
     # -- checkpointing: per-parameter tensors sharded like the model's own tensors --------------------
-    def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str) -> dict:
+    def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False) -> dict:
         from megatron.core.dist_checkpointing.optimizer import (
             get_param_id_to_sharded_param_map,
             make_sharded_optimizer_tensor,
@@ -194,7 +194,10 @@ class MegatronOptimizer:
         return bool(ok), float("nan") if norm is None else float(norm)
 
     def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False) -> dict:
-        return {prefix: self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading)}
+        # keys derive from the model's ("student." / "critic.") keys; reshardable across DP sizes
+        metadata = {"distrib_optim_sharding_type": "fully_sharded_model_space", "chained_optim_avoid_prefix": True}
+        return {prefix: self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                                          metadata=metadata)}
 
     def load_state_dict(self, state: dict) -> None:
         (inner,) = state.values()

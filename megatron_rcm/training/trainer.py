@@ -197,8 +197,9 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------------
-    def train(self, max_steps: int | None = None) -> list[dict[str, float]]:
-        """Train until ``max_steps`` (default ``training.max_steps``); returns the metrics of each step run."""
+    def train(self, max_steps: int | None = None, on_step=None) -> list[dict[str, float]]:
+        """Train until ``max_steps`` (default ``training.max_steps``); returns the metrics of each step run.
+        ``on_step(trainer, metrics)`` is called after every step (e.g. to adapt CPU threads)."""
         cfg = self.cfg
         max_steps = cfg.training.max_steps if max_steps is None else max_steps
         log = MetricLogger(self.output_dir, max_steps, self.step, cfg.logging.log_every, cfg.logging.progress_bar,
@@ -215,6 +216,8 @@ class Trainer:
                 metrics = self.train_step()
                 history.append(metrics)
                 log.log(self.step - 1, metrics)
+                if on_step is not None:
+                    on_step(self, metrics)
                 every = cfg.logging.sample_every
                 if every and self.step % every == 0 and self.rank == 0:
                     path = self.save_samples(self.output_dir / "samples" / f"step_{self.step:08d}.png")
@@ -261,21 +264,21 @@ class Trainer:
         return save_grid(rows, path, value_range=value_range)
 
     # -- checkpointing ---------------------------------------------------------------------------------
-    def sharded_state_dict(self) -> dict:
+    def sharded_state_dict(self, is_loading: bool = False) -> dict:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
         world, rank = dist.get_world_size(), dist.get_rank()
         s_sd = self.student.module.sharded_state_dict(prefix="student.")
         sd = {"student": s_sd, "step": self.step, "scheduler_student": self.sched_student.state_dict()}
-        sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student")
+        sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student", is_loading)
         sd["ema"] = {name: make_sharded_optimizer_tensor(s_sd[f"student.{name}"], t, "ema")
                      for name, t in self.ema.shadow.items()}
         sd["ema_meta"] = {"std": self.ema.std, "num_updates": self.ema.num_updates}
         if self.critic is not None:
             c_sd = self.critic.module.sharded_state_dict(prefix="critic.")
             sd["critic"] = c_sd
-            sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic")
+            sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic", is_loading)
             sd["scheduler_critic"] = self.sched_critic.state_dict()
         # per-rank states: one shard per global rank
         sd["rng"] = ShardedObject("rng_state", capture_rng_state(self.generator), (world,), (rank,))
@@ -287,7 +290,7 @@ class Trainer:
         return self.ckpt.save(self.step, self.sharded_state_dict(), meta)
 
     def load_checkpoint(self, path) -> None:
-        loaded = self.ckpt.load(self.sharded_state_dict(), path)
+        loaded = self.ckpt.load(self.sharded_state_dict(is_loading=True), path)
         self.student.module.load_state_dict(_strip(loaded["student"], "student."), strict=True)
         self.opt_student.load_state_dict(loaded["optimizer_student"])
         self.sched_student.load_state_dict(loaded["scheduler_student"])
