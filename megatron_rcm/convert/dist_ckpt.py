@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import queue
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
 
@@ -137,13 +140,48 @@ class _FetchingPlanner(MCoreSavePlanner):
             raise
 
 
+def _item_bytes(item) -> int:
+    if item.type == WriteItemType.BYTE_IO:
+        return 0
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+
+
+class _BoundedFileWriter(FileSystemWriter):
+    """DCP's file writer keeps every tensor it wrote to a file referenced until that file is closed (it
+    collects them for its safetensors mode), so one file per rank would hold the whole model in memory.
+    Here each ``__0_i.distcp`` file gets consecutive tensors up to ``max_file_bytes``."""
+
+    def __init__(self, path: str, max_file_bytes: int):
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+        self.max_file_bytes = max_file_bytes
+
+    def write_data(self, plan, planner):
+        if not hasattr(self, "_write_data"):  # an older DCP: fall back to one file per tensor
+            self.single_file_per_rank = False
+            return super().write_data(plan, planner)
+        buckets, size = [[]], 0
+        for item in plan.items:
+            if buckets[-1] and size + _item_bytes(item) > self.max_file_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(item)
+            size += _item_bytes(item)
+        file_queue: queue.Queue = queue.Queue()
+        for i, bucket in enumerate(buckets):
+            name = f"{plan.storage_data.prefix}{i}{DEFAULT_SUFFIX}"
+            file_queue.put((self.fs.concat_path(self.path, name), name, bucket))
+        return self._write_data(planner, file_queue)
+
+
 class StreamingTorchDistSave(SaveShardedStrategy):
     """Megatron's ``torch_dist`` format (same keys, chunks and planner as ``TorchDistSaveShardedStrategy``),
-    written by one process through DCP's serial loader: one tensor in memory at a time."""
+    written by one process through DCP's serial loader: at most one file's tensors (``max_file_bytes``,
+    1 GiB) in memory at a time."""
 
-    def __init__(self, fetch: Callable[[str], torch.Tensor]):
+    def __init__(self, fetch: Callable[[str], torch.Tensor], max_file_bytes: int = 2**30):
         super().__init__("torch_dist", 1)
         self._fetch = fetch
+        self.max_file_bytes = max_file_bytes
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -152,9 +190,7 @@ class StreamingTorchDistSave(SaveShardedStrategy):
     def save(self, sharded_state_dict, checkpoint_dir) -> None:
         sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
         pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
-        writer = FileSystemWriter(
-            str(checkpoint_dir), single_file_per_rank=True, sync_files=True, thread_count=1
-        )
+        writer = _BoundedFileWriter(str(checkpoint_dir), self.max_file_bytes)
         planner = _FetchingPlanner(self._fetch)
         try:
             dcp.save(pyt_state_dict, storage_writer=writer, planner=planner)
