@@ -181,6 +181,9 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormal AdamW moments slow CPU steps ~30x (see Trainer)
     base = load_config(None, [*QUICKSTART_OVERRIDES, f"training.max_steps={opts.distill_steps}", *opts.overrides])
+    from megatron_rcm.training.trainer import use_free_port_if_single_process
+
+    use_free_port_if_single_process()
     initialize_parallel(1, seed=base.training.seed)
     device = _device()
     say(f"megatron-rcm quickstart on {device}: teacher {opts.teacher_steps} steps, "

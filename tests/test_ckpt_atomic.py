@@ -12,6 +12,7 @@ import pytest
 
 from megatron_rcm.config import load_config
 from megatron_rcm.training import CheckpointManager, Trainer
+from tests.dist_helpers import free_port
 from tests.test_ckpt_resume import COMPARED, TINY
 
 DRIVER = r'''
@@ -54,8 +55,10 @@ def test_sigkill_during_save_then_resume(tmp_path):
     # Own session: Megatron's checkpoint writer starts helper processes that outlive a SIGKILLed parent;
     # they are ended through the group id afterwards. Output goes to a file (a pipe would stay open).
     with open(log, "w") as f:
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env["MASTER_PORT"] = str(free_port())  # this process may hold the default port already
         proc = subprocess.Popen([sys.executable, str(driver), *_args(tmp_path, 6)], stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         try:
             returncode = proc.wait(timeout=240)
         finally:

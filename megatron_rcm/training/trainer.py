@@ -33,6 +33,20 @@ from megatron_rcm.training.rng import capture_rng_state, restore_rng_state
 logger = logging.getLogger("megatron_rcm.train")
 
 
+def use_free_port_if_single_process() -> None:
+    """A single process started without a launcher would rendezvous on the fixed default port of
+    ``initialize_parallel``; two such runs on one machine (a quickstart next to a test) then collide.
+    Pick a free port instead (torchrun / Slurm set MASTER_PORT and WORLD_SIZE themselves)."""
+    import os
+    import socket
+
+    if dist.is_initialized() or "MASTER_PORT" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
 def _strip(d: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
@@ -55,6 +69,7 @@ class Trainer:
         if cfg.training.device == "cpu" and torch.cuda.is_available():
             raise ConfigError("training.device='cpu' on a CUDA machine is not supported (Megatron-Core's CUDA "
                               "paths are active); use training.device=auto")
+        use_free_port_if_single_process()
         initialize_parallel(pcfg.tensor_parallel, pcfg.pipeline_parallel, pcfg.context_parallel,
                             seed=cfg.training.seed)
         from megatron.core import parallel_state as ps
