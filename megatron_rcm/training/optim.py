@@ -193,9 +193,26 @@ class MegatronOptimizer:
         ok, norm, _ = self.optimizer.step()
         return bool(ok), float("nan") if norm is None else float(norm)
 
+    @torch.no_grad()
+    def _materialize_state(self) -> None:
+        """Give never-stepped parameters AdamW's initial state (step 0, zero moments), which AdamW treats
+        exactly like its lazy first-step init. Without it Megatron's state_dict (torch-optimizer path)
+        asserts one common step: a critic saved before its first update has none."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if len(inner.state[p]) == 0:
+                        inner.state[p]["step"] = torch.tensor(0.0)
+                        inner.state[p]["exp_avg"] = torch.zeros_like(p)
+                        inner.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+
     def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False) -> dict:
-        # keys derive from the model's ("student." / "critic.") keys; reshardable across DP sizes
-        metadata = {"distrib_optim_sharding_type": "fully_sharded_model_space", "chained_optim_avoid_prefix": True}
+        # keys derive from the model's ("student." / "critic.") keys; "fully_reshardable" loads at any DP/TP
+        # size (megatron-core 0.16 refuses the flattened-range tensors of "fully_sharded_model_space")
+        if not is_loading:
+            self._materialize_state()
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
         return {prefix: self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
                                                           metadata=metadata)}
 
