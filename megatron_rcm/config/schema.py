@@ -121,7 +121,7 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     dir: str | None = None
-    """Checkpoint directory (``step_XXXXXXXX`` subdirectories and a ``latest`` pointer); None: no saving."""
+    """Checkpoint directory (``step_<8-digit step>`` subdirectories and a ``latest`` pointer); None: no saving."""
 
     save_every: int = 500
     """Save every this many steps (and at the end of training); 0 saves only at the end."""
