@@ -22,7 +22,10 @@ EMBEDDING_SEED = 0
 
 def load_digits_images() -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as (images [N, 1, 1, 8, 8] float32 in [-1, 1], labels [N] int64)."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:
+        raise ImportError("the quickstart data set ships with scikit-learn: pip install scikit-learn") from err
 
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 8.0 - 1.0)  # pixel values are 0..16
