@@ -195,17 +195,23 @@ class MegatronOptimizer:
 
     @torch.no_grad()
     def _materialize_state(self) -> None:
-        """Give never-stepped parameters AdamW's initial state (step 0, zero moments), which AdamW treats
-        exactly like its lazy first-step init. Without it Megatron's state_dict (torch-optimizer path)
-        asserts one common step: a critic saved before its first update has none."""
+        """Give parameters without AdamW state (never stepped, or skipped because their grad was None) zero
+        moments and the step count of the other parameters of the same optimizer: Megatron's state_dict
+        (torch-optimizer path) asserts one common step. For a never-stepped optimizer that is step 0, exactly
+        AdamW's lazy first-step init; for a parameter skipped while others stepped, zero moments at step k
+        are what AdamW holds for a parameter whose gradients were all zero."""
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             inner = opt.optimizer
-            for group in inner.param_groups:
-                for p in group["params"]:
-                    if len(inner.state[p]) == 0:
-                        inner.state[p]["step"] = torch.tensor(0.0)
-                        inner.state[p]["exp_avg"] = torch.zeros_like(p)
-                        inner.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            params = [p for group in inner.param_groups for p in group["params"]]
+            steps = {float(inner.state[p]["step"]) for p in params if "step" in inner.state[p]}
+            if len(steps) > 1:
+                raise RuntimeError(f"optimizer parameters disagree on the AdamW step: {sorted(steps)}")
+            step = steps.pop() if steps else 0.0
+            for p in params:
+                if len(inner.state[p]) == 0:
+                    inner.state[p]["step"] = torch.tensor(step)
+                    inner.state[p]["exp_avg"] = torch.zeros_like(p)
+                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p)
 
     def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False) -> dict:
         # keys derive from the model's ("student." / "critic.") keys; "fully_reshardable" loads at any DP/TP
