@@ -23,6 +23,8 @@ setup(
         "tqdm",
         "pillow",
         "packaging",
+        "psutil",  # megatron-core's checkpoint writer imports it
+        "scikit-learn",  # the quickstart's data set (8x8 digits) and its evaluation classifier
     ],
     extras_require={
         "triton": ["triton>=3.1"],
