@@ -10,13 +10,7 @@ from tests.test_rcm_reference import T_SCALE, bc, grads, make_toy, ref_x0, zero_
 W, N, SHIFT = 5.0, 48, 5.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: extra intra-op threads only spin (and are slow on a loaded CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ref_dcm(toy, seed, teacher_step=True):

@@ -13,14 +13,7 @@ from tests.test_rcm_reference import bc, grads, make_toy, ref_guided, ref_x0, ze
 from tests.test_rcm_scm import draws as scm_draws
 from tests.test_rcm_scm import ref_scm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: extra intra-op threads only spin (and are slow on a loaded CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 W = 5.0

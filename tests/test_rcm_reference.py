@@ -13,14 +13,7 @@ import torch
 
 from megatron_rcm.rcm.toy import GaussianVelocity, ToyVelocityNet
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: extra intra-op threads only spin (and are slow on a loaded CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 T_SCALE = 1000.0

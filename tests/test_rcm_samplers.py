@@ -16,14 +16,7 @@ from megatron_rcm.rcm.samplers import (
 from megatron_rcm.rcm.trigflow import Conditioning, TrigFlowDenoiser
 from tests.test_rcm_reference import T_SCALE, bc, make_toy, ref_x0
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: extra intra-op threads only spin (and are slow on a loaded CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 STEPS = [10, 20, 40, 80]

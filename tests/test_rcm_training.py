@@ -17,13 +17,7 @@ from megatron_rcm.rcm.trigflow import Conditioning
 C, D, L, B = 2, 8, 3, 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: extra intra-op threads only spin (and are slow on a loaded CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(seed=0):

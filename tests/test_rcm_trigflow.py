@@ -23,13 +23,7 @@ TOL = dict(rtol=1e-10, atol=1e-10)
 T_B = torch.tensor([0.05, 0.8, 1.55], dtype=torch.float64)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tensors here are tiny: extra intra-op threads only spin (and are slow on a loaded CI box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_preconditioners_match_sec1():
