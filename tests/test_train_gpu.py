@@ -48,11 +48,18 @@ def test_distributed_optimizer_bf16_master_weights(tmp_path):
 def test_gpu_resume_matches_uninterrupted(tmp_path):
     from megatron_rcm.training import Trainer
 
-    ref = Trainer(_cfg(tmp_path, "ref", 6)).train()
+    ref_trainer = Trainer(_cfg(tmp_path, "ref", 6))
+    ref = ref_trainer.train()
     first = Trainer(_cfg(tmp_path, "run", 3)).train()
     resumed = Trainer(_cfg(tmp_path, "run", 6))
     assert resumed.step == 3
     got = first + resumed.train()
+    # AdamW's step count (its bias correction) continues exactly across the resume, one per optimizer step
+    for a_opt, b_opt in ((ref_trainer.opt_student, resumed.opt_student), (ref_trainer.opt_critic, resumed.opt_critic)):
+        for a, b in zip(_inner_optimizers(a_opt), _inner_optimizers(b_opt)):
+            a_steps = {float(s["step"]) for s in a.optimizer.state.values()}
+            b_steps = {float(s["step"]) for s in b.optimizer.state.values()}
+            assert len(a_steps) == 1 and a_steps == b_steps, (a_steps, b_steps)
     for i, (a, b) in enumerate(zip(ref, got)):
         for k in a:
             if k.startswith(COMPARED):

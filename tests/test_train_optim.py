@@ -84,3 +84,27 @@ def test_linear_warmup():
     again = LinearWarmup(1.0, 4, 0.01)
     again.load_state_dict(sched.state_dict())
     assert again.lr() == 1.0 and LinearWarmup(2.0, 0, 0.0).lr() == 2.0
+
+
+def test_dealias_steps_restores_one_increment_per_step():
+    """The aliasing megatron-core 0.16's DistributedOptimizer.load_state_dict leaves behind (one step tensor in
+    every state) makes torch AdamW count N steps per step; dealias_steps undoes it."""
+    from megatron_rcm.training.optim import dealias_steps
+
+    def run(fix: bool):
+        params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+        opt = torch.optim.AdamW(params, foreach=True)
+        for p in params:
+            p.grad = torch.ones(3)
+        opt.step()
+        sd = opt.state_dict()
+        shared = torch.tensor(1.0)
+        for s in sd["state"].values():
+            s["step"] = shared  # what Megatron's load_state_dict does
+        opt.load_state_dict(sd)
+        n_shared = dealias_steps(opt) if fix else 0
+        opt.step()
+        return n_shared, [float(opt.state[p]["step"]) for p in params]
+
+    assert run(fix=False)[1] == [5.0] * 4  # the bug this guards against: 1 + 4 parameters
+    assert run(fix=True) == (3, [2.0] * 4)
