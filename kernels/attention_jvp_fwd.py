@@ -23,6 +23,10 @@ offset by 3 standard deviations.
 Six products per tile; with constant K/V (HAS_T_KV=False) dK = dV = 0, so A~ = 0 and
 dS = dQ K^T: four products, and the softmax scale of dS moves to the epilogue.
 
+On Hopper the key/value tiles arrive by TMA (host-side tensor descriptors over the
+(batch, head, seq, feature) view) where the strides allow it; otherwise, and in the interpreter,
+by pointer loads.
+
 Shape legend: every tensor is addressed through (batch, head, sequence, feature) strides, so the
 "sbhd" ([s, b, h, d], Megatron) and "bshd" layouts run without copies.
 """
@@ -78,23 +82,39 @@ def _store_tile(ptrs, tile, rows, n_rows, cols, N_COLS: tl.constexpr, CHECK_COLS
 
 
 @triton.jit
+def _load_kv(desc, ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, cols, HEAD_D: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """A [BLOCK_N, BLOCK_D] key/value tile: TMA (zero-filled past the ends) or masked pointer loads."""
+    if USE_TMA:
+        tile = desc.load([off_b.to(tl.int32), off_h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        tile = _load_tile(ptrs, rows_n, seqlen_kv, cols, HEAD_D, MASK_N, BLOCK_D != HEAD_D)
+    return tile
+
+
+@triton.jit
 def _attn_jvp_fwd_tile(
     acc, t_acc, m_i, l_i, c_i, q, t_q,
-    k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs, rows_n, seqlen_kv, offs_dqk, offs_dv,
-    softmax_scale, qk_scale,
+    k_desc, v_desc, t_k_desc, t_v_desc, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs, off_b, off_h, start_n, seqlen_kv,
+    offs_n, offs_dqk, offs_dv, softmax_scale, qk_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_T_KV: tl.constexpr, MASK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_T_KV: tl.constexpr, MASK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One key/value tile of the JVP forward (rcm_math.md section 9); returns the updated state."""
-    k = _load_tile(k_ptrs, rows_n, seqlen_kv, offs_dqk, HEAD_DQK, MASK_N, BLOCK_DQK != HEAD_DQK)
-    v = _load_tile(v_ptrs, rows_n, seqlen_kv, offs_dv, HEAD_DV, MASK_N, BLOCK_DV != HEAD_DV)
+    rows_n = start_n + offs_n
+    k = _load_kv(k_desc, k_ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, offs_dqk, HEAD_DQK, BLOCK_N, BLOCK_DQK,
+                 MASK_N, USE_TMA)
+    v = _load_kv(v_desc, v_ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, offs_dv, HEAD_DV, BLOCK_N, BLOCK_DV,
+                 MASK_N, USE_TMA)
     k_t = tl.trans(k)
 
     # -- scores and their tangent: S = Q K^T, dS = dQ K^T + Q dK^T (both unscaled here)
     s = _dot(q, k_t, None, UPCAST, PRECISION)
     ds = _dot(t_q, k_t, None, UPCAST, PRECISION)
     if HAS_T_KV:
-        t_k = _load_tile(t_k_ptrs, rows_n, seqlen_kv, offs_dqk, HEAD_DQK, MASK_N, BLOCK_DQK != HEAD_DQK)
+        t_k = _load_kv(t_k_desc, t_k_ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, offs_dqk, HEAD_DQK, BLOCK_N,
+                       BLOCK_DQK, MASK_N, USE_TMA)
         ds = _dot(q, tl.trans(t_k), ds, UPCAST, PRECISION)
     if MASK_N:
         s = tl.where((rows_n < seqlen_kv)[None, :], s, float("-inf"))
@@ -108,31 +128,43 @@ def _attn_jvp_fwd_tile(
     t_acc = t_acc * alpha[:, None]
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     l_new = l_i + tl.sum(p, 1)
-    # -- online centering: c = running P~-weighted mean of dS
+    # -- online centering: c = running P~-weighted mean of dS (the running dLSE)
     pd = p * ds
-    if HAS_T_KV:
+    if HAS_T_KV:  # the scale stays in the loop: P~ dV shares the accumulator
         c_new = (c_i * l_i + tl.sum(pd, 1) * softmax_scale) / l_new
         h = pd * softmax_scale - p * c_new[:, None]  # H~ = P~ * (dS - c)
     else:  # the fast path keeps dS unscaled and applies the scale in the epilogue
         c_new = (c_i * l_i + tl.sum(pd, 1)) / l_new
         h = pd - p * c_new[:, None]
-
-    # -- re-centre B~ from c_old to c_new, accumulate O~ += P~ V, A~ + B~ += P~ dV + H~ V
+    # -- re-centre B~ from c_old to c_new
     t_acc = t_acc + (c_i - c_new)[:, None] * acc
+
+    # -- O~ += P~ V, A~ + B~ += P~ dV + H~ V
     p_lo = p.to(v.dtype)
     acc = _dot(p_lo, v, acc, UPCAST, PRECISION)
     if HAS_T_KV:
-        t_v = _load_tile(t_v_ptrs, rows_n, seqlen_kv, offs_dv, HEAD_DV, MASK_N, BLOCK_DV != HEAD_DV)
+        t_v = _load_kv(t_v_desc, t_v_ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, offs_dv, HEAD_DV, BLOCK_N,
+                       BLOCK_DV, MASK_N, USE_TMA)
         t_acc = _dot(p_lo, t_v, t_acc, UPCAST, PRECISION)
     t_acc = _dot(h.to(v.dtype), v, t_acc, UPCAST, PRECISION)
     return acc, t_acc, m_new, l_new, c_new
+
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: the descriptors' block shape follows the config's BLOCK_N."""
+    if not nargs["USE_TMA"]:
+        return
+    bn = nargs["BLOCK_N"]
+    for name, width in (("K_DESC", "BLOCK_DQK"), ("V_DESC", "BLOCK_DV"), ("TK_DESC", "BLOCK_DQK"),
+                        ("TV_DESC", "BLOCK_DV")):
+        nargs[name].block_shape = [1, 1, bn, nargs[width]]
 
 
 def _fwd_configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, pre_hook=_set_tma_blocks)
         for bm in (64, 128)
         for bn in (32, 64, 128)
         for w in (4, 8)
@@ -175,7 +207,7 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 )
 @triton.jit
 def _attn_jvp_fwd(
-    Q, K, V, TQ, TK, TV, Out, TOut, LSE, TLSE,
+    Q, K, V, TQ, TK, TV, Out, TOut, LSE, TLSE, K_DESC, V_DESC, TK_DESC, TV_DESC,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -186,7 +218,7 @@ def _attn_jvp_fwd(
     stride_tob, stride_toh, stride_tos, stride_tod,
     seqlen_q, seqlen_kv, num_heads, softmax_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_T_KV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_T_KV: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     SEQ_BUCKET_Q, SEQ_BUCKET_KV,  # autotune key only: powers of two, so they do not recompile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -228,21 +260,24 @@ def _attn_jvp_fwd(
     n_full = (seqlen_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, t_acc, m_i, l_i, c_i = _attn_jvp_fwd_tile(
-            acc, t_acc, m_i, l_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
-            start_n + offs_n, seqlen_kv, offs_dqk, offs_dv, softmax_scale, qk_scale,
-            HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, False, UPCAST, PRECISION,
+            acc, t_acc, m_i, l_i, c_i, q, t_q, K_DESC, V_DESC, TK_DESC, TV_DESC,
+            k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs, off_b, off_h, start_n, seqlen_kv, offs_n, offs_dqk, offs_dv,
+            softmax_scale, qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_T_KV, False, USE_TMA,
+            UPCAST, PRECISION,
         )
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
-        if HAS_T_KV:
-            t_k_ptrs += BLOCK_N * stride_tks
-            t_v_ptrs += BLOCK_N * stride_tvs
+        if not USE_TMA:
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
+            if HAS_T_KV:
+                t_k_ptrs += BLOCK_N * stride_tks
+                t_v_ptrs += BLOCK_N * stride_tvs
     # -- tail: the last, partial key tile (masked; never empty, so every row max stays finite)
     if n_full < seqlen_kv:
         acc, t_acc, m_i, l_i, c_i = _attn_jvp_fwd_tile(
-            acc, t_acc, m_i, l_i, c_i, q, t_q, k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs,
-            n_full + offs_n, seqlen_kv, offs_dqk, offs_dv, softmax_scale, qk_scale,
-            HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, HAS_T_KV, True, UPCAST, PRECISION,
+            acc, t_acc, m_i, l_i, c_i, q, t_q, K_DESC, V_DESC, TK_DESC, TV_DESC,
+            k_ptrs, v_ptrs, t_k_ptrs, t_v_ptrs, off_b, off_h, n_full, seqlen_kv, offs_n, offs_dqk, offs_dv,
+            softmax_scale, qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_T_KV, True, USE_TMA,
+            UPCAST, PRECISION,
         )
 
     # -- epilogue: O = O~/l, dO = (A~ + B~)/l (r = 0: B~ is centred at c = dLSE), LSE = m + log l
@@ -275,17 +310,39 @@ def attn_jvp_fwd_launch(q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, dims, q_stri
     if not has_t_kv:  # never read: HAS_T_KV=False removes those loads
         t_k, t_v, t_k_strides, t_v_strides = k, v, k_strides, v_strides
     grid = lambda meta: (triton.cdiv(dims.seqlen_q, meta["BLOCK_M"]), dims.batch * dims.heads)
+    kv = ((k, k_strides, dims.head_dim_qk), (v, v_strides, dims.head_dim_v),
+          (t_k, t_k_strides, dims.head_dim_qk), (t_v, t_v_strides, dims.head_dim_v))
+    use_tma = all(tma_ok(x, st) for x, st, _ in kv)
+    # TMA descriptors over the (batch, head, seq, feature) view; block shapes are set per config
+    descs = [tma_descriptor(x, st, dims, d) if use_tma else x for x, st, d in kv]
     _attn_jvp_fwd[grid](
-        q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse,
+        q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, *descs,
         *q_strides, *k_strides, *v_strides, *t_q_strides, *t_k_strides, *t_v_strides,
         *o_strides, *t_o_strides,
         dims.seqlen_q, dims.seqlen_kv, dims.heads, dims.softmax_scale,
         HEAD_DQK=dims.head_dim_qk, HEAD_DV=dims.head_dim_v,
         BLOCK_DQK=block_dim(dims.head_dim_qk), BLOCK_DV=block_dim(dims.head_dim_v),
-        HAS_T_KV=has_t_kv, UPCAST=upcast_dots(q), PRECISION=dot_precision(q),
+        HAS_T_KV=has_t_kv, USE_TMA=use_tma, UPCAST=upcast_dots(q), PRECISION=dot_precision(q),
         SEQ_BUCKET_Q=triton.next_power_of_2(dims.seqlen_q),
         SEQ_BUCKET_KV=triton.next_power_of_2(dims.seqlen_kv),
     )
+
+
+def tma_ok(x: torch.Tensor, strides) -> bool:
+    """Whether TMA can read ``x``: Hopper or newer, not interpreted, 2-byte elements, unit feature stride,
+    16-byte aligned base and outer strides (TMA's rules)."""
+    if INTERPRET or not x.is_cuda or x.element_size() != 2 or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return strides[3] == 1 and x.data_ptr() % 16 == 0 and all(st * 2 % 16 == 0 for st in strides[:3])
+
+
+def tma_descriptor(x: torch.Tensor, strides, dims, head_dim: int):
+    """A 4-D descriptor over a key/value tensor's (batch, head, seq, feature) view; the autotune pre-hook
+    sets the block shape of each config."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    shape = [dims.batch, dims.heads, dims.seqlen_kv, head_dim]
+    return TensorDescriptor(x, shape, list(strides), [1, 1, 16, block_dim(head_dim)])
 
 
 def block_dim(head_dim: int) -> int:
