@@ -20,10 +20,14 @@ import triton.language as tl
 from megatron_rcm.kernels.attention_jvp_fwd import (
     INTERPRET,
     _dot,
+    _load_kv,
     _load_tile,
     _store_tile,
     block_dim,
     dot_precision,
+    tma_block_hook,
+    tma_descriptor,
+    tma_ok,
     upcast_dots,
 )
 
@@ -60,13 +64,17 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _attn_bwd_dkdv_tile(
-    dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, rows_m, seqlen_q, offs_dqk, offs_dv, qk_scale,
+    dk, dv, k, v, q_desc, do_desc, q_ptrs, do_ptrs, off_b, off_h, start_m, LSE, DELTA, rows_m, seqlen_q,
+    offs_dqk, offs_dv, qk_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK_M: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One query tile for a key block: dV += P^T dO, dK += dS^T Q (scale applied by the caller)."""
-    q = _load_tile(q_ptrs, rows_m, seqlen_q, offs_dqk, HEAD_DQK, MASK_M, BLOCK_DQK != HEAD_DQK)
-    do = _load_tile(do_ptrs, rows_m, seqlen_q, offs_dv, HEAD_DV, MASK_M, BLOCK_DV != HEAD_DV)
+    q = _load_kv(q_desc, q_ptrs, off_b, off_h, start_m, rows_m, seqlen_q, offs_dqk, HEAD_DQK, BLOCK_M, BLOCK_DQK,
+                 MASK_M, USE_TMA)
+    do = _load_kv(do_desc, do_ptrs, off_b, off_h, start_m, rows_m, seqlen_q, offs_dv, HEAD_DV, BLOCK_M, BLOCK_DV,
+                  MASK_M, USE_TMA)
     if MASK_M:
         lse = tl.load(LSE + rows_m, mask=rows_m < seqlen_q, other=0.0)
         delta = tl.load(DELTA + rows_m, mask=rows_m < seqlen_q, other=0.0)
@@ -88,13 +96,17 @@ def _attn_bwd_dkdv_tile(
 
 @triton.jit
 def _attn_bwd_dq_tile(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, rows_n, seqlen_kv, offs_dqk, offs_dv, qk_scale,
+    dq, q, do, lse2, delta, k_desc, v_desc, k_ptrs, v_ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, offs_dqk,
+    offs_dv, qk_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    MASK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASK_N: tl.constexpr, USE_TMA: tl.constexpr, UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One key tile for a query block: dQ += dS K (scale applied by the caller)."""
-    k = _load_tile(k_ptrs, rows_n, seqlen_kv, offs_dqk, HEAD_DQK, MASK_N, BLOCK_DQK != HEAD_DQK)
-    v = _load_tile(v_ptrs, rows_n, seqlen_kv, offs_dv, HEAD_DV, MASK_N, BLOCK_DV != HEAD_DV)
+    k = _load_kv(k_desc, k_ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, offs_dqk, HEAD_DQK, BLOCK_N, BLOCK_DQK,
+                 MASK_N, USE_TMA)
+    v = _load_kv(v_desc, v_ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, offs_dv, HEAD_DV, BLOCK_N, BLOCK_DV,
+                 MASK_N, USE_TMA)
     qk = _dot(q, tl.trans(k), None, UPCAST, PRECISION)
     p = tl.math.exp2(qk * qk_scale - lse2[:, None])
     if MASK_N:
@@ -105,12 +117,12 @@ def _attn_bwd_dq_tile(
     return dq
 
 
-def _bwd_configs(rows, cols):
-    """rows: the block a program owns; cols: the block it streams."""
+def _bwd_configs(rows, cols, pre_hook):
+    """rows: the block a program owns; cols: the block it streams (by TMA where pre_hook's descriptors allow)."""
     if INTERPRET:
         return [triton.Config({rows: 16, cols: 16}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({rows: br, cols: bc}, num_warps=w, num_stages=s)
+        triton.Config({rows: br, cols: bc}, num_warps=w, num_stages=s, pre_hook=pre_hook)
         for br in (64, 128)
         for bc in (32, 64, 128)
         for w in (4, 8)
@@ -151,13 +163,14 @@ _BWD_KEY = ["HEAD_DQK", "HEAD_DV", "SEQ_BUCKET_Q", "SEQ_BUCKET_KV"]
 
 
 @triton.autotune(
-    configs=_bwd_configs("BLOCK_N", "BLOCK_M"),
+    configs=_bwd_configs("BLOCK_N", "BLOCK_M",
+                         tma_block_hook("BLOCK_M", (("Q_DESC", "BLOCK_DQK"), ("DO_DESC", "BLOCK_DV")))),
     key=_BWD_KEY,
     prune_configs_by={"early_config_prune": _make_prune("BLOCK_N", "BLOCK_M", 2)},
 )
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, Q_DESC, DO_DESC,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -166,7 +179,7 @@ def _attn_bwd_dkdv(
     stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     seqlen_q, seqlen_kv, num_heads, softmax_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     SEQ_BUCKET_Q, SEQ_BUCKET_KV,  # autotune key only: powers of two, so they do not recompile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -202,15 +215,18 @@ def _attn_bwd_dkdv(
     m_full = (seqlen_q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _attn_bwd_dkdv_tile(
-            dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, start_m + offs_m, seqlen_q, offs_dqk, offs_dv,
-            qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, False, UPCAST, PRECISION,
+            dk, dv, k, v, Q_DESC, DO_DESC, q_ptrs, do_ptrs, off_b, off_h, start_m, LSE, DELTA, start_m + offs_m,
+            seqlen_q, offs_dqk, offs_dv, qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, False, USE_TMA,
+            UPCAST, PRECISION,
         )
-        q_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_dos
+        if not USE_TMA:
+            q_ptrs += BLOCK_M * stride_qs
+            do_ptrs += BLOCK_M * stride_dos
     if m_full < seqlen_q:
         dk, dv = _attn_bwd_dkdv_tile(
-            dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, m_full + offs_m, seqlen_q, offs_dqk, offs_dv,
-            qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, True, UPCAST, PRECISION,
+            dk, dv, k, v, Q_DESC, DO_DESC, q_ptrs, do_ptrs, off_b, off_h, m_full, LSE, DELTA, m_full + offs_m,
+            seqlen_q, offs_dqk, offs_dv, qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, BLOCK_M, True, USE_TMA,
+            UPCAST, PRECISION,
         )
 
     # -- epilogue: dK carries the softmax scale of S
@@ -226,13 +242,14 @@ def _attn_bwd_dkdv(
 
 
 @triton.autotune(
-    configs=_bwd_configs("BLOCK_M", "BLOCK_N"),
+    configs=_bwd_configs("BLOCK_M", "BLOCK_N",
+                         tma_block_hook("BLOCK_N", (("K_DESC", "BLOCK_DQK"), ("V_DESC", "BLOCK_DV")))),
     key=_BWD_KEY,
     prune_configs_by={"early_config_prune": _make_prune("BLOCK_M", "BLOCK_N", 1)},
 )
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
@@ -240,7 +257,7 @@ def _attn_bwd_dq(
     stride_dqb, stride_dqh, stride_dqs, stride_dqd,
     seqlen_q, seqlen_kv, num_heads, softmax_scale,
     HEAD_DQK: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    USE_TMA: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     SEQ_BUCKET_Q, SEQ_BUCKET_KV,  # autotune key only: powers of two, so they do not recompile
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -276,15 +293,18 @@ def _attn_bwd_dq(
     n_full = (seqlen_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _attn_bwd_dq_tile(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n + offs_n, seqlen_kv, offs_dqk, offs_dv,
-            qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, False, UPCAST, PRECISION,
+            dq, q, do, lse2, delta, K_DESC, V_DESC, k_ptrs, v_ptrs, off_b, off_h, start_n, start_n + offs_n,
+            seqlen_kv, offs_dqk, offs_dv, qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, False, USE_TMA,
+            UPCAST, PRECISION,
         )
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
+        if not USE_TMA:
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
     if n_full < seqlen_kv:
         dq = _attn_bwd_dq_tile(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, n_full + offs_n, seqlen_kv, offs_dqk, offs_dv,
-            qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, True, UPCAST, PRECISION,
+            dq, q, do, lse2, delta, K_DESC, V_DESC, k_ptrs, v_ptrs, off_b, off_h, n_full, n_full + offs_n,
+            seqlen_kv, offs_dqk, offs_dv, qk_scale, HEAD_DQK, HEAD_DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, True, USE_TMA,
+            UPCAST, PRECISION,
         )
 
     # -- epilogue: dQ carries the softmax scale of S
@@ -313,13 +333,21 @@ def attn_bwd_launch(q, k, v, o, do, lse, dlse, dq, dk, dv, dims, strides):
         SEQ_BUCKET_KV=triton.next_power_of_2(dims.seqlen_kv),
     )
     sizes = (dims.seqlen_q, dims.seqlen_kv, dims.heads, dims.softmax_scale)
+
+    def descs(names, seqlen):  # the streamed tiles by TMA where every one of them allows it
+        tma = all(tma_ok(x, strides[n]) for n, x, _ in names)
+        out = [tma_descriptor(x, strides[n], dims.batch, dims.heads, seqlen, d) if tma else x for n, x, d in names]
+        return out, tma
+
+    qdo, tma_q = descs((("q", q, dims.head_dim_qk), ("do", do, dims.head_dim_v)), dims.seqlen_q)
     _attn_bwd_dkdv[lambda m: (triton.cdiv(dims.seqlen_kv, m["BLOCK_N"]), bh)](
-        q, k, v, do, lse, delta, dk, dv,
+        q, k, v, do, lse, delta, dk, dv, *qdo,
         *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dk"], *strides["dv"],
-        *sizes, **meta,
+        *sizes, USE_TMA=tma_q, **meta,
     )
+    kv, tma_kv = descs((("k", k, dims.head_dim_qk), ("v", v, dims.head_dim_v)), dims.seqlen_kv)
     _attn_bwd_dq[lambda m: (triton.cdiv(dims.seqlen_q, m["BLOCK_M"]), bh)](
-        q, k, v, do, lse, delta, dq,
+        q, k, v, do, lse, delta, dq, *kv,
         *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dq"],
-        *sizes, **meta,
+        *sizes, USE_TMA=tma_kv, **meta,
     )

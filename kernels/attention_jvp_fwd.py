@@ -150,14 +150,19 @@ def _attn_jvp_fwd_tile(
     return acc, t_acc, m_new, l_new, c_new
 
 
-def _set_tma_blocks(nargs):
-    """Autotune pre-hook: the descriptors' block shape follows the config's BLOCK_N."""
-    if not nargs["USE_TMA"]:
-        return
-    bn = nargs["BLOCK_N"]
-    for name, width in (("K_DESC", "BLOCK_DQK"), ("V_DESC", "BLOCK_DV"), ("TK_DESC", "BLOCK_DQK"),
-                        ("TV_DESC", "BLOCK_DV")):
-        nargs[name].block_shape = [1, 1, bn, nargs[width]]
+def tma_block_hook(block: str, descs: tuple[tuple[str, str], ...]):
+    """An autotune pre-hook setting each (descriptor, feature-width) pair's block to [1, 1, config[block], width]."""
+
+    def hook(nargs):
+        if nargs["USE_TMA"]:
+            for name, width in descs:
+                nargs[name].block_shape = [1, 1, nargs[block], nargs[width]]
+
+    return hook
+
+
+_set_tma_blocks = tma_block_hook("BLOCK_N", (("K_DESC", "BLOCK_DQK"), ("V_DESC", "BLOCK_DV"),
+                                             ("TK_DESC", "BLOCK_DQK"), ("TV_DESC", "BLOCK_DV")))
 
 
 def _fwd_configs():
@@ -314,7 +319,7 @@ def attn_jvp_fwd_launch(q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, dims, q_stri
           (t_k, t_k_strides, dims.head_dim_qk), (t_v, t_v_strides, dims.head_dim_v))
     use_tma = all(tma_ok(x, st) for x, st, _ in kv)
     # TMA descriptors over the (batch, head, seq, feature) view; block shapes are set per config
-    descs = [tma_descriptor(x, st, dims, d) if use_tma else x for x, st, d in kv]
+    descs = [tma_descriptor(x, st, dims.batch, dims.heads, dims.seqlen_kv, d) if use_tma else x for x, st, d in kv]
     _attn_jvp_fwd[grid](
         q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, *descs,
         *q_strides, *k_strides, *v_strides, *t_q_strides, *t_k_strides, *t_v_strides,
@@ -336,12 +341,12 @@ def tma_ok(x: torch.Tensor, strides) -> bool:
     return strides[3] == 1 and x.data_ptr() % 16 == 0 and all(st * 2 % 16 == 0 for st in strides[:3])
 
 
-def tma_descriptor(x: torch.Tensor, strides, dims, head_dim: int):
-    """A 4-D descriptor over a key/value tensor's (batch, head, seq, feature) view; the autotune pre-hook
-    sets the block shape of each config."""
+def tma_descriptor(x: torch.Tensor, strides, batch: int, heads: int, seqlen: int, head_dim: int):
+    """A 4-D descriptor over a tensor's (batch, head, seq, feature) view; the autotune pre-hook sets the
+    block shape of each config."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    shape = [dims.batch, dims.heads, dims.seqlen_kv, head_dim]
+    shape = [batch, heads, seqlen, head_dim]
     return TensorDescriptor(x, shape, list(strides), [1, 1, 16, block_dim(head_dim)])
 
 
