@@ -84,7 +84,8 @@ def _store_tile(ptrs, tile, rows, n_rows, cols, N_COLS: tl.constexpr, CHECK_COLS
 @triton.jit
 def _load_kv(desc, ptrs, off_b, off_h, start_n, rows_n, seqlen_kv, cols, HEAD_D: tl.constexpr,
              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, USE_TMA: tl.constexpr):
-    """A [BLOCK_N, BLOCK_D] key/value tile: TMA (zero-filled past the ends) or masked pointer loads."""
+    """A [BLOCK_N, BLOCK_D] tile of a streamed tensor at rows start_n..: TMA (zero-filled past the end) or masked
+    pointer loads."""
     if USE_TMA:
         tile = desc.load([off_b.to(tl.int32), off_h.to(tl.int32), start_n, 0]).reshape(BLOCK_N, BLOCK_D)
     else:
