@@ -26,8 +26,7 @@ from megatron_rcm.kernels.attention_jvp_fwd import (
     block_dim,
     dot_precision,
     tma_block_hook,
-    tma_descriptor,
-    tma_ok,
+    tma_descriptors,
     upcast_dots,
 )
 
@@ -333,19 +332,16 @@ def attn_bwd_launch(q, k, v, o, do, lse, dlse, dq, dk, dv, dims, strides):
         SEQ_BUCKET_KV=triton.next_power_of_2(dims.seqlen_kv),
     )
     sizes = (dims.seqlen_q, dims.seqlen_kv, dims.heads, dims.softmax_scale)
-
-    def descs(names, seqlen):  # the streamed tiles by TMA where every one of them allows it
-        tma = all(tma_ok(x, strides[n]) for n, x, _ in names)
-        out = [tma_descriptor(x, strides[n], dims.batch, dims.heads, seqlen, d) if tma else x for n, x, d in names]
-        return out, tma
-
-    qdo, tma_q = descs((("q", q, dims.head_dim_qk), ("do", do, dims.head_dim_v)), dims.seqlen_q)
+    # the streamed tiles by TMA where every one of them allows it
+    qdo, tma_q = tma_descriptors(((q, strides["q"], dims.head_dim_qk), (do, strides["do"], dims.head_dim_v)),
+                                 dims.batch, dims.heads, dims.seqlen_q)
     _attn_bwd_dkdv[lambda m: (triton.cdiv(dims.seqlen_kv, m["BLOCK_N"]), bh)](
         q, k, v, do, lse, delta, dk, dv, *qdo,
         *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dk"], *strides["dv"],
         *sizes, USE_TMA=tma_q, **meta,
     )
-    kv, tma_kv = descs((("k", k, dims.head_dim_qk), ("v", v, dims.head_dim_v)), dims.seqlen_kv)
+    kv, tma_kv = tma_descriptors(((k, strides["k"], dims.head_dim_qk), (v, strides["v"], dims.head_dim_v)),
+                                 dims.batch, dims.heads, dims.seqlen_kv)
     _attn_bwd_dq[lambda m: (triton.cdiv(dims.seqlen_q, m["BLOCK_M"]), bh)](
         q, k, v, do, lse, delta, dq, *kv,
         *strides["q"], *strides["k"], *strides["v"], *strides["do"], *strides["dq"],

@@ -318,9 +318,7 @@ def attn_jvp_fwd_launch(q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, dims, q_stri
     grid = lambda meta: (triton.cdiv(dims.seqlen_q, meta["BLOCK_M"]), dims.batch * dims.heads)
     kv = ((k, k_strides, dims.head_dim_qk), (v, v_strides, dims.head_dim_v),
           (t_k, t_k_strides, dims.head_dim_qk), (t_v, t_v_strides, dims.head_dim_v))
-    use_tma = all(tma_ok(x, st) for x, st, _ in kv)
-    # TMA descriptors over the (batch, head, seq, feature) view; block shapes are set per config
-    descs = [tma_descriptor(x, st, dims.batch, dims.heads, dims.seqlen_kv, d) if use_tma else x for x, st, d in kv]
+    descs, use_tma = tma_descriptors(kv, dims.batch, dims.heads, dims.seqlen_kv)
     _attn_jvp_fwd[grid](
         q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, *descs,
         *q_strides, *k_strides, *v_strides, *t_q_strides, *t_k_strides, *t_v_strides,
@@ -349,6 +347,15 @@ def tma_descriptor(x: torch.Tensor, strides, batch: int, heads: int, seqlen: int
 
     shape = [batch, heads, seqlen, head_dim]
     return TensorDescriptor(x, shape, list(strides), [1, 1, 16, block_dim(head_dim)])
+
+
+def tma_descriptors(tensors, batch: int, heads: int, seqlen: int):
+    """(x, strides, head_dim) triples of streamed tensors -> (descriptors, True) when TMA can read every one,
+    else (the tensors themselves, False): the kernel then ignores them and uses pointer loads."""
+    use_tma = all(tma_ok(x, st) for x, st, _ in tensors)
+    if not use_tma:
+        return [x for x, _, _ in tensors], False
+    return [tma_descriptor(x, st, batch, heads, seqlen, d) for x, st, d in tensors], True
 
 
 def block_dim(head_dim: int) -> int:

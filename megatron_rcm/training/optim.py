@@ -181,13 +181,20 @@ class MegatronOptimizer:
             use_distributed_optimizer=distributed, decoupled_weight_decay=True,
         )
         self.optimizer = get_megatron_optimizer(cfg, [ddp_model])
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for opt in self._megatron_optimizers():
             if hasattr(opt, "_set_main_param_and_optimizer_states"):
                 _load_states_around_step(opt)
 
     @property
     def param_groups(self):
         return self.optimizer.param_groups
+
+    def _megatron_optimizers(self) -> list:
+        """The (Distributed)Optimizers inside a ChainedOptimizer, or the one optimizer."""
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+
+    def _inner_torch_optimizers(self) -> list:
+        return [opt.optimizer for opt in self._megatron_optimizers()]
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -203,8 +210,7 @@ class MegatronOptimizer:
         (torch-optimizer path) asserts one common step. For a never-stepped optimizer that is step 0, exactly
         AdamW's lazy first-step init; for a parameter skipped while others stepped, zero moments at step k
         are what AdamW holds for a parameter whose gradients were all zero."""
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = opt.optimizer
+        for inner in self._inner_torch_optimizers():
             params = [p for group in inner.param_groups for p in group["params"]]
             steps = {float(inner.state[p]["step"]) for p in params if "step" in inner.state[p]}
             if len(steps) > 1:
@@ -216,8 +222,6 @@ class MegatronOptimizer:
                     inner.state[p]["exp_avg"] = torch.zeros_like(p)
                     inner.state[p]["exp_avg_sq"] = torch.zeros_like(p)
 
-    def _inner_torch_optimizers(self) -> list:
-        return [opt.optimizer for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer])]
 
     def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False) -> dict:
         # keys derive from the model's ("student." / "critic.") keys; "fully_reshardable" loads at any DP/TP
