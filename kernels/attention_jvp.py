@@ -8,8 +8,10 @@ Shape legend (layout "sbhd", Megatron's order; "bshd" swaps the first two axes):
     q, t_q: [Sq, B, H, Dqk]    k, t_k: [Skv, B, H, Dqk]    v, t_v: [Skv, B, H, Dv]
     o, t_o: [Sq, B, H, Dv]     lse, t_lse: [B, H, Sq] float32
 
-Autograd: o (and lse) are differentiable w.r.t. q, k, v through a FlashAttention-2 backward that
-reuses the saved LSE (``attention_jvp_bwd.py``). t_o and t_lse are returned detached: the JVP's
+Autograd: o (and lse) are differentiable w.r.t. q, k, v through a backward that reuses the saved
+O and LSE: cuDNN's fused attention backward where it applies (``attention_bwd_cudnn.py``: Hopper,
+bf16/fp16, head dim 64 or 128, no LSE gradient), else the FlashAttention-2 backward in Triton
+(``attention_jvp_bwd.py``). t_o and t_lse are returned detached: the JVP's
 tangent carries no gradient (rCM's sCM loss uses it under stop-gradient, rcm_math.md section 3),
 and the tangents t_q, t_k, t_v receive none.
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_rcm.kernels.attention_bwd_cudnn import cudnn_attn_bwd, cudnn_bwd_supported
 from megatron_rcm.kernels.attention_jvp_bwd import attn_bwd_launch
 from megatron_rcm.kernels.attention_jvp_fwd import INTERPRET, attn_jvp_fwd_launch
 from megatron_rcm.kernels.attention_jvp_reference import AttnDims, attention_jvp_torch, check_inputs
@@ -43,7 +46,7 @@ class AttentionJVPFunction(torch.autograd.Function):
     """(o, t_o, lse, t_lse) = attention JVP; gradients flow from o and lse to q, k, v."""
 
     @staticmethod
-    def forward(ctx, q, k, v, t_q, t_k, t_v, dims: AttnDims, layout: str):
+    def forward(ctx, q, k, v, t_q, t_k, t_v, dims: AttnDims, layout: str, backward: str = "auto"):
         o = q.new_empty(_out_shape(q, dims))
         t_o = torch.empty_like(o)
         lse = q.new_empty((dims.batch, dims.heads, dims.seqlen_q), dtype=torch.float32)
@@ -54,8 +57,9 @@ class AttentionJVPFunction(torch.autograd.Function):
             s(q), s(k), s(v), s(t_q), s(t_k), s(t_v), s(o), s(t_o),
         )
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.dims, ctx.layout = dims, layout
+        ctx.dims, ctx.layout, ctx.backward_impl = dims, layout, backward
         ctx.mark_non_differentiable(t_o, t_lse)
+        ctx.set_materialize_grads(False)  # an unused lse gives None, not zeros: the cuDNN path stays open
         return o, t_o, lse, t_lse
 
     @staticmethod
@@ -64,16 +68,26 @@ class AttentionJVPFunction(torch.autograd.Function):
         dims, layout = ctx.dims, ctx.layout
         if grad_o is None:
             grad_o = torch.zeros_like(o)
+        use_cudnn = ctx.backward_impl != "triton" and cudnn_bwd_supported(q, dims, grad_lse is not None)
+        if ctx.backward_impl == "cudnn" and not use_cudnn:
+            raise ValueError(
+                "attention_jvp(backward='cudnn'): cuDNN's attention backward does not apply here (it needs CUDA "
+                f"sm90+, bf16/fp16, Dqk = Dv in (64, 128), no LSE gradient; got {q.dtype} on {q.device}, "
+                f"Dqk={dims.head_dim_qk}, Dv={dims.head_dim_v}, LSE gradient: {grad_lse is not None})"
+            )
+        if use_cudnn:
+            return (*cudnn_attn_bwd(q, k, v, o, grad_o, lse, dims, layout), None, None, None, None, None, None)
         if grad_lse is not None:
             grad_lse = grad_lse.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tensors = {"q": q, "k": k, "v": v, "o": o, "do": grad_o, "dq": dq, "dk": dk, "dv": dv}
         strides = {name: _strides(x, layout) for name, x in tensors.items()}
         attn_bwd_launch(q, k, v, o, grad_o, lse, grad_lse, dq, dk, dv, dims, strides)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def attention_jvp(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="sbhd", return_lse=False):
+def attention_jvp(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="sbhd", return_lse=False,
+                  backward="auto"):
     """Attention and its JVP in one FlashAttention-2 pass (rcm_math.md section 9).
 
     Args:
@@ -85,18 +99,22 @@ def attention_jvp(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="
         softmax_scale: multiplies Q K^T; default 1/sqrt(Dqk).
         layout: "sbhd" (Megatron) or "bshd".
         return_lse: also return lse and t_lse, float32 [B, H, Sq].
+        backward: "auto" (cuDNN's attention backward where it applies, else Triton), "triton", or
+            "cudnn" (ValueError in backward where it does not apply).
 
     Returns:
         (o, t_o) or (o, t_o, lse, t_lse); o and t_o in q's layout and dtype. o and lse are
         differentiable w.r.t. q, k, v; t_o and t_lse are detached.
     """
     dims = check_inputs(q, k, v, t_q, t_k, t_v, softmax_scale, layout)
+    if backward not in ("auto", "triton", "cudnn"):
+        raise ValueError(f"attention_jvp: backward must be 'auto', 'triton' or 'cudnn', got {backward!r}")
     if not q.is_cuda and not INTERPRET:
         raise ValueError(
             f"attention_jvp: the Triton kernel needs CUDA tensors (got device {q.device}); set "
             "TRITON_INTERPRET=1 before importing triton to run it on the CPU, or call attention_jvp_torch"
         )
-    o, t_o, lse, t_lse = AttentionJVPFunction.apply(q, k, v, t_q, t_k, t_v, dims, layout)
+    o, t_o, lse, t_lse = AttentionJVPFunction.apply(q, k, v, t_q, t_k, t_v, dims, layout, backward)
     if return_lse:
         return o, t_o, lse, t_lse
     return o, t_o

@@ -203,6 +203,16 @@ def test_input_validation():
         attention_jvp(q, k, v, t_q, t_k, t_v, softmax_scale=-1.0)
 
 
+def test_backward_choice_is_checked():
+    q, k, v, t_q, t_k, t_v = make_inputs("sbhd", 1, 2, 8, 8, 32, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="backward must be"):
+        attention_jvp(q, k, v, t_q, t_k, t_v, backward="flash")
+    q.requires_grad_(True)
+    o, _ = attention_jvp(q, k, v, t_q, t_k, t_v, backward="cudnn")
+    with pytest.raises(ValueError, match="cuDNN's attention backward does not apply"):  # CPU / interpreter
+        o.sum().backward()
+
+
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(attention_jvp_module, "INTERPRET", False)
     q, k, v, t_q, t_k, t_v = make_inputs("sbhd", 1, 1, 8, 8, 16, 16, torch.float32, device="cpu")
@@ -272,16 +282,42 @@ def test_gpu_hard_rows_keep_the_tangent_error(q_scale, k_mean):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("layout", ["sbhd", "bshd"])
-def test_gpu_backward(layout):
-    q, k, v, t_q, t_k, t_v = make_inputs(layout, 1, 2, 4099, 4099, 128, 128, torch.bfloat16)
+@pytest.mark.parametrize("layout,sq,skv,d", [("sbhd", 4099, 4099, 128), ("bshd", 4099, 4099, 128),
+                                              ("sbhd", 3001, 517, 64)])
+@pytest.mark.parametrize("impl", ["triton", "cudnn"])
+def test_gpu_backward(layout, sq, skv, d, impl):
+    if impl == "cudnn" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the cuDNN backward path is taken on Hopper and newer")
+    q, k, v, t_q, t_k, t_v = make_inputs(layout, 1, 2, sq, skv, d, d, torch.bfloat16)
     for x in (q, k, v):
         x.requires_grad_(True)
     g_o = torch.randn_like(q)
-    o, _ = attention_jvp(q, k, v, t_q, t_k, t_v, layout=layout)
+    o, _ = attention_jvp(q, k, v, t_q, t_k, t_v, layout=layout, backward=impl)
     grads = torch.autograd.grad(o, (q, k, v), g_o)
     q64, k64, v64 = (to_bhsd(x, layout).detach().double().requires_grad_(True) for x in (q, k, v))
-    o64 = torch.softmax(q64 @ k64.transpose(-1, -2) / math.sqrt(128), -1) @ v64
+    o64 = torch.softmax(q64 @ k64.transpose(-1, -2) / math.sqrt(d), -1) @ v64
     refs = torch.autograd.grad(o64, (q64, k64, v64), to_bhsd(g_o, layout).double())
     for name, grad, ref in zip(("dq", "dk", "dv"), grads, refs):
         assert_close(name, to_bhsd(grad, layout), ref, TOL_GPU[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cudnn_backward_reads_our_lse():
+    """The cuDNN path rebuilds P from the LSE it is given: a shifted LSE must move the gradients (so the
+    path really reuses ours), and the true LSE must match cuDNN's own forward statistics."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the cuDNN backward path is taken on Hopper and newer")
+    from megatron_rcm.kernels.attention_bwd_cudnn import cudnn_attn_bwd
+
+    q, k, v, t_q, t_k, t_v = make_inputs("sbhd", 1, 2, 1000, 1000, 128, 128, torch.bfloat16)
+    o, _, lse, _ = attention_jvp(q, k, v, t_q, t_k, t_v, return_lse=True)
+    _, lse_cudnn = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        *(to_bhsd(x, "sbhd") for x in (q, k, v)), None, True)[:2]
+    assert_close("lse vs cuDNN's statistics", lse, lse_cudnn.squeeze(-1), 1e-5)  # natural log, same shape
+    dims = attention_jvp_module.check_inputs(q, k, v, t_q, t_k, t_v, None, "sbhd")
+    g_o = torch.randn_like(o)
+    grads = cudnn_attn_bwd(q, k, v, o, g_o, lse, dims, "sbhd")
+    shifted = cudnn_attn_bwd(q, k, v, o, g_o, lse + 1.0, dims, "sbhd")  # P scaled by 1/e
+    for name, a, b in zip(("dq", "dk", "dv"), grads, shifted):
+        assert rel_err(b, a) > 0.1, f"{name}: the LSE passed in did not change the gradient"

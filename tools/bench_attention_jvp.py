@@ -7,8 +7,10 @@ FLOP formulas (B batch, H heads, Sq/Skv lengths, Dqk/Dv head dims; 2 FLOPs per m
     attention forward  2 B H Sq Skv (Dqk + Dv)          S = Q K^T, O = P V
     JVP forward        2 B H Sq Skv (3 Dqk + 3 Dv)      + dQ K^T, Q dK^T, P dV, H~ V  (rcm_math.md sec. 9)
     JVP fast path      2 B H Sq Skv (2 Dqk + 2 Dv)      dK = dV = 0: S, dQ K^T, P V, H~ V
-    attention backward 2 B H Sq Skv (3 Dqk + 2 Dv)      FlashAttention-2 convention (5 products;
-                                                        our two-kernel backward recomputes 2 more)
+    attention backward 2 B H Sq Skv (3 Dqk + 2 Dv)      FlashAttention-2 convention (5 products; the
+                                                        Triton two-kernel backward recomputes 2 more)
+Backward rows: "auto" is attention_jvp's default (cuDNN's fused backward fed our O and LSE on Hopper),
+"triton" forces the Triton kernels.
 Times are the median of triton.testing.do_bench (CUDA events, L2 flushed between runs).
 Memory is the allocator's peak during one call minus the inputs already resident and the outputs.
 """
@@ -120,22 +122,25 @@ def print_tuning(kernel, top=6):
         print(f"    tuned {ms[0] if isinstance(ms, list) else ms:8.3f} ms  {config}")
 
 
-def backward_row(b, h, sq, skv, d, target):
+def backward_row(b, h, sq, skv, d, target, impl):
+    """Backward of O through attention_jvp's default ("auto": cuDNN's backward fed our O and LSE where it
+    applies) or its Triton kernels ("triton"), against SDPA's own forward + backward."""
     q, k, v, (tq, tk, tv) = make(b, h, sq, skv, d, grad=True)
     g = torch.randn(sq, b, h, d, device="cuda", dtype=q.dtype)
     o_ref = sdpa(q, k, v)
     g_ref = g.permute(1, 2, 0, 3)
     base = bench(lambda: torch.autograd.grad(o_ref, (q, k, v), g_ref, retain_graph=True))
     flash = flash_backward_ms(q, k, v, g_ref)
-    o, _ = attention_jvp(q, k, v, tq, tk, tv)
+    o, _ = attention_jvp(q, k, v, tq, tk, tv, backward=impl)
     ms = bench(lambda: torch.autograd.grad(o, (q, k, v), g, retain_graph=True))
     ours = torch.autograd.grad(o, (q, k, v), g, retain_graph=True)
     ref = torch.autograd.grad(o_ref, (q, k, v), g_ref, retain_graph=True)
     errs = ", ".join(f"{n} {rel(a, r):.1e}" for n, a, r in zip("qkv", ours, ref))
-    line = row("backward (dQ, dK, dV)", f"B{b} H{h} Sq{sq} Skv{skv} D{d}", ms,
+    line = row(f"backward (dQ, dK, dV), {impl}", f"B{b} H{h} Sq{sq} Skv{skv} D{d}", ms,
                flops_bwd(b, h, sq, skv, d, d), base, target, flash)
-    print(line, f"(dkdv {_attn_bwd_dkdv.best_config}, dq {_attn_bwd_dq.best_config};"
-          f" grad rel. diff. to SDPA: {errs})", flush=True)
+    configs = (f"dkdv {getattr(_attn_bwd_dkdv, 'best_config', None)}, dq {getattr(_attn_bwd_dq, 'best_config', None)}"
+               if impl == "triton" else "cuDNN")
+    print(line, f"({configs}; grad rel. diff. to SDPA: {errs})", flush=True)
     return line
 
 
@@ -184,6 +189,8 @@ def backend_priority() -> list[str]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
+    parser.add_argument("--only", choices=["fwd", "bwd", "mem"], action="append",
+                        help="run only these sections (repeatable; default all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     prop = torch.cuda.get_device_properties(0)
@@ -201,10 +208,15 @@ def main():
 
     header = ("| kernel | shape | ms | TFLOP/s | SDPA ms | ratio | target | SDPA flash ms "
               "| ratio |\n|---|---|---|---|---|---|---|---|---|")
-    rows = [forward_row(*shape, fast=False, target=3.2) for shape in self_shapes]
-    rows += [forward_row(*shape, fast=True, target=2.5) for shape in cross_shapes]
-    rows += [backward_row(*shape, target=1.2) for shape in self_shapes]
-    mem = [memory_row(s) for s in mem_seqlens]
+    only = set(args.only or ["fwd", "bwd", "mem"])
+    rows, mem = [], []
+    if "fwd" in only:
+        rows += [forward_row(*shape, fast=False, target=3.2) for shape in self_shapes]
+        rows += [forward_row(*shape, fast=True, target=2.5) for shape in cross_shapes]
+    if "bwd" in only:
+        rows += [backward_row(*shape, target=1.2, impl=impl) for impl in ("auto", "triton") for shape in self_shapes]
+    if "mem" in only:
+        mem = [memory_row(s) for s in mem_seqlens]
 
     print("\nSDPA columns: torch SDPA's default dispatch (the target's baseline) and its flash backend; forward "
           "for JVP rows, backward for backward rows.")
