@@ -26,6 +26,7 @@ import torch
 from megatron_rcm.kernels.attention_bwd_cudnn import cudnn_attn_bwd, cudnn_bwd_supported
 from megatron_rcm.kernels.attention_jvp_bwd import attn_bwd_launch
 from megatron_rcm.kernels.attention_jvp_fwd import INTERPRET, attn_jvp_fwd_launch
+from megatron_rcm.kernels.attention_jvp_fwd_sm90 import attn_jvp_fwd_sm90_launch, sm90_applies
 from megatron_rcm.kernels.attention_jvp_reference import AttnDims, attention_jvp_torch, check_inputs
 
 __all__ = ["AttentionJVPFunction", "attention_jvp", "attention_jvp_torch"]
@@ -46,16 +47,23 @@ class AttentionJVPFunction(torch.autograd.Function):
     """(o, t_o, lse, t_lse) = attention JVP; gradients flow from o and lse to q, k, v."""
 
     @staticmethod
-    def forward(ctx, q, k, v, t_q, t_k, t_v, dims: AttnDims, layout: str, backward: str = "auto"):
+    def forward(ctx, q, k, v, t_q, t_k, t_v, dims: AttnDims, layout: str, backward: str = "auto",
+                forward_impl: str = "auto"):
         o = q.new_empty(_out_shape(q, dims))
         t_o = torch.empty_like(o)
         lse = q.new_empty((dims.batch, dims.heads, dims.seqlen_q), dtype=torch.float32)
         t_lse = torch.empty_like(lse)
         s = lambda x: _strides(x, layout) if x is not None else None
-        attn_jvp_fwd_launch(
-            q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, dims,
-            s(q), s(k), s(v), s(t_q), s(t_k), s(t_v), s(o), s(t_o),
-        )
+        args = (q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, dims, s(q), s(k), s(v), s(t_q), s(t_k), s(t_v), s(o), s(t_o))
+        use_sm90 = forward_impl != "triton" and sm90_applies(q, k, v, t_q, t_k, t_v, dims,
+                                                              (s(q), s(t_q), s(k), s(t_k), s(v), s(t_v)))
+        if forward_impl == "sm90" and not use_sm90:
+            raise ValueError(
+                "attention_jvp(forward='sm90'): the Hopper kernel does not apply here (it needs Gluon, CUDA sm_9x, "
+                f"bf16/fp16, Dqk = Dv in (64, 128), t_k and t_v, TMA-readable strides; got {q.dtype} on {q.device}, "
+                f"Dqk={dims.head_dim_qk}, Dv={dims.head_dim_v}, t_k given: {t_k is not None})"
+            )
+        (attn_jvp_fwd_sm90_launch if use_sm90 else attn_jvp_fwd_launch)(*args)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.dims, ctx.layout, ctx.backward_impl = dims, layout, backward
         ctx.mark_non_differentiable(t_o, t_lse)
@@ -76,18 +84,18 @@ class AttentionJVPFunction(torch.autograd.Function):
                 f"Dqk={dims.head_dim_qk}, Dv={dims.head_dim_v}, LSE gradient: {grad_lse is not None})"
             )
         if use_cudnn:
-            return (*cudnn_attn_bwd(q, k, v, o, grad_o, lse, dims, layout), None, None, None, None, None, None)
+            return (*cudnn_attn_bwd(q, k, v, o, grad_o, lse, dims, layout), None, None, None, None, None, None, None)
         if grad_lse is not None:
             grad_lse = grad_lse.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         tensors = {"q": q, "k": k, "v": v, "o": o, "do": grad_o, "dq": dq, "dk": dk, "dv": dv}
         strides = {name: _strides(x, layout) for name, x in tensors.items()}
         attn_bwd_launch(q, k, v, o, grad_o, lse, grad_lse, dq, dk, dv, dims, strides)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def attention_jvp(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="sbhd", return_lse=False,
-                  backward="auto"):
+                  backward="auto", forward="auto"):
     """Attention and its JVP in one FlashAttention-2 pass (rcm_math.md section 9).
 
     Args:
@@ -101,6 +109,8 @@ def attention_jvp(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="
         return_lse: also return lse and t_lse, float32 [B, H, Sq].
         backward: "auto" (cuDNN's attention backward where it applies, else Triton), "triton", or
             "cudnn" (ValueError in backward where it does not apply).
+        forward: "auto" (the Gluon Hopper kernel ``attention_jvp_fwd_sm90.py`` where it applies, else the
+            Triton kernel), "triton", or "sm90" (ValueError where it does not apply).
 
     Returns:
         (o, t_o) or (o, t_o, lse, t_lse); o and t_o in q's layout and dtype. o and lse are
@@ -109,12 +119,14 @@ def attention_jvp(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="
     dims = check_inputs(q, k, v, t_q, t_k, t_v, softmax_scale, layout)
     if backward not in ("auto", "triton", "cudnn"):
         raise ValueError(f"attention_jvp: backward must be 'auto', 'triton' or 'cudnn', got {backward!r}")
+    if forward not in ("auto", "triton", "sm90"):
+        raise ValueError(f"attention_jvp: forward must be 'auto', 'triton' or 'sm90', got {forward!r}")
     if not q.is_cuda and not INTERPRET:
         raise ValueError(
             f"attention_jvp: the Triton kernel needs CUDA tensors (got device {q.device}); set "
             "TRITON_INTERPRET=1 before importing triton to run it on the CPU, or call attention_jvp_torch"
         )
-    o, t_o, lse, t_lse = AttentionJVPFunction.apply(q, k, v, t_q, t_k, t_v, dims, layout, backward)
+    o, t_o, lse, t_lse = AttentionJVPFunction.apply(q, k, v, t_q, t_k, t_v, dims, layout, backward, forward)
     if return_lse:
         return o, t_o, lse, t_lse
     return o, t_o

@@ -203,6 +203,31 @@ def test_input_validation():
         attention_jvp(q, k, v, t_q, t_k, t_v, softmax_scale=-1.0)
 
 
+def test_forward_choice_is_checked():
+    q, k, v, t_q, t_k, t_v = make_inputs("sbhd", 1, 2, 8, 8, 32, 32, torch.bfloat16)
+    with pytest.raises(ValueError, match="forward must be"):
+        attention_jvp(q, k, v, t_q, t_k, t_v, forward="gluon")
+    with pytest.raises(ValueError, match="Hopper kernel does not apply"):  # CPU / interpreter
+        attention_jvp(q, k, v, t_q, t_k, t_v, forward="sm90")
+
+
+def test_sm90_plan_2d_views():
+    """The Hopper kernel's (row, column) view of each layout, and the strides it must refuse."""
+    from megatron_rcm.kernels.attention_jvp_fwd_sm90 import plan_2d
+
+    s, b, h, d = 100, 2, 3, 64
+    x = torch.empty(s, b, h, d, dtype=torch.bfloat16)  # sbhd: row = s, column = b*H*D + h*D
+    assert plan_2d(x, (h * d, d, b * h * d, 1), b, h, s, d) == (0, h * d, d, s, b * h * d)
+    y = torch.empty(b, s, h, d, dtype=torch.bfloat16)  # bshd: row = b*S + s, column = h*D
+    assert plan_2d(y, (s * h * d, d, h * d, 1), b, h, s, d) == (s, 0, d, b * s, h * d)
+    fused = torch.empty(s, b, h, 3 * d, dtype=torch.bfloat16)[..., :d]  # q slice of a fused projection
+    assert plan_2d(fused, (h * 3 * d, 3 * d, b * h * 3 * d, 1), b, h, s, d) == (0, h * 3 * d, 3 * d, s, (b * h - 1) * 3 * d + d)
+    assert plan_2d(x, (h * d, d, b * h * d, 2), b, h, s, d) is None  # feature stride != 1
+    assert plan_2d(x.float(), (h * d, d, b * h * d, 1), b, h, s, d) is None  # 4-byte elements
+    bhsd = torch.empty(b, h, s, d, dtype=torch.bfloat16)  # heads outside the sequence: no 2-D view
+    assert plan_2d(bhsd, (h * s * d, s * d, d, 1), b, h, s, d) is None
+
+
 def test_backward_choice_is_checked():
     q, k, v, t_q, t_k, t_v = make_inputs("sbhd", 1, 2, 8, 8, 32, 32, torch.bfloat16)
     with pytest.raises(ValueError, match="backward must be"):
@@ -243,6 +268,43 @@ TOL_GPU = {
 def test_gpu_forward(layout, sq, skv, dqk, dv, fast, dtype):
     inputs = make_inputs(layout, 1, 2, sq, skv, dqk, dv, dtype, fast=fast)
     check_forward(attention_jvp, inputs, layout, TOL_GPU[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    "layout,b,sq,skv,d,q_scale",
+    [
+        ("sbhd", 1, 4099, 4099, 128, 1.0),
+        ("bshd", 2, 1000, 777, 128, 1.0),  # batch-major rows, key tail of 9
+        ("sbhd", 2, 300, 64, 64, 1.0),  # one key tile
+        ("sbhd", 1, 64, 30, 128, 1.0),  # one partial key tile
+        ("sbhd", 1, 4099, 4099, 128, 30.0),  # peaky rows: the centring must hold
+    ],
+)
+def test_gpu_forward_sm90(layout, b, sq, skv, d, q_scale):
+    """The Gluon Hopper kernel against float64 torch.func.jvp and against the Triton kernel."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel targets sm_90")
+    inputs = make_inputs(layout, b, 2, sq, skv, d, d, torch.bfloat16, q_scale=q_scale)
+    sm90 = lambda *a, **kw: attention_jvp(*a, **kw, forward="sm90")
+    check_forward(sm90, inputs, layout, TOL_GPU[torch.bfloat16])  # measured 2.0e-3 .. 2.3e-3 (H200)
+    ours = attention_jvp(*inputs, layout=layout, return_lse=True, forward="sm90")
+    triton_ = attention_jvp(*inputs, layout=layout, return_lse=True, forward="triton")
+    for name, a, r in zip(("o", "t_o", "lse", "t_lse"), ours, triton_):
+        assert_close(f"{name} vs Triton kernel", a, r, 1e-3)  # measured <= 7.8e-5 (rounding of P~, H~)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_forward_sm90_fused_projection_slices():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel targets sm_90")
+    qkv = torch.randn(2000, 2, 4, 3 * 128, device="cuda").bfloat16()
+    t_qkv = torch.randn_like(qkv)
+    inputs = (*qkv.split(128, -1), *t_qkv.split(128, -1))
+    sm90 = lambda *a, **kw: attention_jvp(*a, **kw, forward="sm90")
+    check_forward(sm90, inputs, "sbhd", TOL_GPU[torch.bfloat16])
 
 
 @pytest.mark.gpu

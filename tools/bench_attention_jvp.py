@@ -9,7 +9,8 @@ FLOP formulas (B batch, H heads, Sq/Skv lengths, Dqk/Dv head dims; 2 FLOPs per m
     JVP fast path      2 B H Sq Skv (2 Dqk + 2 Dv)      dK = dV = 0: S, dQ K^T, P V, H~ V
     attention backward 2 B H Sq Skv (3 Dqk + 2 Dv)      FlashAttention-2 convention (5 products; the
                                                         Triton two-kernel backward recomputes 2 more)
-Backward rows: "auto" is attention_jvp's default (cuDNN's fused backward fed our O and LSE on Hopper),
+JVP rows: "auto" is attention_jvp's default (the Gluon kernel attention_jvp_fwd_sm90.py on Hopper), "triton"
+forces the Triton kernel. Backward rows: "auto" is attention_jvp's default (cuDNN's fused backward fed our O and LSE on Hopper),
 "triton" forces the Triton kernels.
 Times are the median of triton.testing.do_bench (CUDA events, L2 flushed between runs).
 Memory is the allocator's peak during one call minus the inputs already resident and the outputs.
@@ -97,20 +98,23 @@ def row(name, shape, ms, flops, base_ms, target, flash_ms):
             f"| {flash} |")
 
 
-def forward_row(b, h, sq, skv, d, fast, target):
+def forward_row(b, h, sq, skv, d, fast, target, impl="auto"):
+    """attention_jvp's forward: "auto" (the Gluon Hopper kernel where it applies) or "triton"."""
     q, k, v, (tq, tk, tv) = make(b, h, sq, skv, d)
     if fast:
         tk = tv = None
-    o, _ = attention_jvp(q, k, v, tq, tk, tv)
+    o, _ = attention_jvp(q, k, v, tq, tk, tv, forward=impl)
     err = rel(o.permute(1, 2, 0, 3), sdpa(q, k, v))
     base = bench(lambda: sdpa(q, k, v))
     flash = sdpa_backend_ms(lambda: sdpa(q, k, v, SDPBackend.FLASH_ATTENTION))
-    ms = bench(lambda: attention_jvp(q, k, v, tq, tk, tv))
-    name = "JVP fwd, dK=dV=0" if fast else "JVP fwd"
+    ms = bench(lambda: attention_jvp(q, k, v, tq, tk, tv, forward=impl))
+    name = ("JVP fwd, dK=dV=0" if fast else "JVP fwd") + f", {impl}"
     line = row(name, f"B{b} H{h} Sq{sq} Skv{skv} D{d}", ms, flops_jvp(b, h, sq, skv, d, d, fast), base, target,
                flash)
-    print(line, f"(config {getattr(_attn_jvp_fwd, 'best_config', None)}; |o - sdpa|/|sdpa| = {err:.1e})", flush=True)
-    print_tuning(_attn_jvp_fwd)
+    config = getattr(_attn_jvp_fwd, "best_config", None) if impl == "triton" or fast else "sm90 Gluon 128x64 w8"
+    print(line, f"(config {config}; |o - sdpa|/|sdpa| = {err:.1e})", flush=True)
+    if impl == "triton" or fast:
+        print_tuning(_attn_jvp_fwd)
     return line
 
 
@@ -211,7 +215,8 @@ def main():
     only = set(args.only or ["fwd", "bwd", "mem"])
     rows, mem = [], []
     if "fwd" in only:
-        rows += [forward_row(*shape, fast=False, target=3.2) for shape in self_shapes]
+        rows += [forward_row(*shape, fast=False, target=3.2, impl=impl) for impl in ("auto", "triton")
+                 for shape in self_shapes]
         rows += [forward_row(*shape, fast=True, target=2.5) for shape in cross_shapes]
     if "bwd" in only:
         rows += [backward_row(*shape, target=1.2, impl=impl) for impl in ("auto", "triton") for shape in self_shapes]
