@@ -1,4 +1,4 @@
-"""Attention JVP: softmax attention and its forward-mode derivative in one Triton pass.
+"""Attention JVP: softmax attention and its forward-mode derivative in one FlashAttention-style pass.
 
 rcm_math.md section 9. ``attention_jvp`` returns O = softmax(Q K^T * scale) V and its tangent
 dO along (dQ, dK, dV), and optionally LSE = logsumexp(Q K^T * scale) and dLSE = r / l (the
@@ -15,8 +15,10 @@ bf16/fp16, head dim 64 or 128, no LSE gradient), else the FlashAttention-2 backw
 tangent carries no gradient (rCM's sCM loss uses it under stop-gradient, rcm_math.md section 3),
 and the tangents t_q, t_k, t_v receive none.
 
-The forward kernel lives in ``attention_jvp_fwd.py``, the backward in ``attention_jvp_bwd.py``,
-and a pure-PyTorch reference with the same signature in ``attention_jvp_reference.py``.
+Forward kernels: ``attention_jvp_fwd_sm90.py`` (Gluon, warp-specialized, Hopper, tangents for K and V)
+and ``attention_jvp_fwd.py`` (Triton, every other case and the CPU interpreter). Backward:
+``attention_bwd_cudnn.py`` and ``attention_jvp_bwd.py``. A pure-PyTorch reference with the same
+signature: ``attention_jvp_reference.py``.
 """
 
 from __future__ import annotations
@@ -55,13 +57,15 @@ class AttentionJVPFunction(torch.autograd.Function):
         t_lse = torch.empty_like(lse)
         s = lambda x: _strides(x, layout) if x is not None else None
         args = (q, k, v, t_q, t_k, t_v, o, t_o, lse, t_lse, dims, s(q), s(k), s(v), s(t_q), s(t_k), s(t_v), s(o), s(t_o))
-        use_sm90 = forward_impl != "triton" and sm90_applies(q, k, v, t_q, t_k, t_v, dims,
-                                                              (s(q), s(t_q), s(k), s(t_k), s(v), s(t_v)))
+        # "auto" keeps the dK = dV = 0 path on the Triton kernel: with 512 keys the warp-specialized kernel's
+        # per-program setup dominates and it measured slower (docs/benchmarks.md)
+        wanted = forward_impl == "sm90" or (forward_impl == "auto" and t_k is not None)
+        use_sm90 = wanted and sm90_applies(q, k, v, t_q, t_k, t_v, dims, (s(q), s(t_q), s(k), s(t_k), s(v), s(t_v)))
         if forward_impl == "sm90" and not use_sm90:
             raise ValueError(
                 "attention_jvp(forward='sm90'): the Hopper kernel does not apply here (it needs Gluon, CUDA sm_9x, "
-                f"bf16/fp16, Dqk = Dv in (64, 128), t_k and t_v, TMA-readable strides; got {q.dtype} on {q.device}, "
-                f"Dqk={dims.head_dim_qk}, Dv={dims.head_dim_v}, t_k given: {t_k is not None})"
+                f"bf16/fp16, Dqk = Dv in (64, 128), TMA-readable strides; got {q.dtype} on {q.device}, "
+                f"Dqk={dims.head_dim_qk}, Dv={dims.head_dim_v})"
             )
         (attn_jvp_fwd_sm90_launch if use_sm90 else attn_jvp_fwd_launch)(*args)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -109,8 +113,9 @@ def attention_jvp(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="
         return_lse: also return lse and t_lse, float32 [B, H, Sq].
         backward: "auto" (cuDNN's attention backward where it applies, else Triton), "triton", or
             "cudnn" (ValueError in backward where it does not apply).
-        forward: "auto" (the Gluon Hopper kernel ``attention_jvp_fwd_sm90.py`` where it applies, else the
-            Triton kernel), "triton", or "sm90" (ValueError where it does not apply).
+        forward: "auto" (the warp-specialized Gluon kernel ``attention_jvp_fwd_sm90.py`` on Hopper when t_k
+            and t_v are given, else the Triton kernel), "triton", or "sm90" (ValueError where it does not
+            apply).
 
     Returns:
         (o, t_o) or (o, t_o, lse, t_lse); o and t_o in q's layout and dtype. o and lse are
