@@ -9,7 +9,8 @@ FLOP formulas (B batch, H heads, Sq/Skv lengths, Dqk/Dv head dims; 2 FLOPs per m
     JVP fast path      2 B H Sq Skv (2 Dqk + 2 Dv)      dK = dV = 0: S, dQ K^T, P V, H~ V
     attention backward 2 B H Sq Skv (3 Dqk + 2 Dv)      FlashAttention-2 convention (5 products; the
                                                         Triton two-kernel backward recomputes 2 more)
-JVP rows: "auto" is attention_jvp's default (the Gluon kernel attention_jvp_fwd_sm90.py on Hopper), "triton"
+JVP rows: "auto" is attention_jvp's default (the Gluon kernel attention_jvp_fwd_sm90.py on Hopper when K and V have
+tangents, the Triton kernel otherwise), "triton"
 forces the Triton kernel. Backward rows: "auto" is attention_jvp's default (cuDNN's fused backward fed our O and LSE on Hopper),
 "triton" forces the Triton kernels.
 Times are the median of triton.testing.do_bench (CUDA events, L2 flushed between runs).
@@ -227,7 +228,7 @@ def main():
           "for JVP rows, backward for backward rows.")
     print(header)
     print("\n".join(rows))
-    print("\n| memory beyond inputs/outputs | attention_jvp (Triton) | torch.func.jvp over math attention |")
+    print("\n| memory beyond inputs/outputs | attention_jvp (default dispatch) | torch.func.jvp over math attention |")
     print("|---|---|---|")
     print("\n".join(mem))
 
