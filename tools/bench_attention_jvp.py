@@ -1,4 +1,4 @@
-"""Benchmark the Triton attention JVP against torch SDPA (its default dispatch), measured in the same run.
+"""Benchmark the attention JVP kernels against torch SDPA (its default dispatch), measured in the same run.
 
     python tools/bench_attention_jvp.py            # the full table (an H100 takes a few minutes)
     python tools/bench_attention_jvp.py --quick    # smaller shapes, for a smoke run
@@ -9,10 +9,9 @@ FLOP formulas (B batch, H heads, Sq/Skv lengths, Dqk/Dv head dims; 2 FLOPs per m
     JVP fast path      2 B H Sq Skv (2 Dqk + 2 Dv)      dK = dV = 0: S, dQ K^T, P V, H~ V
     attention backward 2 B H Sq Skv (3 Dqk + 2 Dv)      FlashAttention-2 convention (5 products; the
                                                         Triton two-kernel backward recomputes 2 more)
-JVP rows: "auto" is attention_jvp's default (the Gluon kernel attention_jvp_fwd_sm90.py on Hopper when K and V have
-tangents, the Triton kernel otherwise), "triton"
-forces the Triton kernel. Backward rows: "auto" is attention_jvp's default (cuDNN's fused backward fed our O and LSE on Hopper),
-"triton" forces the Triton kernels.
+JVP rows: "auto" is attention_jvp's default (the Gluon kernel attention_jvp_fwd_sm90.py on Hopper when K and
+V have tangents, the Triton kernel otherwise), "triton" forces the Triton kernel. Backward rows: "auto" is
+attention_jvp's default (cuDNN's fused backward fed our O and LSE on Hopper), "triton" the Triton kernels.
 Times are the median of triton.testing.do_bench (CUDA events, L2 flushed between runs).
 Memory is the allocator's peak during one call minus the inputs already resident and the outputs.
 """
