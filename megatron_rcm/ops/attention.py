@@ -1,8 +1,9 @@
 """The single dispatch point for attention and its tangent.
 
 ``attention_jvp(q, k, v, t_q, t_k, t_v)`` in Megatron's layout [S, B, heads, d]:
-* CUDA tensors and the Triton kernel importable: ``megatron_rcm.kernels.attention_jvp`` (one
-  FlashAttention-2-style pass, O and dO, never materializing the S x S matrix);
+* CUDA tensors and Triton importable: ``megatron_rcm.kernels.attention_jvp`` (one FlashAttention-style
+  pass, O and dO, never materializing the S x S matrix; a warp-specialized Gluon kernel on Hopper, a
+  Triton kernel elsewhere, see docs/kernels.md);
 * otherwise: the float-exact PyTorch reference below, which materializes softmax(QK^T).
 
 The primal output keeps its autograd graph; the tangent carries none. ``t_q is None`` means no tangent
