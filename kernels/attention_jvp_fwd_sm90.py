@@ -240,6 +240,16 @@ if HAVE_GLUON:
         gl.store(TLSE + stat_offs, t_lse, mask=rows_s < seqlen_q)
 
     @gluon.jit
+    def _load_tile_pair(desc, t_desc, coord, t_coord, buf, t_buf, empty, ready, phase, tile_bytes: gl.constexpr,
+                        HAS_T_KV: gl.constexpr):
+        """Wait until both consumers released a ring slot, then TMA a tile (and its tangent) into it."""
+        mbarrier.wait(empty, phase ^ 1)
+        mbarrier.expect(ready, tile_bytes)
+        tma.async_copy_global_to_shared(desc, coord, ready, buf)
+        if HAS_T_KV:
+            tma.async_copy_global_to_shared(t_desc, t_coord, ready, t_buf)
+
+    @gluon.jit
     def _loader(smem, bars, descs, maps, sizes, HAS_T_KV: gl.constexpr):
         """The TMA warp: Q and dQ once, then every key tile into the (K, dK) and (V, dV) rings."""
         q_smem, tq_smem, k_smem, tk_smem, v_smem, tv_smem, ph_smem = smem
@@ -268,20 +278,12 @@ if HAVE_GLUON:
         for j in range(gl.cdiv(seqlen_kv, BLOCK_N)):
             slot = j % 2
             phase = (j // 2) & 1  # a fresh mbarrier counts as having completed phase 1: the first waits pass
-            mbarrier.wait(k_empty.index(slot), phase ^ 1)
-            mbarrier.expect(k_ready.index(slot), tile_bytes)
-            tma.async_copy_global_to_shared(k_desc, [off_b * k_rb + j * BLOCK_N, k_col], k_ready.index(slot),
-                                            k_smem.index(slot))
-            if HAS_T_KV:
-                tma.async_copy_global_to_shared(tk_desc, [off_b * tk_rb + j * BLOCK_N, tk_col], k_ready.index(slot),
-                                                tk_smem.index(slot))
-            mbarrier.wait(v_empty.index(slot), phase ^ 1)
-            mbarrier.expect(v_ready.index(slot), tile_bytes)
-            tma.async_copy_global_to_shared(v_desc, [off_b * v_rb + j * BLOCK_N, v_col], v_ready.index(slot),
-                                            v_smem.index(slot))
-            if HAS_T_KV:
-                tma.async_copy_global_to_shared(tv_desc, [off_b * tv_rb + j * BLOCK_N, tv_col], v_ready.index(slot),
-                                                tv_smem.index(slot))
+            _load_tile_pair(k_desc, tk_desc, [off_b * k_rb + j * BLOCK_N, k_col], [off_b * tk_rb + j * BLOCK_N, tk_col],
+                            k_smem.index(slot), tk_smem.index(slot), k_empty.index(slot), k_ready.index(slot), phase,
+                            tile_bytes, HAS_T_KV)
+            _load_tile_pair(v_desc, tv_desc, [off_b * v_rb + j * BLOCK_N, v_col], [off_b * tv_rb + j * BLOCK_N, tv_col],
+                            v_smem.index(slot), tv_smem.index(slot), v_empty.index(slot), v_ready.index(slot), phase,
+                            tile_bytes, HAS_T_KV)
 
     # Worker partitions lose constexpr arguments, so each (partition, HAS_T_KV) pair is its own function.
     @gluon.jit

@@ -294,7 +294,9 @@ def test_gpu_forward_sm90(layout, b, sq, skv, d, q_scale, fast):
     ours = attention_jvp(*inputs, layout=layout, return_lse=True, forward="sm90")
     triton_ = attention_jvp(*inputs, layout=layout, return_lse=True, forward="triton")
     for name, a, r in zip(("o", "t_o", "lse", "t_lse"), ours, triton_):
-        assert_close(f"{name} vs Triton kernel", a, r, 1e-3)  # same math and rounding: measured 0 .. 8e-5
+        # same math: bit-identical when the autotuner gives the Triton kernel the same 64-key tiles, else two
+        # independent bf16 roundings (measured 1.2e-3 .. 2.5e-3 for o, t_o on an H200, 2026-11-30)
+        assert_close(f"{name} vs Triton kernel", a, r, TOL_GPU[torch.bfloat16])
 
 
 @pytest.mark.gpu
