@@ -63,7 +63,7 @@ class AttentionJVPFunction(torch.autograd.Function):
         use_sm90 = wanted and sm90_applies(q, k, v, t_q, t_k, t_v, dims, (s(q), s(t_q), s(k), s(t_k), s(v), s(t_v)))
         if forward_impl == "sm90" and not use_sm90:
             raise ValueError(
-                "attention_jvp(forward='sm90'): the Hopper kernel does not apply here (it needs Gluon, CUDA sm_9x, "
+                "attention_jvp(forward='sm90'): the Hopper kernel does not apply here (it needs Triton 3.6's Gluon, CUDA sm_9x, "
                 f"bf16/fp16, Dqk = Dv in (64, 128), TMA-readable strides; got {q.dtype} on {q.device}, "
                 f"Dqk={dims.head_dim_qk}, Dv={dims.head_dim_v})"
             )

@@ -36,8 +36,8 @@ row = b * row_b + s, column = b * col_b + h * col_h + d (``plan_2d``): Megatron'
 are zero-filled by TMA (seq-major) or belong to the next batch (batch-major); either way they are
 finite and masked out of the softmax.
 
-Scope: Hopper, bf16/fp16, Dqk = Dv in (64, 128), any lengths; everything else runs
-``attention_jvp_fwd.py``. Shape legend: BLOCK_M query rows per program, HALF = BLOCK_M / 2 per
+Scope: Hopper, bf16/fp16, Dqk = Dv in (64, 128), any lengths, Triton 3.6 (``GLUON_VERIFIED``: Gluon's
+API moves between releases); everything else runs ``attention_jvp_fwd.py``. Shape legend: BLOCK_M query rows per program, HALF = BLOCK_M / 2 per
 consumer, BLOCK_N keys per tile, HEAD_D.
 """
 
@@ -61,6 +61,11 @@ try:  # Gluon ships with Triton >= 3.5; without it the Triton kernel serves ever
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
+
+# Gluon's API changes between Triton releases (3.9 renamed the TMA copy and the CTA barrier this file uses):
+# the kernel runs only on the release it was compiled and verified with, others take the Triton kernel.
+GLUON_VERIFIED = ("3.6",)
+GLUON_OK = HAVE_GLUON and ".".join(triton.__version__.split(".")[:2]) in GLUON_VERIFIED
 
 BLOCK_M, BLOCK_N = 128, 64
 CONSUMER_REGS, LOADER_REGS = 240, 24  # per thread; the launch budget below leaves 240 for each consumer
@@ -364,10 +369,11 @@ if HAVE_GLUON:
 
 
 def sm90_applies(q, k, v, t_q, t_k, t_v, dims, strides) -> bool:
-    """Whether the Gluon Hopper kernel takes this call: Gluon present, CUDA sm_9x, bf16/fp16, Dqk = Dv in (64, 128),
+    """Whether the Gluon Hopper kernel takes this call: Triton 3.6 (``GLUON_VERIFIED``), CUDA sm_9x, bf16/fp16, Dqk = Dv
+    in (64, 128),
     and a 2-D TMA view of every input (``plan_2d``); ``strides`` are those of (q, t_q, k, t_k, v, t_v), None for
     absent tangents (the dK = dV = 0 path)."""
-    if not HAVE_GLUON or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
+    if not GLUON_OK or not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     if dims.head_dim_qk != dims.head_dim_v or dims.head_dim_qk not in (64, 128):
         return False
