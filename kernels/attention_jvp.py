@@ -100,7 +100,7 @@ class AttentionJVPFunction(torch.autograd.Function):
 
 def attention_jvp(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="sbhd", return_lse=False,
                   backward="auto", forward="auto"):
-    """Attention and its JVP in one FlashAttention-2 pass (rcm_math.md section 9).
+    """Attention and its JVP in one FlashAttention-style pass (rcm_math.md section 9).
 
     Args:
         q, k, v: [Sq, B, H, Dqk], [Skv, B, H, Dqk], [Skv, B, H, Dv] in layout "sbhd"

@@ -27,9 +27,12 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from megatron_rcm.kernels.attention_bwd_cudnn import cudnn_bwd_supported
 from megatron_rcm.kernels.attention_jvp import attention_jvp
 from megatron_rcm.kernels.attention_jvp_bwd import _attn_bwd_dkdv, _attn_bwd_dq
 from megatron_rcm.kernels.attention_jvp_fwd import _attn_jvp_fwd
+from megatron_rcm.kernels.attention_jvp_fwd_sm90 import GLUON_OK
+from megatron_rcm.kernels.attention_jvp_reference import check_inputs
 
 
 def flops_fwd(b, h, sq, skv, dqk, dv):
@@ -111,9 +114,10 @@ def forward_row(b, h, sq, skv, d, fast, target, impl="auto"):
     name = ("JVP fwd, dK=dV=0" if fast else "JVP fwd") + f", {impl}"
     line = row(name, f"B{b} H{h} Sq{sq} Skv{skv} D{d}", ms, flops_jvp(b, h, sq, skv, d, d, fast), base, target,
                flash)
-    config = getattr(_attn_jvp_fwd, "best_config", None) if impl == "triton" or fast else "sm90 Gluon 128x64 w8"
+    gluon = impl == "auto" and not fast and GLUON_OK and torch.cuda.get_device_capability()[0] == 9
+    config = "Gluon sm90, warp-specialized, 128 x 64 tiles" if gluon else getattr(_attn_jvp_fwd, "best_config", None)
     print(line, f"(config {config}; |o - sdpa|/|sdpa| = {err:.1e})", flush=True)
-    if impl == "triton" or fast:
+    if not gluon:
         print_tuning(_attn_jvp_fwd)
     return line
 
@@ -142,8 +146,9 @@ def backward_row(b, h, sq, skv, d, target, impl):
     errs = ", ".join(f"{n} {rel(a, r):.1e}" for n, a, r in zip("qkv", ours, ref))
     line = row(f"backward (dQ, dK, dV), {impl}", f"B{b} H{h} Sq{sq} Skv{skv} D{d}", ms,
                flops_bwd(b, h, sq, skv, d, d), base, target, flash)
-    configs = (f"dkdv {getattr(_attn_bwd_dkdv, 'best_config', None)}, dq {getattr(_attn_bwd_dq, 'best_config', None)}"
-               if impl == "triton" else "cuDNN")
+    cudnn = impl == "auto" and cudnn_bwd_supported(q, check_inputs(q, k, v, tq, tk, tv, None, "sbhd"), False)
+    configs = ("cuDNN" if cudnn else
+               f"dkdv {getattr(_attn_bwd_dkdv, 'best_config', None)}, dq {getattr(_attn_bwd_dq, 'best_config', None)}")
     print(line, f"({configs}; grad rel. diff. to SDPA: {errs})", flush=True)
     return line
 
