@@ -28,6 +28,7 @@ from megatron_rcm.training.checkpoint import CheckpointManager
 from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
 from megatron_rcm.training.models import DTYPES, build_model, build_wan_config, load_weights
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
+from megatron_rcm.training.phases import PhaseTimers
 from megatron_rcm.training.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("megatron_rcm.train")
@@ -84,6 +85,7 @@ class Trainer:
             # ~100x slower (steps slowed from 0.1 s to 4 s in the quickstart); flush them to zero.
             torch.set_flush_denormal(True)
         self.engine = RCMEngine(cfg.distill)
+        self.timers = PhaseTimers(enabled=False)  # the step benchmark turns them on (tools/bench_step.py)
         self.accum = cfg.optimizer.grad_accumulation_steps
 
         # -- networks -------------------------------------------------------------------------------
@@ -171,7 +173,8 @@ class Trainer:
         sums: dict[str, float] = {}
         tokens = 0
         for _ in range(self.accum):
-            dbatch, batch = self._distill_batch(self.data.next_batch())
+            with self.timers("data"):
+                dbatch, batch = self._distill_batch(self.data.next_batch())
             if self._sample_batch is None:
                 self._sample_batch = batch
             tokens += batch.num_tokens(self.wan_cfg.patch_size)
@@ -180,21 +183,25 @@ class Trainer:
                                                       self.generator)
             else:
                 loss, logs = self.engine.critic_loss(self.student, self.critic, dbatch, step, self.generator)
-            (loss / self.accum).backward()
+            with self.timers("backward"):
+                (loss / self.accum).backward()
             for k, v in logs.items():
                 v = float(v)
                 if k.endswith("nonfinite"):
                     sums[k] = sums.get(k, 0.0) + v  # counts add up over micro-batches
                 else:
                     sums[k] = sums.get(k, 0.0) + v / self.accum
-        finalize_model_grads([net])
-        ok, grad_norm = opt.step()
+        with self.timers("grad_reduce"):
+            finalize_model_grads([net])
+        with self.timers("optimizer"):
+            ok, grad_norm = opt.step()
         if not ok:
             raise FloatingPointError(f"step {step}: non-finite gradient norm ({grad_norm}) of the "
                                      f"{'student' if is_student else 'critic'}; training stopped")
         sched.step()
         if is_student:
-            self.ema.update(self.student.module)
+            with self.timers("ema"):
+                self.ema.update(self.student.module)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -302,7 +309,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size()}
-        return self.ckpt.save(self.step, self.sharded_state_dict(), meta)
+        with self.timers("checkpoint"):
+            return self.ckpt.save(self.step, self.sharded_state_dict(), meta)
 
     def load_checkpoint(self, path) -> None:
         loaded = self.ckpt.load(self.sharded_state_dict(is_loading=True), path)

@@ -1,0 +1,204 @@
+"""Step benchmark: per-phase times, achieved TFLOP/s and MFU of each kind of distillation step.
+
+    python tools/bench_step.py --config examples/configs/wan2.1_t2v_1.3b.yaml [--set key=value ...]
+    torchrun --nproc-per-node 2 tools/bench_step.py --config ... --set parallel.tensor_parallel=2
+    python tools/bench_step.py --config examples/configs/quickstart.yaml --warmup 1 --iters 1   # CPU smoke run
+
+Mock data of the config's latent shape, a random teacher, the full trainer (DDP, optimizer, EMA). For
+each step kind (warm-up sCM student, rCM student, critic) it runs ``--warmup`` untimed then ``--iters``
+timed steps (consecutive steps of that kind, so rollout lengths cycle through 1..N_max) and reports: the step time, the time of each phase (teacher forward, student JVP pass, DMD
+rollout, critic forward, backward, gradient reduction, optimizer, EMA, data; "other" is the rest: the
+engine's elementwise math and launch gaps), TFLOP/s and MFU by the FLOP model of
+``megatron_rcm.training.flops`` (docs/throughput.md), tokens/s and peak memory; then the MFU of a cycle
+of one student and ``student_update_freq - 1`` critic steps, and with ``--checkpoint DIR`` the stall and
+write bandwidth of one checkpoint save. Prints a table on rank 0 and writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_rcm.cli import configure_logging
+from megatron_rcm.config.loader import load_config
+from megatron_rcm.training.flops import model_flops, step_flops
+from megatron_rcm.training.phases import instrument_network
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
+"""Dense bf16 tensor-core peak (TFLOP/s, SXM parts) by device-name substring."""
+
+KINDS = ("warmup", "student", "critic")
+
+
+def _peak_tflops(override: float | None) -> float | None:
+    if override is not None:
+        return override
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def _steps_for(kind: str, trainer, count: int) -> list[int]:
+    """``count`` consecutive steps of ``kind`` under the config's schedule: their rollout lengths
+    n = (k mod N_max) + 1 cycle through 1..N_max, so 4 iterations average over the rollouts as training does."""
+    cfg, sched = trainer.cfg.distill, trainer.engine.schedule
+    warm = cfg.dmd_start
+    if kind == "warmup":
+        if cfg.algorithm != "rcm" or warm == 0:
+            raise ValueError("warm-up steps exist only for distill.algorithm=rcm with tangent_warmup > 0")
+        return list(range(min(count, warm)))
+    if kind == "critic" and not trainer.engine.has_critic:
+        raise ValueError(f"distill.algorithm={cfg.algorithm!r} has no critic step")
+    want_student = kind == "student"
+    steps, s = [], warm
+    while len(steps) < count:
+        if sched.is_student_step(s) == want_student:
+            steps.append(s)
+        s += 1
+    return steps
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def bench(args) -> dict:
+    from megatron_rcm.training import Trainer
+
+    overrides = ["data.source=mock", "checkpoint.dir=null", "logging.wandb_mode=disabled",
+                 "logging.progress_bar=false", "distill.tangent_warmup=1000", *args.sets]
+    cfg = load_config(args.config, overrides)
+    trainer = Trainer(cfg)
+    t = trainer.timers
+    t.enabled = True
+    instrument_network(trainer.teacher, t, "teacher_forward")
+    instrument_network(trainer.student, t, "dmd_rollout", "student_jvp")
+    if trainer.critic is not None:
+        instrument_network(trainer.critic, t, "critic_forward")
+    rank0 = trainer.rank == 0
+
+    C, F, H, W = cfg.data.latent_shape
+    fwd, jvp = model_flops(trainer.wan_cfg, (C, F, H, W), cfg.data.text_len)
+    B = cfg.data.micro_batch_size * cfg.optimizer.grad_accumulation_steps
+    peak = _peak_tflops(args.peak_tflops)
+    world = torch.distributed.get_world_size()
+    results: dict = {"config": args.config, "overrides": overrides, "world_size": world,
+                     "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                     "peak_tflops_per_gpu": peak, "flops_per_forward": fwd.total, "kinds": {}}
+    kinds = [k for k in args.kinds.split(",") if k]
+    for kind in kinds:
+        if kind not in KINDS:
+            raise SystemExit(f"--kinds: unknown step kind {kind!r}; choose from {', '.join(KINDS)}")
+        steps = _steps_for(kind, trainer, args.iters)
+        times, phases, flops_list, rollouts = [], [], [], []
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(args.warmup + len(steps)):
+            trainer.step = steps[max(0, i - args.warmup)]
+            t.collect()
+            metrics = trainer.train_step()
+            ph = t.collect()
+            if i >= args.warmup:
+                n_roll = int(metrics.get("dmd/rollout_steps", metrics.get("critic/rollout_steps", 0)))
+                times.append(metrics["step_time_s"])
+                phases.append(ph)
+                rollouts.append(n_roll)
+                flops_list.append(step_flops(kind, fwd, jvp, B, n_roll, cfg.model.recompute,
+                                             cfg.distill.guidance not in (None, 1.0)))
+        dt, flops = statistics.mean(times), statistics.mean(flops_list)
+        # every model-parallel rank works on the same samples: the world's FLOPs are the DP ranks' sum
+        tflops_per_gpu = flops * trainer.dp_size / dt / world / 1e12
+        names = sorted({k for p in phases for k in p})
+        per_phase = {k: statistics.mean(p.get(k, 0.0) for p in phases) for k in names}
+        per_phase["other"] = max(0.0, dt - sum(per_phase.values()))
+        results["kinds"][kind] = {
+            "step_time_s": dt, "step_times_s": times, "rollout_steps": rollouts, "flops_per_step": flops,
+            "tflops_per_gpu": tflops_per_gpu, "mfu": tflops_per_gpu / peak if peak else None,
+            "tokens_per_s": metrics["tokens_per_s"], "peak_memory_gib": metrics["memory_gib"],
+            "phases_s": per_phase,
+        }
+    r = results["kinds"]
+    if "student" in r and "critic" in r:
+        f = cfg.distill.student_update_freq
+        t_cycle = r["student"]["step_time_s"] + (f - 1) * r["critic"]["step_time_s"]
+        flops_cycle = r["student"]["flops_per_step"] + (f - 1) * r["critic"]["flops_per_step"]
+        tf = flops_cycle * trainer.dp_size / t_cycle / world / 1e12
+        results["cycle"] = {"steps": f, "time_s": t_cycle, "tflops_per_gpu": tf, "mfu": tf / peak if peak else None}
+    if args.checkpoint:
+        from megatron_rcm.training.checkpoint import CheckpointManager
+
+        root = Path(args.checkpoint) if args.checkpoint != "tmp" else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
+        trainer.ckpt = CheckpointManager(str(root), keep_last=1)
+        t.collect()
+        t0 = time.perf_counter()
+        path = trainer.save_checkpoint()
+        stall = time.perf_counter() - t0
+        size = _bytes_under(path)
+        results["checkpoint"] = {"stall_s": stall, "bytes": size, "write_gb_per_s": size / stall / 1e9,
+                                 "path": str(path)}
+    trainer.close()
+    if rank0:
+        print(format_table(results))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_table(res: dict) -> str:
+    kinds = list(res["kinds"])
+    phases = sorted({p for k in kinds for p in res["kinds"][k]["phases_s"]}, key=lambda p: (p == "other", p))
+    w = 14
+    lines = [f"device {res['device']} x{res['world_size']}, peak {res['peak_tflops_per_gpu']} TFLOP/s per GPU",
+             f"{'':<22}" + "".join(f"{k:>{w}}" for k in kinds)]
+    row = lambda name, fmt, get: lines.append(f"{name:<22}" + "".join(f"{fmt(get(res['kinds'][k])):>{w}}" for k in kinds))
+    row("step time (s)", lambda v: f"{v:.3f}", lambda r: r["step_time_s"])
+    for p in phases:
+        row(f"  {p} (s)", lambda v: f"{v:.3f}", lambda r, p=p: r["phases_s"].get(p, 0.0))
+    row("TFLOP/s per GPU", lambda v: f"{v:.1f}", lambda r: r["tflops_per_gpu"])
+    row("MFU", lambda v: "-" if v is None else f"{100 * v:.1f}%", lambda r: r["mfu"])
+    row("tokens/s", lambda v: f"{v:.0f}", lambda r: r["tokens_per_s"])
+    row("peak memory (GiB)", lambda v: f"{v:.1f}", lambda r: r["peak_memory_gib"])
+    row("rollout steps", lambda v: ",".join(map(str, v)), lambda r: r["rollout_steps"])
+    if "cycle" in res:
+        c = res["cycle"]
+        mfu = "-" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%"
+        lines.append(f"cycle of 1 student + {c['steps'] - 1} critic steps: {c['time_s']:.3f} s, "
+                     f"{c['tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {mfu}")
+    if "checkpoint" in res:
+        c = res["checkpoint"]
+        lines.append(f"checkpoint save: stall {c['stall_s']:.2f} s, {c['bytes'] / 1e9:.2f} GB, "
+                     f"{c['write_gb_per_s']:.2f} GB/s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="examples/configs/wan2.1_t2v_1.3b.yaml")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--kinds", default="warmup,student,critic", help="comma-separated step kinds")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind")
+    ap.add_argument("--iters", type=int, default=4,
+                    help="timed steps of each kind (mean reported; 4 covers rollout lengths 1-4)")
+    ap.add_argument("--checkpoint", default=None, help="also time one checkpoint save into DIR ('tmp': a temp dir)")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: by device)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("-v", "--verbose", action="store_true", help="Megatron-Core's INFO logs and warnings too")
+    args = ap.parse_args(argv)
+    configure_logging(args.verbose)
+    if args.warmup < 0 or args.iters < 1:
+        ap.error(f"--warmup must be >= 0 and --iters >= 1 (got {args.warmup}, {args.iters})")
+    bench(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
