@@ -5,8 +5,10 @@
 2. Distill it with rCM and the sCM-only and DMD-only baselines through the same ``Trainer`` / engine.
 3. Evaluate the teacher (50-step RF Euler, CFG) and every student (EMA weights, 1, 2 and 4 steps) on the
    same seeds and labels as the held-out real digits, with a classifier trained on the real training
-   split: class accuracy, k-NN precision/recall, within-class diversity and Frechet distance in its
-   feature space (``megatron_rcm.eval``). Writes PNG grids, ``metrics.json`` and prints the table.
+   split: class accuracy, k-NN precision/recall, within-class diversity and Frechet distance to the real
+   digits in its feature space, and, for what distillation aims at, the Frechet distance to the
+   teacher's samples and the mean squared distance to the teacher's sample from the same noise
+   (``megatron_rcm.eval``). Writes PNG grids, ``metrics.json`` and prints the table.
 """
 
 from __future__ import annotations
@@ -157,18 +159,24 @@ def _eval_setup(cfg):
                 test_labels=labels[test], emb=emb, neg=neg)
 
 
-def _score(ev, samples, labels):
-    from megatron_rcm.eval import sample_metrics
+def _score(ev, samples, labels, teacher=None, paired=True):
+    """Real-data scores of ``samples`` and, given ``teacher`` (``{"x": samples, "feats": features}``),
+    the scores against the teacher's samples; ``paired=False``: no same-noise pairing (real data)."""
+    from megatron_rcm.eval import sample_metrics, teacher_metrics
     from megatron_rcm.eval.classifier import predict
 
-    probs, feats = predict(ev["clf"], samples.float().cpu().clamp(-1, 1))
-    return sample_metrics(probs, feats, labels, ev["ref_feats"], ev["ref_labels"])
+    x = samples.float().cpu().clamp(-1, 1)
+    probs, feats = predict(ev["clf"], x)
+    scores = sample_metrics(probs, feats, labels, ev["ref_feats"], ev["ref_labels"])
+    if teacher is not None:
+        scores.update(teacher_metrics(feats, teacher["feats"], x if paired else None, teacher["x"]))
+    return scores, feats
 
 
 def run_quickstart(opts: QuickstartOptions) -> dict:
     """Run the whole demo; returns ``{"metrics": {row: {metric: value}}, "timings_s": {...}}``."""
     from megatron_rcm.config import load_config
-    from megatron_rcm.eval import format_table
+    from megatron_rcm.eval import format_table, teacher_metrics
     from megatron_rcm.parallel.state import initialize_parallel
     from megatron_rcm.rcm import Conditioning, TrigFlowDenoiser, euler_sample
     from megatron_rcm.training import Trainer
@@ -197,13 +205,16 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     cond = Conditioning(context=ev["emb"][labels].to(device), neg_context=ev["neg"].to(device))
     noise = torch.randn((len(labels), 1, 1, 8, 8), generator=torch.Generator().manual_seed(2024)).to(device)
     show = torch.cat([torch.nonzero(labels == c)[:2, 0] for c in range(10)])  # two of each digit, same seeds
-    metrics = {"real digits (held-out)": _score(ev, ev["test_images"], labels)}
     w = base.distill.guidance
     pick_num_threads(teacher, base.data.text_len, base.data.text_dim)
     denoiser = TrigFlowDenoiser(teacher, base.distill.timestep_scale)
     teacher_x = euler_sample(denoiser, noise, cond, guidance=w, num_steps=opts.teacher_sample_steps, shift=1.0)
     teacher_name = f"teacher {opts.teacher_sample_steps}-step (CFG {w:g})"
-    metrics[teacher_name] = _score(ev, teacher_x, labels)
+    teacher_scores, teacher_feats = _score(ev, teacher_x, labels)
+    ref = {"x": teacher_x.float().cpu().clamp(-1, 1), "feats": teacher_feats}
+    teacher_scores.update(teacher_metrics(teacher_feats, teacher_feats, ref["x"], ref["x"]))  # 0 by definition
+    metrics = {"real digits (held-out)": _score(ev, ev["test_images"], labels, ref, paired=False)[0],
+               teacher_name: teacher_scores}
     timings["eval_teacher"] = time.time() - t0
     grids = {}
     rows_all = {"real (held-out)": ev["test_images"][show], f"teacher {opts.teacher_sample_steps}-step":
@@ -229,7 +240,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
 
             batch = Batch(latent_BCFHW=noise, context_BLD=cond.context, neg_context_BLD=cond.neg_context)
             xs = trainer.sample(n, batch, use_ema=True, seed=2024, noise=noise)
-            metrics[f"{method} student {n}-step"] = _score(ev, xs, labels)
+            metrics[f"{method} student {n}-step"] = _score(ev, xs, labels, ref)[0]
             rows[f"{method} {n}-step"] = xs[show]
             rows_all[f"{method} {n}-step"] = xs[show]
         grids[method] = str(save_grid(rows, out / f"grid_{method}.png", label_width=170))
@@ -242,7 +253,11 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
               "notes": "students are evaluated with their power-EMA weights; every row uses the same noise "
                        "and the labels of the held-out real digits; features/classes from a classifier trained "
-                       "on the real training split (megatron_rcm/eval)."}
+                       "on the real training split (megatron_rcm/eval). class_acc, precision, recall, "
+                       "diversity, fd: against the real digits (sample quality); fd_teacher: Frechet distance "
+                       "to the teacher's samples (does the student match the teacher's distribution?); "
+                       "mse_teacher: mean squared pixel distance to the teacher's sample from the same noise "
+                       "(does it match the teacher's noise-to-sample map?); see docs/quickstart.md."}
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     say("\n" + table)
     say(f"\ngrids: {', '.join(grids.values())}\nmetrics: {out / 'metrics.json'}\n"

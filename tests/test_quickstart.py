@@ -27,9 +27,15 @@ def test_quickstart_pipeline_at_toy_size(tmp_path):
         f"{m} student {n}-step" for m in ("rcm", "dmd") for n in (1, 2, 4)}
     assert set(rows) == expected
     for name, m in rows.items():
-        assert set(m) == {"class_acc", "precision", "recall", "diversity", "fd"}, name
-        assert 0.0 <= m["class_acc"] <= 1.0 and m["fd"] >= 0.0
+        assert set(m) == {"class_acc", "precision", "recall", "diversity", "fd", "fd_teacher", "mse_teacher"}, name
+        assert 0.0 <= m["class_acc"] <= 1.0 and m["fd"] >= 0.0 and m["fd_teacher"] >= -1e-6
     assert rows["real digits (held-out)"]["class_acc"] > 0.9  # the classifier is trained on real data
+    assert rows["real digits (held-out)"]["mse_teacher"] is None  # real digits do not share the noise
+    assert abs(rows["teacher 3-step (CFG 2)"]["fd_teacher"]) < 1e-6
+    assert rows["teacher 3-step (CFG 2)"]["mse_teacher"] == 0.0
+    for m in ("rcm", "dmd"):
+        for n in (1, 2, 4):
+            assert rows[f"{m} student {n}-step"]["mse_teacher"] > 0.0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"] == rows
     for name in ("grid_rcm.png", "grid_dmd.png", "grid_all.png"):
