@@ -5,18 +5,31 @@
 2. Distill it with rCM and the sCM-only and DMD-only baselines through the same ``Trainer`` / engine.
 3. Evaluate the teacher (50-step RF Euler, CFG) and every student (EMA weights, 1, 2 and 4 steps) on the
    same seeds and labels as the held-out real digits, with a classifier trained on the real training
-   split: class accuracy, k-NN precision/recall, within-class diversity and Frechet distance in its
-   feature space (``megatron_rcm.eval``). Writes PNG grids, ``metrics.json`` and prints the table.
+   split: class accuracy, k-NN precision/recall, within-class diversity and Frechet distance to the real
+   digits in its feature space, and, for what distillation aims at, the Frechet distance to the
+   teacher's samples and the mean squared distance to the teacher's sample from the same noise
+   (``megatron_rcm.eval``). Writes PNG grids, ``metrics.json`` and prints the table.
+
+The options, the config of every method and the output folder are checked before the teacher is
+trained. Everything is written into a temporary folder beside the output folder, which replaces the
+output folder only once the run has finished: a second run into the same folder replaces the first
+run's results as a whole (no stale grids beside new metrics), a failed run leaves them untouched.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from megatron_rcm.config.schema import ConfigError
+from megatron_rcm.rcm.engine import ALGORITHMS
 
 # The quickstart's distillation config; examples/configs/quickstart.yaml holds the same values (a test
 # keeps them equal) so that `megatron-rcm train --config examples/configs/quickstart.yaml` reproduces it.
@@ -140,7 +153,7 @@ def _train_teacher(opts: QuickstartOptions, cfg, out: Path, say):
     path = export_model(teacher, out / "teacher")
     tail = losses[-100:]
     say(f"teacher: {opts.teacher_steps} steps in {time.time() - t0:.0f} s, final RF loss "
-        f"{sum(tail) / len(tail):.4f} -> {path}")
+        f"{sum(tail) / len(tail):.4f}")
     return teacher, path, time.time() - t0
 
 
@@ -157,30 +170,135 @@ def _eval_setup(cfg):
                 test_labels=labels[test], emb=emb, neg=neg)
 
 
-def _score(ev, samples, labels):
-    from megatron_rcm.eval import sample_metrics
+def _score(ev, samples, labels, teacher=None, paired=True):
+    """Real-data scores of ``samples`` and, given ``teacher`` (``{"x": samples, "feats": features}``),
+    the scores against the teacher's samples; ``paired=False``: no same-noise pairing (real data)."""
+    from megatron_rcm.eval import sample_metrics, teacher_metrics
     from megatron_rcm.eval.classifier import predict
 
-    probs, feats = predict(ev["clf"], samples.float().cpu().clamp(-1, 1))
-    return sample_metrics(probs, feats, labels, ev["ref_feats"], ev["ref_labels"])
+    x = samples.float().cpu().clamp(-1, 1)
+    probs, feats = predict(ev["clf"], x)
+    scores = sample_metrics(probs, feats, labels, ev["ref_feats"], ev["ref_labels"])
+    if teacher is not None:
+        scores.update(teacher_metrics(feats, teacher["feats"], x if paired else None, teacher["x"]))
+    return scores, feats
+
+
+def quickstart_config(opts: QuickstartOptions, method: str | None = None, extra: tuple[str, ...] = ()):
+    """The distillation config of ``method`` (None: the base config) with the run's overrides."""
+    from megatron_rcm.config import load_config
+
+    algo = [] if method is None else [f"distill.algorithm={method}"]
+    return load_config(None, [*QUICKSTART_OVERRIDES, f"training.max_steps={opts.distill_steps}", *algo,
+                              *extra, *opts.overrides])
+
+
+def check_options(opts: QuickstartOptions):
+    """ConfigError naming the bad value before anything is trained; returns the base config."""
+    methods = tuple(opts.methods)
+    if not methods:
+        raise ConfigError("quickstart: --methods is empty; give one or more of " + ",".join(ALGORITHMS))
+    bad = [m for m in methods if m not in ALGORITHMS]
+    if bad:
+        raise ConfigError(f"quickstart: unknown method(s) {', '.join(map(repr, bad))} in --methods "
+                          f"{','.join(methods)}; choose from {','.join(ALGORITHMS)}")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"quickstart: --methods {','.join(methods)} names a method twice")
+    for name in ("teacher_steps", "teacher_batch", "distill_steps", "teacher_sample_steps"):
+        if int(getattr(opts, name)) < 1:
+            raise ConfigError(f"quickstart: {name} must be >= 1, got {getattr(opts, name)}")
+    base = quickstart_config(opts)
+    n_max = len(base.distill.mid_t) + 1
+    if not opts.student_steps or any(not 1 <= int(n) <= n_max for n in opts.student_steps):
+        raise ConfigError(f"quickstart: student_steps {tuple(opts.student_steps)} must be in 1..{n_max} "
+                          f"(distill.mid_t has {n_max - 1} intermediate times)")
+    for method in methods:  # the overrides must hold for every method, not only the base config
+        quickstart_config(opts, method)
+    return base
+
+
+def quickstart_entries() -> set[str]:
+    """Names a quickstart writes into its output folder (the only ones it will replace)."""
+    return {"teacher", "metrics.json", "grid_all.png", *ALGORITHMS, *(f"grid_{a}.png" for a in ALGORITHMS)}
+
+
+def prepare_output(out: Path, say) -> Path:
+    """Check the output folder and make the temporary folder the run writes into (beside ``out``).
+
+    ``out`` may be missing, empty, or a previous quickstart's output (only names from
+    ``quickstart_entries``): anything else is refused, so that a mistyped ``--output-dir`` never
+    replaces a folder of other files. Leftover temporary folders of killed runs are reported."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"quickstart: output folder {out} exists and is not a folder")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in quickstart_entries())
+        if foreign:
+            raise ConfigError(
+                f"quickstart: output folder {out} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
+                f"a quickstart does not write ({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); "
+                f"it would be replaced: choose another --output-dir or empty it")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ConfigError(f"quickstart: output folder {out} is not writable")
+    parent = out.absolute().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    except OSError as err:
+        raise ConfigError(f"quickstart: cannot write beside the output folder {out} in {parent}: {err}") from err
+    stale = sorted(p for p in parent.glob(f".{out.name}.*-*") if p != work and p.is_dir())
+    if stale:
+        say(f"note: leftover folders of an interrupted quickstart (delete them when no quickstart runs): "
+            f"{', '.join(map(str, stale))}")
+    return work
+
+
+def replace_output(work: Path, out: Path) -> None:
+    """Move the finished ``work`` folder to ``out``, replacing a previous output as a whole: the old
+    folder is renamed aside, the new one renamed in (two renames in one file system), the old deleted."""
+    if not out.exists():
+        os.rename(work, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
+    os.rename(out, old / "out")
+    try:
+        os.rename(work, out)
+    except BaseException:
+        os.rename(old / "out", out)  # put the previous results back
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
 
 
 def run_quickstart(opts: QuickstartOptions) -> dict:
-    """Run the whole demo; returns ``{"metrics": {row: {metric: value}}, "timings_s": {...}}``."""
-    from megatron_rcm.config import load_config
-    from megatron_rcm.eval import format_table
+    """Run the whole demo; returns ``{"metrics": {row: {metric: value}}, "timings_s": {...}}``.
+
+    Raises ConfigError for bad options or output folder before the teacher is trained."""
+    say = lambda msg: print(msg, flush=True)
+    base = check_options(opts)
+    out = Path(opts.output_dir)
+    work = prepare_output(out, say)
+    try:
+        result = _run(opts, base, work, out, say)
+        replace_output(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    say(f"\ngrids: {', '.join(result['grids'].values())}\nmetrics: {out / 'metrics.json'}\n"
+        f"total wall time: {result['timings_s']['total']:.0f} s")
+    return result
+
+
+def _run(opts: QuickstartOptions, base, work: Path, out: Path, say) -> dict:
+    """The demo, writing into ``work``; paths in the result name their place in ``out``."""
+    from megatron_rcm.eval import format_table, teacher_metrics
     from megatron_rcm.parallel.state import initialize_parallel
     from megatron_rcm.rcm import Conditioning, TrigFlowDenoiser, euler_sample
     from megatron_rcm.training import Trainer
     from megatron_rcm.training.samples import save_grid
 
     t_start = time.time()
-    out = Path(opts.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    say = lambda msg: print(msg, flush=True)
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormal AdamW moments slow CPU steps ~30x (see Trainer)
-    base = load_config(None, [*QUICKSTART_OVERRIDES, f"training.max_steps={opts.distill_steps}", *opts.overrides])
     from megatron_rcm.training.trainer import use_free_port_if_single_process
 
     use_free_port_if_single_process()
@@ -190,20 +308,23 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         f"{len(opts.methods)} distillations x {opts.distill_steps} steps -> {out}")
     timings = {}
 
-    teacher, teacher_path, timings["teacher_train"] = _train_teacher(opts, base, out, say)
+    teacher, teacher_path, timings["teacher_train"] = _train_teacher(opts, base, work, say)
     t0 = time.time()
     ev = _eval_setup(base)
     labels = ev["test_labels"]
     cond = Conditioning(context=ev["emb"][labels].to(device), neg_context=ev["neg"].to(device))
     noise = torch.randn((len(labels), 1, 1, 8, 8), generator=torch.Generator().manual_seed(2024)).to(device)
     show = torch.cat([torch.nonzero(labels == c)[:2, 0] for c in range(10)])  # two of each digit, same seeds
-    metrics = {"real digits (held-out)": _score(ev, ev["test_images"], labels)}
     w = base.distill.guidance
     pick_num_threads(teacher, base.data.text_len, base.data.text_dim)
     denoiser = TrigFlowDenoiser(teacher, base.distill.timestep_scale)
     teacher_x = euler_sample(denoiser, noise, cond, guidance=w, num_steps=opts.teacher_sample_steps, shift=1.0)
     teacher_name = f"teacher {opts.teacher_sample_steps}-step (CFG {w:g})"
-    metrics[teacher_name] = _score(ev, teacher_x, labels)
+    teacher_scores, teacher_feats = _score(ev, teacher_x, labels)
+    ref = {"x": teacher_x.float().cpu().clamp(-1, 1), "feats": teacher_feats}
+    teacher_scores.update(teacher_metrics(teacher_feats, teacher_feats, ref["x"], ref["x"]))  # 0 by definition
+    metrics = {"real digits (held-out)": _score(ev, ev["test_images"], labels, ref, paired=False)[0],
+               teacher_name: teacher_scores}
     timings["eval_teacher"] = time.time() - t0
     grids = {}
     rows_all = {"real (held-out)": ev["test_images"][show], f"teacher {opts.teacher_sample_steps}-step":
@@ -211,10 +332,9 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
 
     for method in opts.methods:
         t0 = time.time()
-        cfg = load_config(None, [*QUICKSTART_OVERRIDES, f"training.max_steps={opts.distill_steps}",
-                                 f"distill.algorithm={method}", f"model.teacher_checkpoint={teacher_path}",
-                                 f"training.output_dir={out / method}", f"logging.progress_bar={opts.progress}",
-                                 *opts.overrides])
+        cfg = quickstart_config(opts, method, (f"model.teacher_checkpoint={teacher_path}",
+                                               f"training.output_dir={work / method}",
+                                               f"logging.progress_bar={opts.progress}"))
         trainer = Trainer(cfg, teacher=teacher)
         threads = pick_num_threads(teacher, cfg.data.text_len, cfg.data.text_dim)
         say(f"distilling with {method}: {opts.distill_steps} steps ({threads} CPU threads)" if device.type == "cpu"
@@ -229,12 +349,14 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
 
             batch = Batch(latent_BCFHW=noise, context_BLD=cond.context, neg_context_BLD=cond.neg_context)
             xs = trainer.sample(n, batch, use_ema=True, seed=2024, noise=noise)
-            metrics[f"{method} student {n}-step"] = _score(ev, xs, labels)
+            metrics[f"{method} student {n}-step"] = _score(ev, xs, labels, ref)[0]
             rows[f"{method} {n}-step"] = xs[show]
             rows_all[f"{method} {n}-step"] = xs[show]
-        grids[method] = str(save_grid(rows, out / f"grid_{method}.png", label_width=170))
+        save_grid(rows, work / f"grid_{method}.png", label_width=170)
+        grids[method] = str(out / f"grid_{method}.png")
         trainer.close()
-    grids["all"] = str(save_grid(rows_all, out / "grid_all.png", label_width=170))
+    save_grid(rows_all, work / "grid_all.png", label_width=170)
+    grids["all"] = str(out / "grid_all.png")
     timings["total"] = time.time() - t_start
 
     table = format_table(metrics)
@@ -242,9 +364,11 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
               "notes": "students are evaluated with their power-EMA weights; every row uses the same noise "
                        "and the labels of the held-out real digits; features/classes from a classifier trained "
-                       "on the real training split (megatron_rcm/eval)."}
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+                       "on the real training split (megatron_rcm/eval). class_acc, precision, recall, "
+                       "diversity, fd: against the real digits (sample quality); fd_teacher: Frechet distance "
+                       "to the teacher's samples (does the student match the teacher's distribution?); "
+                       "mse_teacher: mean squared pixel distance to the teacher's sample from the same noise "
+                       "(does it match the teacher's noise-to-sample map?); see docs/quickstart.md."}
+    (work / "metrics.json").write_text(json.dumps(result, indent=1))
     say("\n" + table)
-    say(f"\ngrids: {', '.join(grids.values())}\nmetrics: {out / 'metrics.json'}\n"
-        f"total wall time: {timings['total']:.0f} s")
     return result

@@ -6,7 +6,15 @@ import pytest
 import scipy.linalg
 import torch
 
-from megatron_rcm.eval import frechet_distance, frechet_distance_from_stats, manifold_coverage, sample_metrics
+from megatron_rcm.eval import (
+    format_table,
+    frechet_distance,
+    frechet_distance_from_stats,
+    manifold_coverage,
+    paired_mse,
+    sample_metrics,
+    teacher_metrics,
+)
 from megatron_rcm.eval.metrics import within_class_diversity
 
 
@@ -77,3 +85,43 @@ def test_digits_classifier_learns_the_real_data():
     acc = float((probs.argmax(-1) == y[te]).double().mean())
     assert acc > 0.9
     assert feats.shape == (len(te), 64)
+
+
+def test_paired_mse_matches_numpy_and_refuses_unpaired_shapes():
+    rng = np.random.default_rng(2)
+    a, b = rng.normal(size=(7, 1, 1, 8, 8)), rng.normal(size=(7, 1, 1, 8, 8))
+    want = sum(((a[i] - b[i]) ** 2).sum() for i in range(7)) / (7 * 64)  # per pair, then per element
+    got = paired_mse(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    assert got == pytest.approx(want, rel=1e-6)
+    assert paired_mse(torch.from_numpy(a), torch.from_numpy(a)) == 0.0
+    with pytest.raises(ValueError, match=r"\(7, 1, 1, 8, 8\) and \(6, 1, 1, 8, 8\)"):
+        paired_mse(torch.from_numpy(a), torch.from_numpy(b[:6]))
+
+
+def test_teacher_columns_rank_the_student_that_matches_the_teacher_first():
+    """The point of the teacher columns: a student that drifts from its (sharpened) teacher towards the
+    data looks better against the data, and worse against the teacher, than one that matches it."""
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(800, 4, generator=g, dtype=torch.float64)
+    teacher = 0.5 * torch.randn(800, 4, generator=g, dtype=torch.float64) + 1.0  # CFG-like: shifted, sharper
+    matches = teacher + 0.05 * torch.randn(800, 4, generator=g, dtype=torch.float64)
+    drifts = 0.5 * teacher + 0.5 * real  # halfway to the data, same noise pairing
+    assert frechet_distance(drifts, real) < frechet_distance(matches, real)
+    m_match = teacher_metrics(matches, teacher, matches, teacher)
+    m_drift = teacher_metrics(drifts, teacher, drifts, teacher)
+    assert m_match["fd_teacher"] < m_drift["fd_teacher"] and m_match["mse_teacher"] < m_drift["mse_teacher"]
+    assert m_match["mse_teacher"] == pytest.approx(0.05**2, rel=0.1)
+    assert m_match["fd_teacher"] == pytest.approx(frechet_distance(matches, teacher), rel=1e-12)
+    unpaired = teacher_metrics(real, teacher)  # real data: no same-noise pairing
+    assert unpaired["mse_teacher"] is None and unpaired["fd_teacher"] > 0
+
+
+def test_format_table_has_the_teacher_columns_and_dashes_for_none():
+    table = format_table({"real": {"fd": 1.0, "fd_teacher": 2.0, "mse_teacher": None},
+                          "student": {"fd": 3.0, "fd_teacher": 0.5, "mse_teacher": 0.125},
+                          "teacher": {"fd": 3.0, "fd_teacher": -2e-12, "mse_teacher": 0.0}})
+    head, _, real, student, teacher = table.splitlines()
+    assert teacher.split()[-2:] == ["0.000", "0.000"]  # a -2e-12 rounding residue is not printed "-0.000"
+    assert head.split()[-2:] == ["fd_teacher", "mse_teacher"]
+    assert real.split()[-3:] == ["1.000", "2.000", "-"] and student.split()[-2:] == ["0.500", "0.125"]
+    assert len({len(line) for line in table.splitlines()}) == 1  # columns stay aligned

@@ -40,6 +40,7 @@ from megatron_rcm.rcm.dmd import dmd_loss, draw_rollout, rollout_steps, student_
 from megatron_rcm.rcm.samplers import student_sample
 from megatron_rcm.rcm.schedule import StudentCriticSchedule
 from megatron_rcm.rcm.scm import (
+    TANGENT_WARMUP_FORMS,
     finite_difference_dF,
     scm_loss,
     scm_tangents,
@@ -75,6 +76,10 @@ class DistillConfig:
     tangent_warmup: int = 1000
     """Steps of the sCM tangent warm-up r = min(1, step / tangent_warmup); 0 means r = 1. In rCM these
     steps are all student steps without the DMD term (the critic has not been trained yet)."""
+    tangent_warmup_form: str = "release"
+    """Where r enters the sCM target g during the warm-up (``rcm.scm``): "release" (default; rcm_math.md
+    sec. 3 and the authors' release) g = ... - (r cos t sin t x_t + dF); "paper" (sCM Sec. 4.2)
+    g = ... - r (cos t sin t x_t + dF). Identical once r = 1."""
     student_update_freq: int = 5
     """With a critic, one student step every this many steps after the warm-up (5: 1.3B, 10: 14B)."""
     N_max: int = 4
@@ -105,6 +110,10 @@ class DistillConfig:
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.tangent_warmup_form not in TANGENT_WARMUP_FORMS:
+            raise ValueError(
+                f"tangent_warmup_form must be one of {TANGENT_WARMUP_FORMS}, got {self.tangent_warmup_form!r}"
+            )
         if isinstance(self.student_time, dict):
             self.student_time = TimeDistribution(**self.student_time)
         if isinstance(self.critic_time, dict):
@@ -262,7 +271,7 @@ class RCMEngine:
             dx_t, dt_B = scm_tangents(t_B, F_T)
             F_theta, dF = student.F_jvp(x_t, t_B, dx_t, dt_B, cond)
         r = tangent_warmup_ratio(step, cfg.tangent_warmup)
-        g = scm_target(x_t, t_B, F_theta.detach(), F_T, dF, r)
+        g = scm_target(x_t, t_B, F_theta.detach(), F_T, dF, r, cfg.tangent_warmup_form)
         out = scm_loss(F_theta, g, cfg.scm_loss_scale, cfg.g_norm_eps)
         logs["scm/g_norm"] = out.g_norm
         logs["scm/nonfinite"] = out.num_nonfinite

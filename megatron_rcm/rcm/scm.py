@@ -6,14 +6,22 @@ With the (guided) teacher's TrigFlow velocity F_T at x_t = cos t x0 + sin t eps:
 
     dx_t = cos t sin t F_T,   dt = cos t sin t                    (JVP rearrangement, sCM Sec. 5.1)
     (F_sg, dF) = JVP of the student F_theta- at (x_t, t) along (dx_t, dt)
-    g = -cos t sqrt(1 - r^2 sin^2 t) (F_sg - F_T) - r (cos t sin t x_t + dF)
+    g = -cos t sqrt(1 - r^2 sin^2 t) (F_sg - F_T) - (r cos t sin t x_t + dF)    ("release", default)
     g <- g / (||g||_2 + 0.1)                                     (per sample, float64)
     L_sCM = loss_scale * sum((F_theta - F_sg - g)^2)
 
-On the tangent warm-up r = min(1, step / tangent_warmup): sCM (Sec. 4.2, "tangent warmup") and the
-authors' release scale the *whole* second term cos t sin t (x_t + dF/dt) by r, i.e. r multiplies dF
-as well: the dF/dt term is the unstable one the warm-up exists to ramp in. rcm_math.md sec. 3 writes
-"- (r cos t sin t x_t + dF)"; the two agree once r = 1 (after warm-up). We follow the paper.
+On the tangent warm-up r = min(1, step / tangent_warmup), two forms exist (``TANGENT_WARMUP_FORMS``):
+
+    "release"  - (r cos t sin t x_t + dF)       rcm_math.md sec. 3 and the authors' release (since
+                                                January 2026): r ramps in the x_t term only.
+    "paper"    - r (cos t sin t x_t + dF)       sCM (arXiv 2410.11081, Sec. 4.2): r replaces the
+                                                coefficient cos t sin t of the whole second term, so r
+                                                multiplies dF as well.
+
+The default is the release's form (the one rcm_math.md states); the paper's is kept, as
+``DistillConfig.tangent_warmup_form = "paper"``, to reproduce runs made with it. The two agree once
+r = 1 (after the warm-up, or with tangent_warmup = 0). The JVP and the finite-difference dF
+(``finite_difference_dF``) both go through ``scm_target``, so they use the same form.
 
 Since d/dF_theta of the loss is -2 loss_scale g (F_theta == F_sg numerically), the loss value is
 about loss_scale * ||g_normalized||^2 < loss_scale whatever the student; ``g_norm`` (before the
@@ -30,6 +38,7 @@ from torch import Tensor
 
 __all__ = [
     "SCMLoss",
+    "TANGENT_WARMUP_FORMS",
     "bcast_mask",
     "finite_mask",
     "finite_difference_dF",
@@ -39,6 +48,10 @@ __all__ = [
     "scm_target",
     "tangent_warmup_ratio",
 ]
+
+
+TANGENT_WARMUP_FORMS = ("release", "paper")
+"""Where the warm-up ratio r enters g (module docstring): "release" (default) or "paper" (sCM)."""
 
 
 def _b(c_B: Tensor, like: Tensor) -> Tensor:
@@ -74,12 +87,23 @@ def scm_tangents(t_B: Tensor, F_T: Tensor) -> tuple[Tensor, Tensor]:
     return _b(cs_B, F_T).to(F_T.dtype) * F_T, cs_B
 
 
-def scm_target(x_t: Tensor, t_B: Tensor, F_sg: Tensor, F_T: Tensor, dF: Tensor, r: float) -> Tensor:
-    """Unnormalized g of sec. 3 (float64): -cos t sqrt(1 - r^2 sin^2 t)(F_sg - F_T) - r (cos t sin t x_t + dF)."""
+def scm_target(
+    x_t: Tensor, t_B: Tensor, F_sg: Tensor, F_T: Tensor, dF: Tensor, r: float, form: str = "release"
+) -> Tensor:
+    """Unnormalized g of sec. 3 (float64), with the warm-up ratio r placed as ``form`` says:
+
+    "release": -cos t sqrt(1 - r^2 sin^2 t)(F_sg - F_T) - (r cos t sin t x_t + dF)     (sec. 3)
+    "paper":   -cos t sqrt(1 - r^2 sin^2 t)(F_sg - F_T) - r (cos t sin t x_t + dF)     (sCM Sec. 4.2)
+    """
+    if form not in TANGENT_WARMUP_FORMS:
+        raise ValueError(f"tangent warm-up form must be one of {TANGENT_WARMUP_FORMS}, got {form!r}")
     x_t, F_sg, F_T, dF = (x.to(torch.float64) for x in (x_t, F_sg, F_T, dF))
     t_B = t_B.to(torch.float64)
     cos_t, sin_t = _b(torch.cos(t_B), x_t), _b(torch.sin(t_B), x_t)
-    return -cos_t * torch.sqrt(1.0 - r**2 * sin_t**2) * (F_sg - F_T) - r * (cos_t * sin_t * x_t + dF)
+    first = -cos_t * torch.sqrt(1.0 - r**2 * sin_t**2) * (F_sg - F_T)
+    if form == "release":
+        return first - (r * cos_t * sin_t * x_t + dF)
+    return first - r * (cos_t * sin_t * x_t + dF)
 
 
 def normalize_per_sample(g: Tensor, eps: float = 0.1) -> tuple[Tensor, Tensor]:
