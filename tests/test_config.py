@@ -59,6 +59,16 @@ def test_precedence_cli_over_file_over_defaults(tmp_path):
         ("optimizer=3", r"'optimizer'.*is a section"),
         ("logging.wandb_mode=cloud", r"'logging.wandb_mode'"),
         ("nonsense", r"must look like key.sub=value"),
+        ("optimizer.lr=.inf", r"'optimizer.lr': inf \(expected a finite number\)"),
+        ("optimizer.lr=inf", r"'optimizer.lr': inf \(expected a finite number\)"),
+        ("optimizer.critic_lr=.nan", r"'optimizer.critic_lr': nan \(expected a finite number\)"),
+        ("optimizer.clip_grad=.inf", r"'optimizer.clip_grad': inf"),
+        ("distill.guidance=.inf", r"'distill.guidance': inf"),
+        ("distill.student_time.P_mean=-.inf", r"'distill.student_time.P_mean': -inf"),
+        ("distill.mid_t=[1.0, .nan]", r"'distill.mid_t\[1\]': nan"),
+        ("model.overrides.norm_eps=.inf", r"'model.overrides.norm_eps': inf"),
+        ("distill.guidance=-2", r"'distill.guidance': -2.0 \(expected >= 0"),
+        ("model.overrides={a: 1, a: 2}", r"duplicate key 'a' on lines 1 and 1"),
     ],
 )
 def test_errors_name_the_bad_key(override, match):
@@ -76,6 +86,32 @@ def test_file_errors(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(bad)
+
+
+def test_guidance_zero_and_null_are_valid():
+    assert load_config(None, ["data.source=mock", "distill.guidance=0"]).distill.guidance == 0.0
+    assert load_config(None, ["data.source=mock", "distill.guidance=null"]).distill.guidance is None
+
+
+def test_duplicate_yaml_keys_name_the_key_and_both_lines(tmp_path):
+    f = tmp_path / "dup.yaml"
+    f.write_text("optimizer:\n  lr: 1.0e-5\ndata: {source: mock}\noptimizer:\n  critic_lr: 1.0e-6\n")
+    with pytest.raises(ConfigError, match=rf"{f}.*duplicate key 'optimizer' on lines 1 and 4"):
+        load_config(f)
+    f.write_text("data:\n  source: mock\n  micro_batch_size: 2\n  source: digits\n")  # nested
+    with pytest.raises(ConfigError, match=r"duplicate key 'source' on lines 2 and 4"):
+        load_config(f)
+    # merge keys stay legal, and an explicit key overrides a merged one
+    f.write_text("data: {source: mock}\noptimizer:\n  <<: {lr: 1.0e-5, critic_lr: 1.0e-6}\n  lr: 3.0e-5\n")
+    cfg = load_config(f)
+    assert (cfg.optimizer.lr, cfg.optimizer.critic_lr) == (3e-5, 1e-6)
+
+
+def test_non_finite_number_from_a_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data: {source: mock}\noptimizer: {lr: .inf}\n")
+    with pytest.raises(ConfigError, match=r"'optimizer.lr': inf \(expected a finite number\)"):
+        load_config(f)
 
 
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -12,6 +13,7 @@ import torch
 
 from megatron_rcm.data import ShardError, ShardWriter
 from megatron_rcm.data.format import INDEX_FILE
+from megatron_rcm.data.index import index_folder, write_index
 from megatron_rcm.data.shards import ShardSource
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +101,15 @@ def test_truncated_shard_is_detected_at_open(tmp_path):
         _source(tmp_path)
 
 
-def _tar_with(path, members):
+def _tar_with(path, members, index=True):
+    """A tar written by another tool, indexed with ``make_shards.py --index``'s function."""
     with tarfile.open(path, "w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    if index:
+        write_index(path.parent, index_folder(path.parent))
 
 
 def _pth(t):
@@ -113,11 +118,11 @@ def _pth(t):
     return buf.getvalue()
 
 
-def test_missing_member_without_index(tmp_path):
-    _tar_with(tmp_path / "a.tar", {"k1.latent.pth": _pth(torch.zeros(SHAPE)), "k1.t5.pth": _pth(torch.zeros(2, 8)),
-                                   "k2.latent.pth": _pth(torch.zeros(SHAPE))})
+def test_missing_member_is_refused_by_the_indexer(tmp_path):
     with pytest.raises(ShardError, match=r"a.tar.*'k2'.*no text-embedding"):
-        _source(tmp_path)
+        _tar_with(tmp_path / "a.tar", {"k1.latent.pth": _pth(torch.zeros(SHAPE)),
+                                       "k1.t5.pth": _pth(torch.zeros(2, 8)), "k2.latent.pth": _pth(torch.zeros(SHAPE))})
+    assert not (tmp_path / INDEX_FILE).exists()
 
 
 def test_shape_mismatch_and_undecodable(tmp_path):
@@ -140,6 +145,13 @@ def test_resume_with_other_dataset_size_is_refused(tmp_path):
         _source(tmp_path / "b").load_state_dict(state)
 
 
+def make_shards(*args):
+    """Run tools/make_shards.py with this checkout's package first on the path (not an installed copy)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), *map(str, args)],
+                          capture_output=True, text=True, env=env)
+
+
 def test_make_shards_tool_from_dir_and_reindex(tmp_path):
     src = tmp_path / "loose"
     src.mkdir()
@@ -147,13 +159,12 @@ def test_make_shards_tool_from_dir_and_reindex(tmp_path):
         torch.save(torch.full(SHAPE, float(i)), src / f"v{i}.latent.pth")
         torch.save(torch.ones(2, 8), src / f"v{i}.t5.pth")
     out = tmp_path / "shards"
-    cmd = [sys.executable, str(ROOT / "tools/make_shards.py"), "--from-dir", str(src), "--out", str(out),
-           "--samples-per-shard", "2"]
-    subprocess.run(cmd, check=True, capture_output=True)
+    proc = make_shards("--from-dir", src, "--out", out, "--samples-per-shard", 2)
+    assert proc.returncode == 0, proc.stderr
     written = (out / INDEX_FILE).read_text()
     (out / INDEX_FILE).unlink()
-    subprocess.run([sys.executable, str(ROOT / "tools/make_shards.py"), "--index", str(out)], check=True,
-                   capture_output=True)
+    proc = make_shards("--index", out)
+    assert proc.returncode == 0, proc.stderr
     assert json.loads((out / INDEX_FILE).read_text()) == json.loads(written)
     b = _source(out, micro_batch_size=3, shuffle=False).next_batch()
     assert b.keys == ["v0", "v1", "v2"] and b.latent_BCFHW[2].eq(2).all()

@@ -1,7 +1,8 @@
 """Load an ``ExperimentConfig``: defaults, then a YAML file, then ``a.b=c`` command-line overrides.
 
 Every value is checked against the dataclass annotation of its field; unknown keys and badly typed
-values raise ``ConfigError`` naming the dotted key (with a "did you mean" suggestion for typos).
+values raise ``ConfigError`` naming the dotted key (with a "did you mean" suggestion for typos). A key given
+twice in one YAML mapping is an error naming both lines (plain YAML keeps the last one silently).
 """
 
 from __future__ import annotations
@@ -18,6 +19,33 @@ import yaml
 from megatron_rcm.config.schema import ConfigError, ExperimentConfig
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated within one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` and keys overriding it stay legal
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                earlier = first_line.get(key)
+                first_line.setdefault(key, line)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if earlier is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} on lines {earlier} and {line} (the first would be "
+                                f"silently dropped; keep one)",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 base: ExperimentConfig | None = None) -> ExperimentConfig:
     """Build the config: ``base`` (or defaults) < YAML file at ``path`` < ``overrides`` ("a.b=c")."""
@@ -27,7 +55,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(data, dict):
@@ -51,7 +79,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not all(key.split(".")):
         raise ConfigError(f"override {item!r} has an empty part in its dotted key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {item!r}: value is not valid YAML: {err}") from err
     return key, value

@@ -236,9 +236,33 @@ class ExperimentConfig:
     """Steps, seed, device, output directory."""
 
     def validate(self) -> None:
+        _check_finite(self, "")
         for name in ("model", "optimizer", "data", "checkpoint", "logging", "parallel", "training"):
             getattr(self, name).validate()
+        guidance = self.distill.guidance
+        _check(guidance is None or guidance >= 0, "distill.guidance", guidance,
+               ">= 0, the CFG scale w; 1 or null: the conditional teacher without guidance")
         self.distill = _rebuild(self.distill, "distill")
+
+
+def _check_finite(obj: Any, key: str) -> None:
+    """Every float anywhere in the config (sections, lists, dicts such as ``model.overrides``) is finite:
+    YAML reads ``.inf`` and ``.nan`` as floats, and an infinite learning rate passes every ``> 0`` check."""
+    import dataclasses
+    import math
+
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ConfigError(f"invalid value for '{key}': {obj!r} (expected a finite number)")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _check_finite(getattr(obj, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _check_finite(v, f"{key}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_finite(v, f"{key}[{i}]")
 
 
 def _rebuild(obj: Any, key: str) -> Any:

@@ -30,4 +30,33 @@ def build_data_source(data_cfg, seed: int, dp_rank: int = 0, dp_size: int = 1):
     raise ValueError(f"unknown data.source {data_cfg.source!r}")
 
 
-__all__ = ["Batch", "ShardError", "ShardWriter", "build_data_source"]
+def check_data_source(data_cfg, guidance: float | None) -> None:
+    """Start-up checks of ``data_cfg`` (cheap: reads ``index.json`` and file sizes, no sample data).
+
+    Shards: the folder holds a valid index (``load_index``), and CFG with ``guidance`` other than None/1
+    finds a negative-prompt embedding: ``negative.t5.pth`` beside the shards or a ``.neg_t5`` member in
+    every sample. Raises ``ShardError`` naming the folder and how to fix it.
+    """
+    if data_cfg.source != "shards":
+        return  # mock and digits data carry their own negative-prompt embedding
+    from pathlib import Path
+
+    from megatron_rcm.data.format import NEGATIVE_FILE
+    from megatron_rcm.data.index import load_index, samples_without_negative
+
+    root = Path(data_cfg.path)
+    samples = load_index(root)
+    if guidance is None or guidance == 1.0 or (root / NEGATIVE_FILE).is_file():
+        return
+    missing = samples_without_negative(samples)
+    if missing:
+        raise ShardError(
+            f"distill.guidance={guidance} (classifier-free guidance) needs a negative-prompt embedding, but "
+            f"data directory {root} has no {NEGATIVE_FILE} and {len(missing)} of {len(samples)} samples "
+            f"(e.g. '{missing[0]}') have no .neg_t5 member. Write the shards with "
+            f"`python tools/make_shards.py ... --negative NEG.t5.pth` (the umT5 embedding [L, D] of the "
+            f"negative prompt), or torch.save that tensor as {root / NEGATIVE_FILE}; or train without "
+            f"CFG: distill.guidance=1")
+
+
+__all__ = ["Batch", "ShardError", "ShardWriter", "build_data_source", "check_data_source"]

@@ -8,12 +8,14 @@ precomputed data:
     <key>.neg_t5.pth | <key>.neg_t5.npy   per-sample negative-prompt embedding [L', D] (optional)
     <key>.json                            free metadata, e.g. {"caption": ...} (optional)
 
-A data set is a directory of ``*.tar`` shards plus, optionally:
+A data set is a directory of ``*.tar`` shards plus:
 
-    negative.t5.pth   the data set's negative-prompt embedding [L', D] (used when samples have none)
-    index.json        written by ``ShardWriter`` / ``tools/make_shards.py``: per shard its byte size and
-                      per member (offset, size, crc32), so reading is a seek without scanning the tar
-                      and every byte read is verified. Without it the reader scans the tar headers.
+    negative.t5.pth   the data set's negative-prompt embedding [L', D] (optional; used when samples have
+                      none; CFG with guidance != 1 needs it or per-sample .neg_t5 members)
+    index.json        written last by ``ShardWriter`` / ``tools/make_shards.py`` (``--index DIR`` for tars
+                      from elsewhere): per shard its byte size and per member (offset, size, crc32), so
+                      reading is a seek without scanning the tar and every byte read is verified. The
+                      reader refuses a folder without it (``megatron_rcm.data.index``).
 """
 
 from __future__ import annotations

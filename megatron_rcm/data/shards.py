@@ -4,16 +4,12 @@
 
 from __future__ import annotations
 
-import json
-import tarfile
 from pathlib import Path
 
 import torch
 
 from megatron_rcm.data.batch import Batch, pad_text
 from megatron_rcm.data.format import (
-    INDEX_FILE,
-    INDEX_VERSION,
     LATENT_EXTS,
     NEG_TEXT_EXTS,
     NEGATIVE_FILE,
@@ -21,72 +17,9 @@ from megatron_rcm.data.format import (
     ShardError,
     crc32,
     decode_member,
-    split_member_name,
 )
+from megatron_rcm.data.index import load_index
 from megatron_rcm.data.order import EpochOrder
-
-
-def _scan_tar(path: Path) -> list[dict]:
-    """Index a tar without ``index.json``: group members by key (no checksums available)."""
-    samples: dict[str, dict] = {}
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, ext = split_member_name(m.name)
-                entry = samples.setdefault(key, {"key": key, "members": {}})
-                if ext in entry["members"]:
-                    raise ShardError(f"shard {path}: sample '{key}' has member .{ext} twice")
-                entry["members"][ext] = [m.offset_data, m.size, None]
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise ShardError(f"shard {path}: not a readable tar file ({err})") from err
-    return list(samples.values())
-
-
-def load_index(root: Path) -> list[tuple[Path, dict]]:
-    """[(shard path, sample entry)] in a fixed order; validates the index against the files."""
-    if not root.is_dir():
-        raise ShardError(f"data directory {root} does not exist")
-    index_path = root / INDEX_FILE
-    out: list[tuple[Path, dict]] = []
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ShardError(f"{index_path} is not valid JSON ({err})") from err
-        if index.get("version") != INDEX_VERSION:
-            raise ShardError(f"{index_path}: unsupported index version {index.get('version')!r}")
-        for shard in index["shards"]:
-            path = root / shard["name"]
-            if not path.is_file():
-                raise ShardError(f"shard {path} is listed in {index_path} but missing")
-            size = path.stat().st_size
-            if "bytes" in shard and size != shard["bytes"]:
-                raise ShardError(f"shard {path}: {size} bytes on disk, {shard['bytes']} in {index_path} "
-                                 f"(truncated or rewritten)")
-            out.extend((path, s) for s in shard["samples"])
-    else:
-        tars = sorted(root.glob("*.tar"))
-        if not tars:
-            raise ShardError(f"data directory {root} holds no *.tar shards")
-        for path in tars:
-            out.extend((path, s) for s in _scan_tar(path))
-    seen: dict[str, Path] = {}
-    for path, s in out:
-        if s["key"] in seen:
-            raise ShardError(f"shard {path}: sample key '{s['key']}' also appears in shard {seen[s['key']]}")
-        seen[s["key"]] = path
-        exts = s["members"]
-        if not any(e in exts for e in LATENT_EXTS):
-            raise ShardError(f"shard {path}: sample '{s['key']}' has no latent member "
-                             f"({' or '.join('.' + e for e in LATENT_EXTS)}); found {sorted(exts)}")
-        if not any(e in exts for e in TEXT_EXTS):
-            raise ShardError(f"shard {path}: sample '{s['key']}' has no text-embedding member "
-                             f"({' or '.join('.' + e for e in TEXT_EXTS)}); found {sorted(exts)}")
-    if not out:
-        raise ShardError(f"data directory {root} holds no samples")
-    return out
 
 
 class ShardSource:

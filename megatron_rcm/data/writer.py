@@ -1,10 +1,18 @@
-"""Write tar shards in the format of ``megatron_rcm.data.format`` (used by tools/make_shards.py)."""
+"""Write tar shards in the format of ``megatron_rcm.data.format`` (used by tools/make_shards.py).
+
+Atomic: the shards go into a temporary folder beside the target (``.<name>.tmp-<pid>``), ``index.json``
+is written last, everything is fsynced, and only then the folder is renamed into place. A failed or killed
+write leaves the target as it was (absent, or the previous complete data set); a non-empty target is
+replaced only with ``overwrite=True``, as a whole (no stale shards of the earlier write survive).
+"""
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -17,18 +25,68 @@ from megatron_rcm.data.format import (
     crc32,
     encode_tensor,
 )
+from megatron_rcm.data.index import write_index
+
+logger = logging.getLogger("megatron_rcm.data")
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, or a non-empty folder unless ``overwrite`` (before any work)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"shard output {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"shard output {out_dir} exists and is not empty; pass --overwrite "
+                              f"(ShardWriter(overwrite=True)) to replace the whole folder")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders of writers that no longer run."""
+    removed = []
+    for kind in ("tmp", "old"):
+        for p in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    for p in removed:
+        logger.warning("removed %s, left by an interrupted shard write", p)
+    return removed
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class ShardWriter:
-    """Append samples to ``shard-000000.tar``, ``shard-000001.tar``, ... (``samples_per_shard`` each) and
-    write ``index.json`` (member offsets, sizes, crc32) on ``close()``."""
+    """Append samples to ``shard-000000.tar``, ``shard-000001.tar``, ... (``samples_per_shard`` each), write
+    ``index.json`` (member offsets, sizes, crc32) last and move the folder into place on ``close()``."""
 
     def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000,
-                 negative_t5_LD: torch.Tensor | None = None):
+                 negative_t5_LD: torch.Tensor | None = None, overwrite: bool = False):
         if samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.target = Path(os.path.abspath(out_dir))
+        check_output_dir(self.target, overwrite)
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.target)
+        self.out_dir = self.target.with_name(f".{self.target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(self.out_dir, ignore_errors=True)
+        self.out_dir.mkdir()
         self.samples_per_shard = samples_per_shard
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
@@ -83,14 +141,32 @@ class ShardWriter:
         self._count += 1
 
     def close(self) -> Path:
-        """Finish the last shard and write ``index.json`` atomically. Returns the index path."""
+        """Finish the last shard, write ``index.json`` last and move the folder into place. Returns the
+        index path inside the target folder."""
         self._close_tar()
-        index = {"version": INDEX_VERSION, "shards": self.shards}
-        path = self.out_dir / INDEX_FILE
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, path)
-        return path
+        if not self.shards:
+            self.abort()
+            raise ValueError(f"no samples were written for {self.target}; nothing to publish")
+        for shard in self.shards:
+            _fsync(self.out_dir / shard["name"])
+        write_index(self.out_dir, {"version": INDEX_VERSION, "shards": self.shards})
+        _fsync(self.out_dir)
+        old = None
+        if self.target.exists():  # replaced as a whole (overwrite=True was checked at start)
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.rename(self.target, old)
+        os.rename(self.out_dir, self.target)
+        _fsync(self.target.parent)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.target / INDEX_FILE
+
+    def abort(self) -> None:
+        """Drop everything written so far; the target folder is left as it was."""
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+        shutil.rmtree(self.out_dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -99,4 +175,4 @@ class ShardWriter:
         if exc[0] is None:
             self.close()
         else:
-            self._close_tar()
+            self.abort()

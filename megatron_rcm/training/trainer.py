@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rcm.config.loader import to_dict
+from megatron_rcm.config.preflight import preflight
 from megatron_rcm.config.schema import ConfigError, ExperimentConfig
 from megatron_rcm.data import build_data_source
 from megatron_rcm.training.checkpoint import CheckpointManager
@@ -60,6 +61,7 @@ class Trainer:
         from megatron_rcm.rcm import PowerEMA, RCMEngine
 
         self.cfg = cfg
+        preflight(cfg, check_teacher=teacher is None)  # data.path, negative prompt, teacher: before any network
         pcfg = cfg.parallel
         if pcfg.pipeline_parallel != 1 or pcfg.context_parallel != 1:
             raise NotImplementedError("the trainer runs TP x DP today; pipeline and context parallelism are "
