@@ -61,15 +61,52 @@ def _strip(d: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
 
-def load_weights(model, path: str | Path) -> None:
-    """Load teacher weights into ``model`` (see module docstring for the accepted formats)."""
+def _describe(shapes: dict[str, tuple]) -> str:
+    """Layer count and widths read off a Wan state dict's shapes (heads leave no trace in the shapes)."""
+    layers = {k.split(".")[1] for k in shapes if k.startswith("blocks.")}
+    get = lambda key, dim: shapes[key][dim] if key in shapes and len(shapes[key]) > dim else "?"
+    return (f"{len(layers)} layers, hidden {get('patch_embedding.weight', 0)}, FFN "
+            f"{get('blocks.0.ffn.linear_fc1.weight', 0)}, patch inputs {get('patch_embedding.weight', 1)}, "
+            f"outputs {get('head.linear.weight', 0)}, text_dim {get('text_embedding.linear_1.weight', 1)}")
+
+
+def check_architecture(model, found: dict[str, tuple], path, preset: str | None = None) -> None:
+    """ConfigError naming the preset, both architectures and the first mismatching tensors when the
+    (global, unsharded) shapes ``found`` in a checkpoint do not fit ``model``, before any tensor is read."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    expected = {k[len(EXPORT_PREFIX):]: tuple(v.global_shape)
+                for k, v in model.sharded_state_dict(prefix=EXPORT_PREFIX).items() if isinstance(v, ShardedTensor)}
+    found = {k: tuple(v) for k, v in found.items()}
+    wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if not (wrong or missing or unexpected):
+        return
+    lines = [f"model.teacher_checkpoint={str(path)!r} does not fit model.preset={preset!r} (with model.overrides):",
+             f"  checkpoint: {_describe(found)}", f"  model:      {_describe(expected)}"]
+    for name, items in (("mismatching shapes", wrong), ("missing", missing), ("unexpected", unexpected)):
+        if items:
+            more = f" ... ({len(items) - 3} more)" if len(items) > 3 else ""
+            lines.append(f"  {len(items)} {name}: {', '.join(items[:3])}{more}")
+    lines.append("  choose the preset the teacher was trained with, or convert it with tools/convert.py")
+    raise ConfigError("\n".join(lines))
+
+
+def load_weights(model, path: str | Path, preset: str | None = None) -> None:
+    """Load teacher weights into ``model`` (see module docstring for the accepted formats); a checkpoint of
+    another architecture is a ``ConfigError`` naming ``preset`` and the shapes (``check_architecture``)."""
     path = Path(path)
     if path.is_dir():
         from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
 
         if not (path / "metadata.json").is_file():
             raise FileNotFoundError(f"model.teacher_checkpoint={str(path)!r}: not a dist_checkpointing directory "
                                     f"(no metadata.json)")
+        meta = dist_checkpointing.load_tensors_metadata(str(path))
+        found = {k[len(EXPORT_PREFIX):]: v.global_shape for k, v in meta.items()
+                 if k.startswith(EXPORT_PREFIX) and isinstance(v, ShardedTensor)}
+        check_architecture(model, found, path, preset)
         loaded = dist_checkpointing.load(model.sharded_state_dict(prefix=EXPORT_PREFIX), str(path))
         model.load_state_dict(_strip(loaded, EXPORT_PREFIX), strict=True)
         return
@@ -88,6 +125,7 @@ def load_weights(model, path: str | Path) -> None:
     if not set(full) <= names:
         layout = "diffusers" if any(k.startswith("condition_embedder") for k in full) else "original"
         full = to_ours(full, layout)
+    check_architecture(model, {k: v.shape for k, v in full.items()}, path, preset)
     load_full_state_dict(model, full, strict=True)
 
 

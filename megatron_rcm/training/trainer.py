@@ -130,7 +130,7 @@ class Trainer:
         teacher_cfg = dataclasses.replace(self.wan_cfg, recompute_blocks=False)
         model = build_model(teacher_cfg, self.cfg.training.seed).to(self.device)
         if self.cfg.model.teacher_checkpoint:
-            load_weights(model, self.cfg.model.teacher_checkpoint)
+            load_weights(model, self.cfg.model.teacher_checkpoint, self.cfg.model.preset)
         elif self.rank == 0:
             logger.warning("model.teacher_checkpoint is not set: the teacher has random weights (tests and "
                            "throughput runs only)")
