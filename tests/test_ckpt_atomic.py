@@ -105,15 +105,17 @@ def test_sigkill_during_save_then_resume(tmp_path):
     assert (ckpt / ".tmp-step_00000004").is_dir()  # the interrupted save, never renamed
     assert not (ckpt / "step_00000004").exists()
     killed = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in killed] == [0, 1, 2, 3]
+    assert [m["step"] for m in killed] == [1, 2, 3, 4]  # 1-based, like the checkpoint names
 
     trainer = Trainer(load_config(None, _args(tmp_path, 6)))
     assert trainer.step == 2
     history = trainer.train()
-    for i, step in enumerate((2, 3)):  # steps the killed run had already logged
+    for i, step in enumerate((3, 4)):  # steps the killed run had already logged
         for k, v in history[i].items():
             if k.startswith(COMPARED):
-                assert killed[step][k] == v, (step, k)
+                assert killed[step - 1][k] == v, (step, k)
+    final = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in final] == [1, 2, 3, 4, 5, 6]  # the killed run's 3 and 4 replaced, not repeated
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["latest", "step_00000004", "step_00000006"]  # tmp dir cleaned, keep_last=2
 

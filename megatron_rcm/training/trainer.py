@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_rcm.config.loader import to_dict
 from megatron_rcm.config.schema import ConfigError, ExperimentConfig
 from megatron_rcm.data import build_data_source
-from megatron_rcm.training.checkpoint import CheckpointManager
+from megatron_rcm.training.checkpoint import CheckpointError, CheckpointManager, check_resume_config
 from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
 from megatron_rcm.training.models import DTYPES, build_model, build_wan_config, load_weights
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
@@ -86,6 +86,13 @@ class Trainer:
         self.engine = RCMEngine(cfg.distill)
         self.accum = cfg.optimizer.grad_accumulation_steps
 
+        # -- resume point: found intact and checked against this config before any network is built ---
+        ckpt_dir = cfg.checkpoint.dir
+        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last) if ckpt_dir else None
+        resume_path = self.ckpt.resolve_resume(cfg.checkpoint.resume) if self.ckpt is not None else None
+        if resume_path is not None:
+            check_resume_config(resume_path, to_dict(cfg), self.rank)
+
         # -- networks -------------------------------------------------------------------------------
         self.wan_cfg = build_wan_config(cfg.model, cfg.data)
         self.teacher = teacher if teacher is not None else self._build_teacher()
@@ -109,14 +116,10 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(cfg.training.seed * 1000 + self.dp_rank)
         self.step = 0
         self.output_dir = Path(cfg.training.output_dir)
-        ckpt_dir = cfg.checkpoint.dir
-        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last) if ckpt_dir else None
         self.resumed_from = None
-        if self.ckpt is not None:
-            path = self.ckpt.resolve_resume(cfg.checkpoint.resume)
-            if path is not None:
-                self.load_checkpoint(path)
-                self.resumed_from = path
+        if resume_path is not None:
+            self.load_checkpoint(resume_path)
+            self.resumed_from = resume_path
         self._sample_batch = None
 
     # ------------------------------------------------------------------------------------------------
@@ -230,7 +233,7 @@ class Trainer:
             while self.step < max_steps:
                 metrics = self.train_step()
                 history.append(metrics)
-                log.log(self.step - 1, metrics)
+                log.log(self.step, metrics)  # 1-based: the console's and the checkpoint's number
                 if on_step is not None:
                     on_step(self, metrics)
                 every = cfg.logging.sample_every
@@ -301,11 +304,19 @@ class Trainer:
         return sd
 
     def save_checkpoint(self) -> Path:
-        meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size()}
+        meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size(),
+                "config": to_dict(self.cfg)}
         return self.ckpt.save(self.step, self.sharded_state_dict(), meta)
 
     def load_checkpoint(self, path) -> None:
+        """Restore everything from ``path``; any failure is a ``CheckpointError`` naming ``path``."""
         loaded = self.ckpt.load(self.sharded_state_dict(is_loading=True), path)
+        try:
+            self._restore(loaded, path)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"resuming from checkpoint {path} failed: {type(err).__name__}: {err}") from err
+
+    def _restore(self, loaded: dict, path) -> None:
         self.student.module.load_state_dict(_strip(loaded["student"], "student."), strict=True)
         self.opt_student.load_state_dict(loaded["optimizer_student"])
         self.sched_student.load_state_dict(loaded["scheduler_student"])
