@@ -89,6 +89,14 @@ def test_bad_latest_pointer_falls_back_to_newest_intact(run, caplog, pointer):
     assert str(ckpt / "latest") in caplog.text
 
 
+def test_run_resumed_past_a_bad_latest_pointer_finishes(run):
+    """The end-of-run save check reads no pointer: a run resumed through the fallback ends normally."""
+    (run / "ckpt" / "latest").write_text("garbage\n")
+    trainer = Trainer(load_config(None, _args(run, 4)))
+    assert trainer.step == 4
+    assert trainer.train() == []  # nothing left to run; the checkpoint of step 4 exists: no save
+
+
 def test_all_checkpoints_broken_is_an_error_naming_each(run):
     ckpt = run / "ckpt"
     for d in ("step_00000002", "step_00000004"):

@@ -117,9 +117,10 @@ class Trainer:
         self.step = 0
         self.output_dir = Path(cfg.training.output_dir)
         self.resumed_from = None
+        self.saved_step = None  # the step of the newest checkpoint this trainer wrote or resumed from
         if resume_path is not None:
             self.load_checkpoint(resume_path)
-            self.resumed_from = resume_path
+            self.resumed_from, self.saved_step = resume_path, self.step
         self._sample_batch = None
 
     # ------------------------------------------------------------------------------------------------
@@ -242,8 +243,7 @@ class Trainer:
                     log.info(f"samples -> {path}")
                 if self.ckpt is not None and cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     log.info(f"checkpoint -> {self.save_checkpoint()}")
-            if self.ckpt is not None and (not self.ckpt.latest() or self.ckpt.latest().name !=
-                                          self.ckpt.step_dir_name(self.step)):
+            if self.ckpt is not None and self.saved_step != self.step:
                 log.info(f"checkpoint -> {self.save_checkpoint()}")
         finally:
             log.close()
@@ -306,7 +306,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size(),
                 "config": to_dict(self.cfg)}
-        return self.ckpt.save(self.step, self.sharded_state_dict(), meta)
+        path = self.ckpt.save(self.step, self.sharded_state_dict(), meta)
+        self.saved_step = self.step
+        return path
 
     def load_checkpoint(self, path) -> None:
         """Restore everything from ``path``; any failure is a ``CheckpointError`` naming ``path``."""
