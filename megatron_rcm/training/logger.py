@@ -2,6 +2,10 @@
 
 wandb is imported only when enabled (``logging.wandb_mode`` or the WANDB_MODE environment variable),
 and runs offline unless configured online. Memory: CUDA peak allocated, else the process's peak RSS.
+
+Step numbers: ``step`` N is the N-th optimizer update (1-based), the number the console prints and the
+checkpoint written after it carries (``step_0000000N``). A run resumed at step S first drops the records
+of steps > S that an earlier run wrote to ``metrics.jsonl`` (atomic rewrite), so each step appears once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,32 @@ def peak_memory_gib() -> float:
     return rss_kib / 2**20
 
 
+def drop_records_after(path: Path, step: int) -> None:
+    """Rewrite ``metrics.jsonl`` at ``path`` without the records of steps > ``step`` (left by a run that went
+    further than the checkpoint resumed from), through a temporary file and a rename."""
+    if not path.is_file():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            record_step = None  # a torn line (the last of a killed run): dropped
+        if isinstance(record_step, int) and record_step <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+        else:
+            dropped += 1
+    if not dropped:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    logger.info("%s: dropped %d records after step %d (re-run from the checkpoint)", path, dropped, step)
+
+
 class MetricLogger:
     def __init__(self, output_dir: str | Path, total_steps: int, initial_step: int, log_every: int,
                  progress_bar: bool, wandb_mode: str, wandb_project: str, run_name: str, config: dict,
@@ -39,7 +69,9 @@ class MetricLogger:
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.output_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        path = self.output_dir / "metrics.jsonl"
+        drop_records_after(path, initial_step)
+        self._jsonl = open(path, "a")  # noqa: SIM115 (closed in close())
         if progress_bar:
             from tqdm.auto import tqdm
 
@@ -56,6 +88,7 @@ class MetricLogger:
                                          dir=str(self.output_dir), resume="allow")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Record the metrics of optimizer update ``step`` (1-based: the trainer's step after the update)."""
         if not self.enabled:
             return
         record = {"step": step, **metrics}
@@ -70,11 +103,11 @@ class MetricLogger:
         for k, v in metrics.items():
             if isinstance(v, (int, float)):
                 self._window.setdefault(k, []).append(float(v))
-        if (step + 1) % self.log_every == 0:
+        if step % self.log_every == 0:
             # means over the steps since the last line (student and critic steps alternate, so a single
             # step would show only one network's terms)
             line = " ".join(f"{k}={sum(v) / len(v):.4g}" for k, v in self._window.items())
-            msg = f"step {step + 1} (mean of last {self.log_every}): {line}"
+            msg = f"step {step} (mean of last {self.log_every}): {line}"
             self._window = {}
             if self._bar is not None:
                 self._bar.write(msg)

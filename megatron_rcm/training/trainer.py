@@ -25,7 +25,7 @@ from megatron_rcm.config.loader import to_dict
 from megatron_rcm.config.preflight import preflight
 from megatron_rcm.config.schema import ConfigError, ExperimentConfig
 from megatron_rcm.data import build_data_source
-from megatron_rcm.training.checkpoint import CheckpointManager
+from megatron_rcm.training.checkpoint import CheckpointError, CheckpointManager, check_resume_config
 from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
 from megatron_rcm.training.models import DTYPES, build_model, build_wan_config, load_weights
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
@@ -90,6 +90,13 @@ class Trainer:
         self.timers = PhaseTimers(enabled=False)  # the step benchmark turns them on (tools/bench_step.py)
         self.accum = cfg.optimizer.grad_accumulation_steps
 
+        # -- resume point: found intact and checked against this config before any network is built ---
+        ckpt_dir = cfg.checkpoint.dir
+        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last) if ckpt_dir else None
+        resume_path = self.ckpt.resolve_resume(cfg.checkpoint.resume) if self.ckpt is not None else None
+        if resume_path is not None:
+            check_resume_config(resume_path, to_dict(cfg), self.rank)
+
         # -- networks -------------------------------------------------------------------------------
         self.wan_cfg = build_wan_config(cfg.model, cfg.data)
         self.teacher = teacher if teacher is not None else self._build_teacher()
@@ -113,14 +120,11 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(cfg.training.seed * 1000 + self.dp_rank)
         self.step = 0
         self.output_dir = Path(cfg.training.output_dir)
-        ckpt_dir = cfg.checkpoint.dir
-        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last) if ckpt_dir else None
         self.resumed_from = None
-        if self.ckpt is not None:
-            path = self.ckpt.resolve_resume(cfg.checkpoint.resume)
-            if path is not None:
-                self.load_checkpoint(path)
-                self.resumed_from = path
+        self.saved_step = None  # the step of the newest checkpoint this trainer wrote or resumed from
+        if resume_path is not None:
+            self.load_checkpoint(resume_path)
+            self.resumed_from, self.saved_step = resume_path, self.step
         self._sample_batch = None
 
     # ------------------------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ class Trainer:
             while self.step < max_steps:
                 metrics = self.train_step()
                 history.append(metrics)
-                log.log(self.step - 1, metrics)
+                log.log(self.step, metrics)  # 1-based: the console's and the checkpoint's number
                 if on_step is not None:
                     on_step(self, metrics)
                 every = cfg.logging.sample_every
@@ -248,8 +252,7 @@ class Trainer:
                     log.info(f"samples -> {path}")
                 if self.ckpt is not None and cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     log.info(f"checkpoint -> {self.save_checkpoint()}")
-            if self.ckpt is not None and (not self.ckpt.latest() or self.ckpt.latest().name !=
-                                          self.ckpt.step_dir_name(self.step)):
+            if self.ckpt is not None and self.saved_step != self.step:
                 log.info(f"checkpoint -> {self.save_checkpoint()}")
         finally:
             log.close()
@@ -310,12 +313,22 @@ class Trainer:
         return sd
 
     def save_checkpoint(self) -> Path:
-        meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size()}
+        meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size(),
+                "config": to_dict(self.cfg)}
         with self.timers("checkpoint"):
-            return self.ckpt.save(self.step, self.sharded_state_dict(), meta)
+            path = self.ckpt.save(self.step, self.sharded_state_dict(), meta)
+        self.saved_step = self.step
+        return path
 
     def load_checkpoint(self, path) -> None:
+        """Restore everything from ``path``; any failure is a ``CheckpointError`` naming ``path``."""
         loaded = self.ckpt.load(self.sharded_state_dict(is_loading=True), path)
+        try:
+            self._restore(loaded, path)
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"resuming from checkpoint {path} failed: {type(err).__name__}: {err}") from err
+
+    def _restore(self, loaded: dict, path) -> None:
         self.student.module.load_state_dict(_strip(loaded["student"], "student."), strict=True)
         self.opt_student.load_state_dict(loaded["optimizer_student"])
         self.sched_student.load_state_dict(loaded["scheduler_student"])
