@@ -9,6 +9,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from megatron_rcm.convert.errors import ConversionError
 from megatron_rcm.models.wan import PRESETS, WanConfig, wan_config
@@ -109,16 +110,43 @@ def preset_arch(name: str) -> WanArch:
 
 def from_training_config(path: str | None, sets=()) -> WanArch:
     """The architecture a training run built: ``model.preset`` + ``model.overrides`` of its config (the
-    YAML file ``path`` with ``key=value`` overrides ``sets``, as given to ``megatron-rcm train``)."""
-    from megatron_rcm.config import load_config
+    YAML file ``path`` with ``key=value`` overrides ``sets``, as given to ``megatron-rcm train``). Only the
+    ``model`` section is read and checked: the run's data paths need not exist where the export runs."""
+    import yaml
+
+    from megatron_rcm.config.loader import merge_into, parse_override
+    from megatron_rcm.config.schema import ModelConfig
 
     what = f"--config {path}" if path is not None else "the default training config"
-    what += "".join(f" --set {s}" for s in sets)
     try:
-        model = load_config(path, list(sets)).model
+        model = ModelConfig()
+        if path is not None:
+            try:
+                data = yaml.safe_load(Path(path).read_text()) or {}
+            except OSError as e:
+                raise ConversionError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+            except yaml.YAMLError as e:
+                raise ConversionError(f"--config {path}: not valid YAML ({e})") from None
+            if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
+                raise ConversionError(f"--config {path}: no 'model' mapping at the top level")
+            merge_into(model, data.get("model", {}), prefix="model.", origin=str(path))
+        for item in sets:
+            key, value = parse_override(item)
+            if key == "model" or key.startswith("model."):
+                nested: dict = value if key == "model" else {}
+                if key != "model":
+                    node = nested
+                    *parents, leaf = key.split(".")[1:]
+                    for part in parents:
+                        node = node.setdefault(part, {})
+                    node[leaf] = value
+                merge_into(model, nested, prefix="model.", origin="--set")
+        model.validate()
         cfg = wan_config(model.preset, **(dict(model.overrides) | {"tensor_model_parallel_size": 1}))
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError
-        raise ConversionError(f"{what}: {e}") from None
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"{what}{''.join(f' --set {s}' for s in sets)}: {e}") from None
     return WanArch(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)})
 
 

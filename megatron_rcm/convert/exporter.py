@@ -23,6 +23,7 @@ shards: memory stays at that window, whatever the model size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -102,13 +103,19 @@ def checkpoint_arch(
         if record is not None:
             arch, arch_from = record["arch"], str(folder / "wan_config.json")
             break
-    if arch is None and train_config is not None:
+    if train_config is not None:
         path, sets = train_config
-        arch = from_training_config(path, sets)
-        arch_from = " ".join(["--config", str(path)] if path is not None else []) + "".join(
-            f" --set {s}" for s in sets
-        )
-        arch_from = f"the training config ({arch_from.strip()})"
+        from_config = from_training_config(path, sets)
+        given = " ".join(([f"--config {path}"] if path is not None else []) + [f"--set {s}" for s in sets])
+        if arch is None:
+            arch, arch_from = from_config, f"the training config ({given})"
+        elif from_config != arch:
+            diffs = [
+                f"{f.name} {getattr(from_config, f.name)} (config) != {getattr(arch, f.name)}"
+                for f in dataclasses.fields(WanArch)
+                if getattr(from_config, f.name) != getattr(arch, f.name)
+            ]
+            raise ConversionError(f"{given} contradicts {arch_from}: {'; '.join(diffs)}")
     if arch is None:
         hint = (
             "a training checkpoint does not record it: pass the run's config (--config RUN.yaml, with the "
