@@ -4,6 +4,7 @@ caught by the parity check and by --verify; the command line works end to end.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from megatron_rcm.convert.errors import (
     OutputExistsError,
     ShapeMismatchError,
     UnknownLayoutError,
+    VerificationError,
 )
 from megatron_rcm.convert.importer import run_import
 from megatron_rcm.parallel.state import initialize_parallel
@@ -76,8 +78,11 @@ def test_shape_not_matching_the_preset_names_key_found_expected(tmp_path):
 
     wide = WanTransformer3DModel(**(diffusers_config("t2v") | {"ffn_dim": 192}))
     src = write_diffusers(tmp_path / "pipe", wide)
+    # a config.json that disagrees with the tensors (--preset gets a summary instead: test_wrong_preset_...)
+    config = src / "transformer" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"ffn_dim": 256}))
     with pytest.raises(ShapeMismatchError, match=r"preset wan-tiny-t2v") as e:
-        run_import(src, tmp_path / "out", preset="wan-tiny-t2v", **QUIET)
+        run_import(src, tmp_path / "out", **QUIET)
     assert ("blocks.0.ffn.net.0.proj.weight", (192, 128), (256, 128)) in e.value.mismatches
     assert "blocks.1.ffn.net.2.weight: found (128, 192), expected (128, 256)" in str(e.value)
 
@@ -145,8 +150,16 @@ def test_broken_mapping_fails_parity_and_verify(tmp_path, tiny, monkeypatch):
     from tests.test_convert_import import _forward, _load_ours
 
     monkeypatch.setitem(wan_keys.TABLES, "diffusers", _swap_q_and_k(wan_keys.DIFFUSERS_TO_OURS))
-    report = run_import(write_diffusers(tmp_path / "pipe", tiny), tmp_path / "ckpt", verify=True, **QUIET)
-    assert report.verify["rel"] > 1e-2  # --verify sees it (the correct mapping: ~3e-7)
+    src = write_diffusers(tmp_path / "pipe", tiny)
+    # --verify sees it (the correct mapping: ~3e-7) and fails, writing nothing
+    with pytest.raises(
+        VerificationError, match=r"relative difference 1\.\d+e-01 > tolerance 1\.0e-04.*not written"
+    ):
+        run_import(src, tmp_path / "ckpt", verify=True, **QUIET)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+    # a tolerance above the error lets it through, and reports it
+    report = run_import(src, tmp_path / "ckpt", verify=True, verify_tol=0.5, **QUIET)
+    assert 1e-2 < report.verify["rel"] <= 0.5 and "tolerance 5.0e-01) on input" in report.summary()
     inp = make_inputs("t2v")
     assert rel_err(_forward(_load_ours(tmp_path / "ckpt"), inp), run_diffusers(tiny, inp)) > 1e-2
 
@@ -161,6 +174,7 @@ def _cli(*args):
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=os.environ | {"PYTHONPATH": str(ROOT)},  # this checkout's package, not an installed one
     )
 
 

@@ -21,8 +21,30 @@ EPILOG = """examples:
   python tools/convert.py import /models/Wan2.1-T2V-14B /ckpt/wan14b --dtype bf16
   python tools/convert.py import /models/Wan2.1-T2V-1.3B-Diffusers /ckpt/wan1.3b --tp 2 --verify
   python tools/convert.py export /runs/rcm/checkpoints /out/student-diffusers --format diffusers --ema
+  python tools/convert.py export outputs/tiny/checkpoints/latest /out/tiny --format diffusers \
+      --config my_run.yaml --set model.overrides.num_layers=4
   python tools/convert.py export /ckpt/wan1.3b /out/wan1.3b-original --format original
 """
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (>= 1)")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("out", help="output checkpoint folder (must not hold a checkpoint, unless --overwrite)")
     imp.add_argument(
         "--tp",
-        type=int,
+        type=positive_int,
         default=1,
         help="tensor-parallel size you will load at: checks heads and FFN width divide by it (the checkpoint "
         "itself loads at any TP size); --verify runs at TP=1",
@@ -56,18 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--preset", choices=PRESETS, help="force a preset instead of detecting the architecture")
     imp.add_argument(
         "--num-heads",
-        type=int,
-        help="attention heads, when neither a preset nor config.json gives them (default hidden/128)",
+        type=positive_int,
+        help="attention heads, when neither a preset nor config.json gives them (default: the head count of "
+        "the one preset with the source's shapes)",
     )
     imp.add_argument(
         "--verify",
         action="store_true",
-        help="run the source (diffusers) and the converted model on one random input; report the max difference",
+        help="run the source (diffusers) and the converted model on one random input; OUT is written only if "
+        "the outputs are finite and their relative difference is within --verify-tol (else exit status 3)",
+    )
+    imp.add_argument(
+        "--verify-tol",
+        type=positive_float,
+        help="--verify's tolerance on max|ours - source| / max|source| (default 1e-4)",
     )
 
     exp = sub.add_parser("export", help="Megatron checkpoint -> diffusers or original layout")
     exp.add_argument(
-        "ckpt", help="checkpoint folder (converter output or a training step_*), or a run's root"
+        "ckpt",
+        help="checkpoint folder (converter output or a training step_*), a run's checkpoint root, or its "
+        "'latest' pointer file",
     )
     exp.add_argument("out", help="output folder (must not hold a model, unless --overwrite)")
     exp.add_argument("--format", required=True, choices=("diffusers", "original"), dest="fmt")
@@ -77,10 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPE_CHOICES, default="keep", help="output dtype (default: as stored)"
     )
     exp.add_argument(
-        "--num-heads", type=int, help="attention heads, when the checkpoint has no wan_config.json"
+        "--num-heads", type=positive_int, help="attention heads, when the checkpoint has no wan_config.json"
     )
     exp.add_argument(
-        "--max-shard-size", type=float, default=10.0, help="GB per safetensors shard (default 10)"
+        "--config",
+        dest="train_config",
+        help="the training run's YAML config: a training checkpoint records no architecture (heads, ...); "
+        "its model.preset + model.overrides give it",
+    )
+    exp.add_argument(
+        "--set",
+        dest="train_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an override of the training config, as given to 'megatron-rcm train' (repeatable)",
+    )
+    exp.add_argument(
+        "--max-shard-size", type=positive_float, default=10.0, help="GB per safetensors shard (default 10)"
     )
 
     for p in (imp, exp):
@@ -101,7 +146,7 @@ def _quiet_library_warnings() -> None:
 def main(argv: list[str] | None = None) -> int:
     _quiet_library_warnings()
     args = build_parser().parse_args(argv)
-    from megatron_rcm.convert.errors import ConversionError
+    from megatron_rcm.convert.errors import ConversionError, VerificationError
 
     try:
         if args.command == "import":
@@ -116,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 num_heads=args.num_heads,
                 overwrite=args.overwrite,
                 verify=args.verify,
+                verify_tol=args.verify_tol,
                 progress=not args.no_progress,
             )
         else:
@@ -129,13 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                 prefix=args.prefix,
                 dtype=args.dtype,
                 num_heads=args.num_heads,
+                train_config=args.train_config,
+                train_set=args.train_set,
                 overwrite=args.overwrite,
                 max_shard_bytes=int(args.max_shard_size * 1e9),
                 progress=not args.no_progress,
             )
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 3 if isinstance(e, VerificationError) else 2
     print(report.summary())
     return 0
 

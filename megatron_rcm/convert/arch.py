@@ -9,11 +9,11 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from megatron_rcm.convert.errors import ConversionError
 from megatron_rcm.models.wan import PRESETS, WanConfig, wan_config
 
-DEFAULT_HEAD_DIM = 128  # every released Wan2.1 model; shapes do not reveal the head count
 ORIGINAL_IMAGE_DIM = 1280  # the original WanModel hard-codes the CLIP width of MLPProj
 _BASE_PRESET = {"t2v": "wan2.1-t2v-1.3b", "i2v": "wan2.1-i2v-14b"}
 
@@ -78,8 +78,75 @@ def match_preset(arch: WanArch) -> str | None:
     return None
 
 
+SHAPE_FIELDS = (
+    "model_type",
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "in_channels",
+    "out_channels",
+    "patch_size",
+    "text_dim",
+    "freq_dim",
+)
+"""The fields tensor shapes determine (and ``image_dim``, for I2V); the head count is not one of them."""
+
+
+def shape_differences(found: WanArch, want: WanArch) -> list[tuple[str, object, object]]:
+    """(field, found, want) for each shape-determining field where ``found`` and ``want`` differ."""
+    fields = SHAPE_FIELDS + (("image_dim",) if "i2v" in (found.model_type, want.model_type) else ())
+    return [(f, getattr(found, f), getattr(want, f)) for f in fields if getattr(found, f) != getattr(want, f)]
+
+
+def presets_with_shapes(arch: WanArch) -> list[str]:
+    """The presets whose tensors have exactly ``arch``'s shapes (whatever their head count)."""
+    return [name for name in PRESETS if not shape_differences(arch, preset_arch(name))]
+
+
 def preset_arch(name: str) -> WanArch:
     cfg = wan_config(name, tensor_model_parallel_size=1)
+    return WanArch(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)})
+
+
+def from_training_config(path: str | None, sets=()) -> WanArch:
+    """The architecture a training run built: ``model.preset`` + ``model.overrides`` of its config (the
+    YAML file ``path`` with ``key=value`` overrides ``sets``, as given to ``megatron-rcm train``). Only the
+    ``model`` section is read and checked: the run's data paths need not exist where the export runs."""
+    import yaml
+
+    from megatron_rcm.config.loader import merge_into, parse_override
+    from megatron_rcm.config.schema import ModelConfig
+
+    what = f"--config {path}" if path is not None else "the default training config"
+    try:
+        model = ModelConfig()
+        if path is not None:
+            try:
+                data = yaml.safe_load(Path(path).read_text()) or {}
+            except OSError as e:
+                raise ConversionError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+            except yaml.YAMLError as e:
+                raise ConversionError(f"--config {path}: not valid YAML ({e})") from None
+            if not isinstance(data, dict) or not isinstance(data.get("model", {}), dict):
+                raise ConversionError(f"--config {path}: no 'model' mapping at the top level")
+            merge_into(model, data.get("model", {}), prefix="model.", origin=str(path))
+        for item in sets:
+            key, value = parse_override(item)
+            if key == "model" or key.startswith("model."):
+                nested: dict = value if key == "model" else {}
+                if key != "model":
+                    node = nested
+                    *parents, leaf = key.split(".")[1:]
+                    for part in parents:
+                        node = node.setdefault(part, {})
+                    node[leaf] = value
+                merge_into(model, nested, prefix="model.", origin="--set")
+        model.validate()
+        cfg = wan_config(model.preset, **(dict(model.overrides) | {"tensor_model_parallel_size": 1}))
+    except (ValueError, TypeError) as e:  # ConfigError is a ValueError
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"{what}{''.join(f' --set {s}' for s in sets)}: {e}") from None
     return WanArch(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)})
 
 
@@ -220,10 +287,13 @@ def from_shapes(
     shapes: dict[str, tuple],
     num_heads: int | None = None,
     patch_size: tuple[int, int, int] | None = None,
+    heads_hint: str = "give it with --num-heads",
 ) -> WanArch:
     """Infer the architecture from tensor shapes under our key names. The patch size comes from a 5-D
-    Conv3d patch weight, else ``patch_size`` (default (1, 2, 2)); the head count is not in any shape:
-    ``num_heads``, else hidden / 128 (Wan2.1's head dim)."""
+    Conv3d patch weight, else ``patch_size`` (default (1, 2, 2)). The head count is in no shape:
+    ``num_heads``, else the head count of the one preset with exactly these shapes, else an error ending
+    with ``heads_hint``. The other fields no shape holds (``norm_eps``, ``rope_max_seq_len``,
+    ``text_len``) take Wan2.1's values."""
     need = [
         "patch_embedding.weight",
         "text_embedding.linear_1.weight",
@@ -244,25 +314,34 @@ def from_shapes(
         if pe[1] % math.prod(patch):
             raise ConversionError(f"patch_embedding.weight {pe} does not divide by patch {patch}")
         in_channels = pe[1] // math.prod(patch)
-    if num_heads is None:
-        if hidden % DEFAULT_HEAD_DIM:
-            raise ConversionError(
-                f"hidden size {hidden} is not a multiple of {DEFAULT_HEAD_DIM}: the head count cannot be "
-                "inferred; give it (--num-heads) or put a config.json beside the weights"
-            )
-        num_heads = hidden // DEFAULT_HEAD_DIM
     layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
     i2v = "img_emb.norm1.weight" in shapes
-    return WanArch(
+    arch = WanArch(
         model_type="i2v" if i2v else "t2v",
         num_layers=max(layers) + 1 if layers else 0,
         hidden_size=hidden,
         ffn_hidden_size=shapes["blocks.0.ffn.linear_fc1.weight"][0],
-        num_attention_heads=num_heads,
+        num_attention_heads=num_heads or 1,
         in_channels=in_channels,
         out_channels=shapes["head.linear.weight"][0] // math.prod(patch),
         patch_size=patch,
         text_dim=shapes["text_embedding.linear_1.weight"][1],
         freq_dim=shapes["time_embedding.linear_1.weight"][1],
         image_dim=shapes["img_emb.norm1.weight"][0] if i2v else ORIGINAL_IMAGE_DIM,
+    )
+    if num_heads is not None:
+        if num_heads < 1 or hidden % num_heads:
+            raise ConversionError(f"--num-heads {num_heads} does not divide the hidden size {hidden}")
+        return arch
+    # The head count is in no shape. Guessing hidden / 128 silently gave a 4-head 128-wide model 1 head:
+    # take it from the one preset with these exact shapes (every Wan2.1 release is one), else ask.
+    matches = presets_with_shapes(arch)
+    if len(matches) == 1:
+        return dataclasses.replace(arch, num_attention_heads=preset_arch(matches[0]).num_attention_heads)
+    a = arch
+    raise ConversionError(
+        f"the attention head count is stored in no tensor shape, and these shapes ({a.model_type}, "
+        f"{a.num_layers} layers, hidden {a.hidden_size}, ffn {a.ffn_hidden_size}, in/out channels "
+        f"{a.in_channels}/{a.out_channels}) match {'no preset' if not matches else 'several presets ' + str(matches)}"
+        f": {heads_hint}"
     )

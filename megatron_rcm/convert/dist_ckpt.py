@@ -57,6 +57,42 @@ def is_dist_checkpoint(path: Path) -> bool:
     return (Path(path) / "metadata.json").is_file() and (Path(path) / ".metadata").is_file()
 
 
+def resolve_checkpoint(ckpt: str | Path) -> Path:
+    """The checkpoint folder CKPT designates: a checkpoint folder itself; a training run's checkpoint
+    root, whose ``latest`` file names the checkpoint; or such a ``latest`` pointer file itself."""
+    path = Path(ckpt)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if is_dist_checkpoint(path):
+            return path
+        pointer = path / "latest"
+        if not pointer.is_file():
+            raise ConversionError(
+                f"{path}: not a Megatron dist_checkpointing checkpoint (no metadata.json and .metadata) "
+                "nor a training run's checkpoint root (no 'latest' file)"
+            )
+    else:
+        pointer = path
+    try:
+        with open(pointer, "rb") as f:
+            raw = f.read(4097)  # a pointer is one short line: never read a large (weight) file whole
+        name = raw.decode().strip() if len(raw) <= 4096 else None
+    except (OSError, UnicodeDecodeError):
+        name = None
+    if not name or len(name) > 255 or Path(name).name != name or any(c.isspace() for c in name):
+        raise ConversionError(
+            f"{pointer}: not a checkpoint pointer file like a training run's 'latest' (one line naming a "
+            "checkpoint folder beside it); give a checkpoint folder, a run's checkpoint root or its 'latest'"
+        )
+    step = pointer.parent / name
+    if not is_dist_checkpoint(step):
+        raise ConversionError(
+            f"{pointer} names {name!r}, which is not a complete checkpoint in {pointer.parent}"
+        )
+    return step
+
+
 # ---------------------------------------------------------------------------------------------------
 # the model config recorded beside the tensors
 
@@ -97,6 +133,7 @@ def arch_of(config) -> WanArch:
 
 def load_wan_config(ckpt_dir: str | Path, **overrides):
     """A ``WanConfig`` for the checkpoint at ``ckpt_dir`` (parallel sizes and dtype from ``overrides``)."""
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
     record = read_wan_config(ckpt_dir)
     if record is None:
         raise ConversionError(f"{ckpt_dir}: no {CONFIG_FILE}; not a checkpoint written by tools/convert.py")
@@ -249,8 +286,10 @@ def load_full_tensors(ckpt_dir: str | Path, specs: dict[str, tuple[tuple[int, ..
 
 def load_model(model: torch.nn.Module, ckpt_dir: str | Path, prefix: str = MODEL_PREFIX) -> None:
     """Load a checkpoint into a (possibly TP-sharded, pipeline-staged) WanModel; every rank calls it.
+    ``ckpt_dir`` is resolved by ``resolve_checkpoint`` (a run's root or its ``latest`` file work too).
     Keys under ``prefix`` (a training checkpoint's ``"student."`` or ``"ema.student."``) are read; all the model's must be there
     (the checkpoint may hold more: other pipeline stages' layers, other models, optimizer state)."""
+    ckpt_dir = resolve_checkpoint(ckpt_dir)
     sharded_sd = model.sharded_state_dict(prefix=prefix)
     loaded = dist_checkpointing.load(sharded_sd, str(ckpt_dir))  # a missing tensor raises
     state = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in loaded.items()}

@@ -42,3 +42,8 @@ class CorruptFileError(ConversionError):
 
 class OutputExistsError(ConversionError):
     """The output directory already holds a checkpoint or other files (pass --overwrite to replace)."""
+
+
+class VerificationError(ConversionError):
+    """``--verify``: the converted model's output differs from the source's beyond the tolerance, or is not
+    finite (the CLI exits with status 3)."""

@@ -3,8 +3,8 @@
 Which checkpoints (the contract, also in docs/conversion.md):
 
 * CKPT is a checkpoint folder (``metadata.json`` + ``.metadata``): one written by ``tools/convert.py
-  import``, or one ``step_*`` folder of a training run; or a training run's root, whose ``latest`` file
-  names the checkpoint to use.
+  import``, or one ``step_*`` folder of a training run; or a training run's checkpoint root, or its
+  ``latest`` pointer file, which names the checkpoint to use.
 * A checkpoint may hold several Wan models, each under a key prefix: its tensors are
   ``{prefix}{parameter name}`` (blocks by global layer number). ``model.``: the converter's output and the
   trainer's ``export_model``; ``student.``, ``ema.student.``, ``critic.`` and ``optimizer.*``: a training
@@ -12,7 +12,10 @@ Which checkpoints (the contract, also in docs/conversion.md):
   EMA, critic, fake-score, teacher or optimizer copy; ``--prefix`` names one outright (e.g. the student's
   fp32 master weights, ``optimizer.student.fp32_param.student.``).
 * The architecture comes from ``wan_config.json`` in the checkpoint folder (or the run root); failing that
-  from the tensor shapes (head count: ``--num-heads``, else hidden / 128).
+  (a training checkpoint) from the run's training config (``--config``/``--set``); failing that from the
+  tensor shapes, whose head count is ``--num-heads`` or that of the one preset with these exact shapes
+  (none: an error -- guessing hidden / 128 gave a 4-head tiny model 1 head).
+* OUT may not be, contain or lie inside CKPT or the checkpoint it designates.
 
 Tensors are read from the checkpoint a few hundred MB at a time and written straight to safetensors
 shards: memory stays at that window, whatever the model size.
@@ -20,6 +23,7 @@ shards: memory stays at that window, whatever the model size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -32,21 +36,27 @@ from tqdm import tqdm
 from megatron_rcm.convert.arch import (
     WanArch,
     from_shapes,
+    from_training_config,
     match_preset,
     to_diffusers_config,
     to_original_config,
 )
 from megatron_rcm.convert.dist_ckpt import (
-    is_dist_checkpoint,
     load_full_tensors,
     meta_sharded_state_dict,
     read_wan_config,
+    resolve_checkpoint,
     sharded_tensors,
     tensor_metadata,
 )
 from megatron_rcm.convert.errors import ConversionError, KeyMismatchError, ShapeMismatchError
 from megatron_rcm.convert.importer import DTYPE_CHOICES, DTYPES, dtype_name, ensure_single_process_parallel
-from megatron_rcm.convert.output_dir import atomic_output_dir, check_output_dir
+from megatron_rcm.convert.output_dir import (
+    atomic_output_dir,
+    check_not_source,
+    check_output_dir,
+    sweep_leftovers,
+)
 from megatron_rcm.convert.safetensors_io import TensorSpec, write_sharded
 from megatron_rcm.convert.wan_keys import external_shape, from_ours
 
@@ -54,23 +64,6 @@ FORMATS = ("diffusers", "original")
 WEIGHTS_STEM = "diffusion_pytorch_model"  # both releases name their DiT weights this way
 _ANCHOR = "patch_embedding.weight"
 _NOT_THE_STUDENT = ("ema", "critic", "fake", "teacher", "optimizer")
-
-
-def resolve_checkpoint(ckpt) -> Path:
-    """The checkpoint folder CKPT designates (a training run's root -> the one ``latest`` names)."""
-    path = Path(ckpt)
-    if is_dist_checkpoint(path):
-        return path
-    latest = path / "latest"
-    if latest.is_file():
-        step = path / latest.read_text().strip()
-        if not is_dist_checkpoint(step):
-            raise ConversionError(f"{latest} names {step.name!r}, which is not a complete checkpoint")
-        return step
-    raise ConversionError(
-        f"{path}: not a Megatron dist_checkpointing checkpoint (no metadata.json and .metadata) "
-        "nor a training run (no 'latest' file)"
-    )
 
 
 def model_prefixes(keys) -> list[str]:
@@ -97,13 +90,43 @@ def select_prefix(keys, ema: bool, prefix: str | None) -> str:
     return chosen[0]
 
 
-def checkpoint_arch(ckpt_dir: Path, shapes: dict, num_heads: int | None) -> tuple[WanArch, str]:
+def checkpoint_arch(
+    ckpt_dir: Path, shapes: dict, num_heads: int | None, train_config: tuple | None = None
+) -> tuple[WanArch, str]:
+    """The architecture of the model in ``ckpt_dir``, and where it came from: ``wan_config.json`` in the
+    checkpoint folder or the run root; else the run's training config (``train_config``: the YAML path or
+    None, and its overrides); else the tensor shapes (see ``from_shapes`` for the head count)."""
     run_root = [ckpt_dir.parent] if (ckpt_dir.parent / "latest").is_file() else []
+    arch = None
     for folder in [ckpt_dir, *run_root]:
         record = read_wan_config(folder)
         if record is not None:
-            return record["arch"], str(folder / "wan_config.json")
-    return from_shapes(shapes, num_heads), "tensor shapes"
+            arch, arch_from = record["arch"], str(folder / "wan_config.json")
+            break
+    if train_config is not None:
+        path, sets = train_config
+        from_config = from_training_config(path, sets)
+        given = " ".join(([f"--config {path}"] if path is not None else []) + [f"--set {s}" for s in sets])
+        if arch is None:
+            arch, arch_from = from_config, f"the training config ({given})"
+        elif from_config != arch:
+            diffs = [
+                f"{f.name} {getattr(from_config, f.name)} (config) != {getattr(arch, f.name)}"
+                for f in dataclasses.fields(WanArch)
+                if getattr(from_config, f.name) != getattr(arch, f.name)
+            ]
+            raise ConversionError(f"{given} contradicts {arch_from}: {'; '.join(diffs)}")
+    if arch is None:
+        hint = (
+            "a training checkpoint does not record it: pass the run's config (--config RUN.yaml, with the "
+            "same --set overrides as the training command), or --num-heads N"
+        )
+        return from_shapes(shapes, num_heads, heads_hint=hint), "tensor shapes"
+    if num_heads is not None and num_heads != arch.num_attention_heads:
+        raise ConversionError(
+            f"--num-heads {num_heads} contradicts {arch_from} ({arch.num_attention_heads} heads)"
+        )
+    return arch, arch_from
 
 
 class _Window:
@@ -162,6 +185,8 @@ def run_export(
     prefix: str | None = None,
     dtype: str = "keep",
     num_heads: int | None = None,
+    train_config: str | None = None,
+    train_set=(),
     overwrite: bool = False,
     max_shard_bytes: int = 10 * 2**30,
     read_budget_bytes: int = 512 * 2**20,
@@ -173,12 +198,17 @@ def run_export(
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     t0 = time.time()
-    check_output_dir(out, overwrite)
     ckpt_dir = resolve_checkpoint(ckpt)
+    check_not_source(out, [ckpt, ckpt_dir], "checkpoint")
+    check_output_dir(out, overwrite)
+    sweep_leftovers(out, log)
     stored = tensor_metadata(ckpt_dir)
     pfx = select_prefix(stored, ema, prefix)
     ours_shapes = {k[len(pfx) :]: shape for k, (shape, _) in stored.items() if k.startswith(pfx)}
-    arch, arch_from = checkpoint_arch(ckpt_dir, ours_shapes, num_heads)
+    use_config = train_config is not None or bool(train_set)
+    arch, arch_from = checkpoint_arch(
+        ckpt_dir, ours_shapes, num_heads, (train_config, tuple(train_set)) if use_config else None
+    )
     preset = match_preset(arch)
     log(
         f"checkpoint: {ckpt_dir}, model prefix {pfx!r}, architecture from {arch_from}, preset {preset or 'none'}"

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-from megatron_rcm.convert.arch import WanArch, from_config_json, from_shapes, match_preset, preset_arch
+from megatron_rcm.convert.arch import (
+    WanArch,
+    from_config_json,
+    from_shapes,
+    match_preset,
+    preset_arch,
+    shape_differences,
+)
 from megatron_rcm.convert.dist_ckpt import (
     MODEL_PREFIX,
     meta_sharded_state_dict,
@@ -25,8 +32,18 @@ from megatron_rcm.convert.dist_ckpt import (
     sharded_tensors,
     write_wan_config,
 )
-from megatron_rcm.convert.errors import ConversionError, KeyMismatchError, ShapeMismatchError
-from megatron_rcm.convert.output_dir import atomic_output_dir, check_output_dir
+from megatron_rcm.convert.errors import (
+    ConversionError,
+    KeyMismatchError,
+    ShapeMismatchError,
+    VerificationError,
+)
+from megatron_rcm.convert.output_dir import (
+    atomic_output_dir,
+    check_not_source,
+    check_output_dir,
+    sweep_leftovers,
+)
 from megatron_rcm.convert.sources import Source, detect_layout, open_source
 from megatron_rcm.convert.wan_keys import external_shape, from_ours, map_key, patch_weight_to_ours
 
@@ -110,6 +127,45 @@ class ImportPlan:
         )
 
 
+def source_paths(src, source: Source) -> list:
+    """Everything an import reads: SRC itself, the weight files, the index and config.json."""
+    paths = [src, *source.files, source.index, source.root / "config.json", source.pipeline_root]
+    return [p for p in paths if p is not None and os.path.lexists(p)]
+
+
+def check_preset_fits(
+    src, source: Source, layout: str, ours_of_key: dict, preset: str, arch: WanArch
+) -> None:
+    """``--preset`` against the source: when the shapes say another architecture, one line per differing
+    field (layers, widths, channels, ...) instead of hundreds of missing/unexpected keys."""
+    shapes = {o: source.shape(k) for o, k in ours_of_key.items()}
+    try:
+        found = from_shapes(shapes, num_heads=1, patch_size=arch.patch_size)  # heads: in no shape
+    except ConversionError:
+        return  # too few known tensors to tell: the key and shape checks report what is wrong
+    diffs = shape_differences(found, arch)
+    heads = []
+    if source.config is not None:
+        try:
+            cfg_heads = from_config_json(source.config, layout).num_attention_heads
+        except ConversionError:
+            cfg_heads = None
+        if cfg_heads is not None and cfg_heads != arch.num_attention_heads:
+            heads = [("num_attention_heads (config.json)", cfg_heads, arch.num_attention_heads)]
+    if diffs or heads:
+        rows = [f"  {name:<24} {str(a):>14} {str(b):>14}" for name, a, b in diffs + heads]
+        raise ConversionError(
+            "\n".join(
+                [
+                    f"--preset {preset} does not describe {src} ({len(diffs) + len(heads)} field(s) differ):",
+                    f"  {'field':<24} {'source':>14} {'preset':>14}",
+                    *rows,
+                    f"  drop --preset to take the architecture from {'config.json' if source.config else 'the shapes'}",
+                ]
+            )
+        )
+
+
 def plan_import(src, preset: str | None = None, num_heads: int | None = None) -> ImportPlan:
     """Open SRC, detect its layout and architecture, and check every key and shape against the model."""
     source = open_source(src)
@@ -128,6 +184,7 @@ def plan_import(src, preset: str | None = None, num_heads: int | None = None) ->
             ours_of[key] = ours
         if preset is not None:
             arch, arch_from = preset_arch(preset), f"--preset {preset}"
+            check_preset_fits(src, source, layout, seen, preset, arch)
         elif source.config is not None:
             arch, arch_from = from_config_json(source.config, layout), f"{source.root / 'config.json'}"
             clip_norm = seen.get("img_emb.norm1.weight")
@@ -136,7 +193,8 @@ def plan_import(src, preset: str | None = None, num_heads: int | None = None) ->
                 arch = dataclasses.replace(arch, image_dim=source.shape(clip_norm)[0])
         else:
             shapes = {o: source.shape(k) for k, o in ours_of.items()}
-            arch, arch_from = from_shapes(shapes, num_heads), "tensor shapes"
+            hint = f"give it with --num-heads, or put the model's config.json beside the weights in {source.root}"
+            arch, arch_from = from_shapes(shapes, num_heads, heads_hint=hint), "tensor shapes"
         if num_heads is not None and num_heads != arch.num_attention_heads:
             raise ConversionError(
                 f"--num-heads {num_heads} contradicts {arch_from} ({arch.num_attention_heads} heads)"
@@ -175,6 +233,8 @@ class ImportReport:
     bytes_written: int
     seconds: float
     verify: dict | None = None
+    nonfinite: list[str] = field(default_factory=list)
+    """Source tensors holding NaN/inf, as "key (count of numel)"."""
 
     def summary(self) -> str:
         lines = [
@@ -187,7 +247,11 @@ class ImportReport:
             v = self.verify
             lines.append(
                 f"verify:  max |ours - source| = {v['max_abs']:.3e} (max |source| = {v['max_ref']:.3e}, "
-                f"relative {v['rel']:.3e}) on input {v['input']}"
+                f"relative {v['rel']:.3e} <= tolerance {v['tol']:.1e}) on input {v['input']}: passed"
+            )
+        if self.nonfinite:
+            lines.append(
+                f"warning: {len(self.nonfinite)} source tensor(s) hold NaN/inf: {', '.join(self.nonfinite)}"
             )
         return "\n".join(lines)
 
@@ -210,20 +274,31 @@ def run_import(
     num_heads: int | None = None,
     overwrite: bool = False,
     verify: bool = False,
+    verify_tol: float | None = None,
     progress: bool = True,
     log=print,
 ) -> ImportReport:
-    """Convert SRC to a Megatron checkpoint at OUT (see the module docstring)."""
+    """Convert SRC to a Megatron checkpoint at OUT (see the module docstring). With ``verify``, OUT
+    appears only if the verification passes (``VerificationError`` otherwise)."""
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    if tp < 1:
+        raise ConversionError(f"--tp {tp}: must be >= 1")
     t0 = time.time()
-    check_output_dir(out, overwrite)  # fail before reading anything large
+    check_not_source(out, [src])  # fail before reading anything large
+    check_output_dir(out, overwrite)
+    sweep_leftovers(out, log)
     ensure_single_process_parallel()
     plan = plan_import(src, preset, num_heads)
     source = plan.source
     try:
+        check_not_source(out, source_paths(src, source))
         log(plan.describe())
         check_tp(plan.arch, tp)
+        if verify:
+            from megatron_rcm.convert import verify as verifier
+
+            verifier.preflight(plan)
         src_key_of = {o: k for k, o in plan.ours_of.items()}
         target = {o: source.dtype(k) if dtype == "keep" else DTYPES[dtype] for k, o in plan.ours_of.items()}
         sharded_sd = meta_sharded_state_dict(plan.arch, prefix=MODEL_PREFIX)
@@ -232,16 +307,25 @@ def run_import(
         kept = sorted({dtype_name(d) for d in target.values()})
         recorded_dtype = "+".join(kept) if dtype == "keep" else dtype
         bar = tqdm(total=len(target), unit="tensor", desc="import", disable=not progress)
+        nonfinite: list[str] = []
 
         def fetch(key: str) -> torch.Tensor:
             ours = key.removeprefix(MODEL_PREFIX)
             t = patch_weight_to_ours(source.read(src_key_of[ours]), ours).to(target[ours])
+            bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+            if bad:
+                nonfinite.append(f"{src_key_of[ours]} ({bad} of {t.numel()})")
             bar.update(1)
             return t
 
         with atomic_output_dir(out, overwrite) as tmp:
             save_streaming(sharded_sd, tmp, fetch)
             bar.close()
+            if nonfinite:
+                log(
+                    f"warning: {len(nonfinite)} tensor(s) of {src} hold NaN/inf values (converted as they are): "
+                    + ", ".join(sorted(nonfinite))
+                )
             write_wan_config(
                 tmp,
                 plan.arch,
@@ -256,7 +340,14 @@ def run_import(
                 tp_checked=tp,
             )
             nbytes = _dir_bytes(tmp)
-        report = ImportReport(
+            verified = None
+            if verify:
+                tol = verifier.DEFAULT_TOL if verify_tol is None else verify_tol
+                try:
+                    verified = verifier.verify_import(plan, tmp, target, tol)
+                except VerificationError as e:
+                    raise VerificationError(f"{e}; {out} was not written") from None
+        return ImportReport(
             out=str(out),
             plan=plan,
             dtype=recorded_dtype,
@@ -264,11 +355,8 @@ def run_import(
             params=sum(torch.Size(s).numel() for s in plan.shapes.values()),
             bytes_written=nbytes,
             seconds=time.time() - t0,
+            verify=verified,
+            nonfinite=sorted(nonfinite),
         )
-        if verify:
-            from megatron_rcm.convert.verify import verify_import
-
-            report.verify = verify_import(plan, out, log=log)
-        return report
     finally:
         source.close()

@@ -1,19 +1,29 @@
 """Write a conversion's output directory all at once or not at all.
 
-Everything goes to a hidden sibling ``.OUT.tmp-*`` first; only when every file is written and synced is it
-renamed to OUT (with ``--overwrite``, the old OUT is renamed away first and deleted last). A failure or
-interrupt at any point leaves OUT as it was.
+Everything goes to a hidden sibling ``.OUT.tmp-PID-*`` first; only when every file is written and synced is
+it renamed to OUT (with ``--overwrite``, the old OUT is renamed to ``.OUT.old-PID`` first and deleted last).
+A failure or interrupt at any point leaves OUT as it was.
+
+OUT may never be, contain or lie inside what the conversion reads (``check_not_source``): ``--overwrite``
+would delete the source. A run killed before it could clean up (``kill -9``, power loss) leaves its
+``.OUT.tmp-PID-*`` folder; the next run into OUT removes those whose process is gone, and reports the ones
+it cannot attribute to a dead process on this machine and any ``.OUT.old-PID`` (the previous OUT, renamed
+away by an interrupted ``--overwrite``), which it never deletes (``sweep_leftovers``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from megatron_rcm.convert.errors import OutputExistsError
+
+_TMP_PID = re.compile(r"\.tmp-(\d+)-")
 
 
 def describe_existing(out: Path) -> str:
@@ -38,6 +48,66 @@ def check_output_dir(out: str | Path, overwrite: bool) -> None:
         )
 
 
+def check_not_source(out: str | Path, sources, what: str = "source") -> None:
+    """Refuse an OUT that is, contains or lies inside any of ``sources`` (files or folders the conversion
+    reads), symbolic links and relative paths resolved: writing OUT (or deleting it for ``--overwrite``)
+    would destroy them."""
+    out_r = Path(os.path.realpath(out))
+    for src in sources:
+        src_r = Path(os.path.realpath(src))
+        if out_r == src_r:
+            relation = "is"
+        elif out_r in src_r.parents:
+            relation = "contains"
+        elif src_r.is_dir() and src_r in out_r.parents:
+            relation = "lies inside"
+        else:
+            continue
+        shown = f"{out}" + (f" (= {out_r})" if str(out) != str(out_r) else "")
+        raise OutputExistsError(
+            f"output {shown} {relation} the {what} {src_r}: writing it would destroy the {what}; "
+            "choose an output folder outside it"
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_leftovers(out: str | Path, log=print) -> list[Path]:
+    """Remove the ``.OUT.tmp-PID-*`` folders of conversions into OUT whose process is gone; report (and
+    return) the leftovers it does not remove: temporary folders of a live or unknown process, and
+    ``.OUT.old-*`` folders (a previous OUT that an interrupted ``--overwrite`` renamed away)."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return []
+    kept = []
+    for entry in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")):
+        m = _TMP_PID.match(entry.name[len(out.name) + 1 :])
+        if m is not None and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            log(f"removed {entry}: the unfinished output of an interrupted conversion (process {m.group(1)})")
+        else:
+            kept.append(entry)
+            log(
+                f"warning: {entry} is the unfinished output of another conversion into {out} (still running, "
+                "or interrupted on another machine); delete it once no conversion writes there"
+            )
+    for entry in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
+        kept.append(entry)
+        log(
+            f"warning: {entry} holds a previous {out.name}, renamed away by an interrupted --overwrite "
+            f"conversion; rename it back to {out} or delete it"
+        )
+    return kept
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -52,7 +122,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool):
     out = Path(out).absolute()
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets ordinary permissions

@@ -1,5 +1,9 @@
 """``--verify``: run the source weights in diffusers and the converted checkpoint in our WanModel on the same
-random input (both in float32) and report the largest difference.
+random input (both in float32), report the largest difference, and fail (``VerificationError``) when
+either output holds a non-finite value or the relative difference max|ours - source| / max|source| exceeds
+the tolerance (``DEFAULT_TOL``; ``--verify-tol``). The source weights are rounded to the dtype the
+checkpoint stores them in (``--dtype``) before they enter diffusers, so the comparison sees the key
+mapping and the model code, not the cast the user asked for.
 
 The source model is built by diffusers alone -- ``WanTransformer3DModel`` from the source's own
 config.json, original-layout keys renamed by diffusers' ``convert_wan_transformer_to_diffusers`` -- so a
@@ -15,7 +19,11 @@ import torch
 
 from megatron_rcm.convert.arch import to_diffusers_config
 from megatron_rcm.convert.dist_ckpt import load_model
-from megatron_rcm.convert.errors import ConversionError
+from megatron_rcm.convert.errors import ConversionError, VerificationError
+
+DEFAULT_TOL = 1e-4
+"""Relative tolerance: two float32 implementations of the same math differ by round-off (~3e-7 on the
+tiny models, growing with depth); one wrong tensor in the mapping gives O(1e-2..1)."""
 
 
 def _available_bytes() -> int | None:
@@ -29,12 +37,11 @@ def _available_bytes() -> int | None:
     return None
 
 
-def reference_model(plan):
-    """The source as a float32 diffusers ``WanTransformer3DModel`` (None when diffusers is missing)."""
-    try:
-        from diffusers import WanTransformer3DModel
-    except ImportError:
-        return None
+def reference_model(plan, stored_dtype: dict | None = None):
+    """The source as a float32 diffusers ``WanTransformer3DModel``, each tensor first rounded to
+    ``stored_dtype[our key]`` (the checkpoint's dtype) when given."""
+    from diffusers import WanTransformer3DModel
+
     source = plan.source
     if plan.layout == "original":
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
@@ -47,8 +54,10 @@ def reference_model(plan):
     params = model.state_dict()
     filled = set()
     with torch.no_grad():
-        for key in plan.ours_of:  # one tensor at a time: the source is never held twice
+        for key, ours in plan.ours_of.items():  # one tensor at a time: the source is never held twice
             value = source.read(key)
+            if stored_dtype is not None:
+                value = value.to(stored_dtype[ours])
             if plan.layout == "original":
                 ((key, value),) = convert_wan_transformer_to_diffusers({key: value}).items()
             if key not in params or params[key].shape != value.shape:
@@ -84,6 +93,8 @@ def compare(reference, ours, inp: dict) -> dict:
     max_abs = (v.double() - v_ref.double()).abs().max().item()
     max_ref = v_ref.double().abs().max().item()
     return {
+        "finite_ours": bool(torch.isfinite(v).all()),
+        "finite_source": bool(torch.isfinite(v_ref).all()),
         "max_abs": max_abs,
         "max_ref": max_ref,
         "rel": max_abs / max_ref if max_ref else float("inf"),
@@ -92,15 +103,12 @@ def compare(reference, ours, inp: dict) -> dict:
     }
 
 
-def verify_import(plan, ckpt_dir, log=print) -> dict | None:
-    """Compare source and converted checkpoint; None (with a message) when diffusers is not installed."""
+def preflight(plan) -> None:
+    """What ``--verify`` needs, checked before anything is converted: diffusers, and memory for both models."""
     try:
         import diffusers  # noqa: F401
     except ImportError:
-        log("verify:  skipped (diffusers is not installed: pip install diffusers)")
-        return None
-    from megatron_rcm.models.wan import WanModel
-
+        raise ConversionError("--verify needs diffusers (pip install diffusers), or drop --verify") from None
     n_params = sum(torch.Size(s).numel() for s in plan.shapes.values())
     need, have = 8 * n_params, _available_bytes()
     if have is not None and need > have:
@@ -108,7 +116,33 @@ def verify_import(plan, ckpt_dir, log=print) -> dict | None:
             f"--verify holds the source and the converted model in float32 at once: ~{need / 1e9:.0f} GB, "
             f"but {have / 1e9:.0f} GB are available; verify on a larger machine or drop --verify"
         )
-    reference = reference_model(plan)
+
+
+def verify_import(plan, ckpt_dir, stored_dtype: dict | None = None, tol: float = DEFAULT_TOL) -> dict:
+    """Compare source and converted checkpoint; raise ``VerificationError`` on a non-finite output or a
+    relative difference above ``tol``, else return the comparison (with ``tol``)."""
+    from megatron_rcm.models.wan import WanModel
+
+    preflight(plan)
+    reference = reference_model(plan, stored_dtype)
     ours = WanModel(plan.arch.wan_config(params_dtype=torch.float32, tensor_model_parallel_size=1)).eval()
     load_model(ours, os.fspath(ckpt_dir))
-    return compare(reference, ours, random_inputs(plan.arch))
+    result = compare(reference, ours, random_inputs(plan.arch)) | {"tol": tol}
+    check(result)
+    return result
+
+
+def check(result: dict) -> None:
+    """Fail on non-finite outputs or a relative difference above ``result["tol"]``."""
+    bad = [name for name in ("ours", "source") if not result[f"finite_{name}"]]
+    what = f"max |ours - source| = {result['max_abs']:.3e}, max |source| = {result['max_ref']:.3e}"
+    if bad:
+        raise VerificationError(
+            f"--verify failed: the {' and the '.join(bad)} model's output holds NaN/inf ({what}) on input "
+            f"{result['input']}; non-finite weights (listed above, if any) are the usual cause"
+        )
+    if not result["rel"] <= result["tol"]:
+        raise VerificationError(
+            f"--verify failed: relative difference {result['rel']:.3e} > tolerance {result['tol']:.1e} ({what}) "
+            f"on input {result['input']}"
+        )
