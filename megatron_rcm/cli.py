@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"megatron-rcm: config error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from megatron_rcm.training.checkpoint import CheckpointError
+
+        if not isinstance(err, CheckpointError):
+            raise
+        print(f"megatron-rcm: checkpoint error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -68,7 +68,14 @@ def test_trainer_checkpoint_exports_its_own_architecture(tmp_path, heads):
     trained = arch_of(trainer.wan_cfg)
     assert trained.num_attention_heads == heads and trained.hidden_size == 128
 
-    # no record of the head count anywhere in a training checkpoint: refused, not guessed
+    # the trainer records its config in meta.json: export needs nothing else
+    rm = run_export(ckpts / "latest", tmp_path / "m", fmt="diffusers", **QUIET)
+    assert rm.arch == trained and "meta.json" in rm.arch_from
+
+    # a checkpoint without that record (written before the trainer kept it): refused, not guessed
+    step_dir = ckpts / (ckpts / "latest").read_text().strip()
+    meta = json.loads((step_dir / "meta.json").read_text())
+    (step_dir / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "config"}))
     with pytest.raises(ConversionError, match=r"head count is stored in no tensor shape.*--config RUN\.yaml"):
         run_export(ckpts / "latest", tmp_path / "guess", fmt="diffusers", **QUIET)
     assert not (tmp_path / "guess").exists()

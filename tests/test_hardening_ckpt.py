@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -200,3 +201,17 @@ def test_metrics_steps_match_console_and_checkpoints_once_each_after_resume(tmp_
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert {f"step_{r['step']:08d}" for r in records} >= {p.name for p in ckpt.glob("step_*")}
+
+
+def test_cli_reports_a_broken_pinned_checkpoint_with_exit_code_2(tmp_path, capsys):
+    from megatron_rcm.cli import main
+
+    broken = tmp_path / "ckpt" / "step_00000003"
+    broken.mkdir(parents=True)
+    (broken / "meta.json").write_text("{")
+    config = Path(__file__).resolve().parents[1] / "examples/configs/quickstart.yaml"
+    rc = main(["train", "--config", str(config), "--set", "data.source=mock",
+               "--set", f"training.output_dir={tmp_path / 'out'}", "--set", f"checkpoint.dir={tmp_path / 'ckpt'}",
+               "--set", f"checkpoint.resume={broken}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint error" in err and str(broken) in err

@@ -141,13 +141,40 @@ def from_training_config(path: str | None, sets=()) -> WanArch:
                         node = node.setdefault(part, {})
                     node[leaf] = value
                 merge_into(model, nested, prefix="model.", origin="--set")
-        model.validate()
-        cfg = wan_config(model.preset, **(dict(model.overrides) | {"tensor_model_parallel_size": 1}))
+        return _arch_of_model_config(model)
     except (ValueError, TypeError) as e:  # ConfigError is a ValueError
         if isinstance(e, ConversionError):
             raise
         raise ConversionError(f"{what}{''.join(f' --set {s}' for s in sets)}: {e}") from None
+
+
+def _arch_of_model_config(model) -> WanArch:
+    model.validate()
+    cfg = wan_config(model.preset, **(dict(model.overrides) | {"tensor_model_parallel_size": 1}))
     return WanArch(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)})
+
+
+def from_run_meta(ckpt_dir: Path) -> WanArch | None:
+    """The architecture recorded by the trainer: the ``model`` section of the run's config, which it stores
+    in each checkpoint's ``meta.json``; None for checkpoints written before it did."""
+    import json
+
+    from megatron_rcm.config.loader import merge_into
+    from megatron_rcm.config.schema import ModelConfig
+
+    meta = Path(ckpt_dir) / "meta.json"
+    try:
+        section = json.loads(meta.read_text()).get("config", {}).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(section, dict):
+        return None
+    try:
+        model = ModelConfig()
+        merge_into(model, section, prefix="model.", origin=str(meta))
+        return _arch_of_model_config(model)
+    except (ValueError, TypeError) as e:
+        raise ConversionError(f"{meta}: the run's model config does not build a Wan model: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from megatron_rcm.convert.arch import (
     WanArch,
+    from_run_meta,
     from_shapes,
     from_training_config,
     match_preset,
@@ -94,8 +95,9 @@ def checkpoint_arch(
     ckpt_dir: Path, shapes: dict, num_heads: int | None, train_config: tuple | None = None
 ) -> tuple[WanArch, str]:
     """The architecture of the model in ``ckpt_dir``, and where it came from: ``wan_config.json`` in the
-    checkpoint folder or the run root; else the run's training config (``train_config``: the YAML path or
-    None, and its overrides); else the tensor shapes (see ``from_shapes`` for the head count)."""
+    checkpoint folder or the run root, or the run's config the trainer stored in ``meta.json``; else the
+    training config given here (``train_config``: the YAML path or None, and its overrides; checked against
+    a record when there is one); else the tensor shapes (see ``from_shapes`` for the head count)."""
     run_root = [ckpt_dir.parent] if (ckpt_dir.parent / "latest").is_file() else []
     arch = None
     for folder in [ckpt_dir, *run_root]:
@@ -103,6 +105,10 @@ def checkpoint_arch(
         if record is not None:
             arch, arch_from = record["arch"], str(folder / "wan_config.json")
             break
+    if arch is None:
+        recorded = from_run_meta(ckpt_dir)
+        if recorded is not None:
+            arch, arch_from = recorded, f"the run's config in {ckpt_dir / 'meta.json'}"
     if train_config is not None:
         path, sets = train_config
         from_config = from_training_config(path, sets)
