@@ -21,13 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from megatron_rcm.atomic import make_temp_dir, publish_dir, sweep_leftovers
 from megatron_rcm.config.schema import ConfigError
 from megatron_rcm.rcm.engine import ALGORITHMS
 
@@ -239,34 +239,11 @@ def prepare_output(out: Path, say) -> Path:
                 f"it would be replaced: choose another --output-dir or empty it")
         if not os.access(out, os.W_OK | os.X_OK):
             raise ConfigError(f"quickstart: output folder {out} is not writable")
-    parent = out.absolute().parent
+    sweep_leftovers(out, "quickstart", say)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        return make_temp_dir(out)
     except OSError as err:
-        raise ConfigError(f"quickstart: cannot write beside the output folder {out} in {parent}: {err}") from err
-    stale = sorted(p for p in parent.glob(f".{out.name}.*-*") if p != work and p.is_dir())
-    if stale:
-        say(f"note: leftover folders of an interrupted quickstart (delete them when no quickstart runs): "
-            f"{', '.join(map(str, stale))}")
-    return work
-
-
-def replace_output(work: Path, out: Path) -> None:
-    """Move the finished ``work`` folder to ``out``, replacing a previous output as a whole: the old
-    folder is renamed aside, the new one renamed in (two renames in one file system), the old deleted."""
-    if not out.exists():
-        os.rename(work, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
-    os.rename(out, old / "out")
-    try:
-        os.rename(work, out)
-    except BaseException:
-        os.rename(old / "out", out)  # put the previous results back
-        old.rmdir()
-        raise
-    shutil.rmtree(old)
+        raise ConfigError(f"quickstart: cannot write beside the output folder {out}: {err}") from err
 
 
 def run_quickstart(opts: QuickstartOptions) -> dict:
@@ -279,7 +256,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     work = prepare_output(out, say)
     try:
         result = _run(opts, base, work, out, say)
-        replace_output(work, out)
+        publish_dir(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

@@ -17,6 +17,8 @@ import argparse
 import sys
 import warnings
 
+from megatron_rcm.config.argtypes import positive_float, positive_int
+
 EPILOG = """examples:
   python tools/convert.py import /models/Wan2.1-T2V-14B /ckpt/wan14b --dtype bf16
   python tools/convert.py import /models/Wan2.1-T2V-1.3B-Diffusers /ckpt/wan1.3b --tp 2 --verify
@@ -25,26 +27,6 @@ EPILOG = """examples:
       --config my_run.yaml --set model.overrides.num_layers=4
   python tools/convert.py export /ckpt/wan1.3b /out/wan1.3b-original --format original
 """
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (>= 1)")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

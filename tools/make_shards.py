@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_rcm.config.argtypes import positive_int
 from megatron_rcm.data.format import (
     LATENT_EXTS,
     NEG_TEXT_EXTS,
@@ -79,16 +80,6 @@ def build_index(root: Path) -> Path:
     return write_index(root, index_folder(root))
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (>= 1)")
-    return value
-
-
 def _inside(a: Path, b: Path) -> bool:
     """Whether ``a`` is ``b`` or lies inside it (both resolved)."""
     a, b = a.resolve(), b.resolve()
@@ -121,18 +112,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--from-dir", type=Path)
-    src.add_argument("--mock", type=_positive_int, metavar="N")
+    src.add_argument("--mock", type=positive_int, metavar="N")
     src.add_argument("--digits", action="store_true")
     src.add_argument("--index", type=Path, metavar="DIR")
     ap.add_argument("--out", type=Path, help="output directory for the shards")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out (as a whole)")
-    ap.add_argument("--samples-per-shard", type=_positive_int, default=1000)
+    ap.add_argument("--samples-per-shard", type=positive_int, default=1000)
     ap.add_argument("--negative", type=Path, help="negative-prompt embedding [L, D] (.pth/.npy) for the data set "
                     "(written as negative.t5.pth; CFG training needs it unless samples carry .neg_t5)")
-    ap.add_argument("--latent-shape", type=_positive_int, nargs=4, default=[16, 21, 60, 104],
+    ap.add_argument("--latent-shape", type=positive_int, nargs=4, default=[16, 21, 60, 104],
                     metavar=("C", "F", "H", "W"))
-    ap.add_argument("--text-len", type=_positive_int, default=512)
-    ap.add_argument("--text-dim", type=_positive_int, default=4096)
+    ap.add_argument("--text-len", type=positive_int, default=512)
+    ap.add_argument("--text-dim", type=positive_int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     _check_args(ap, args)

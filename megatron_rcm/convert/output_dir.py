@@ -14,16 +14,11 @@ away by an interrupted ``--overwrite``), which it never deletes (``sweep_leftove
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
+from megatron_rcm import atomic
 from megatron_rcm.convert.errors import OutputExistsError
-
-_TMP_PID = re.compile(r"\.tmp-(\d+)-")
 
 
 def describe_existing(out: Path) -> str:
@@ -70,77 +65,15 @@ def check_not_source(out: str | Path, sources, what: str = "source") -> None:
         )
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def sweep_leftovers(out: str | Path, log=print) -> list[Path]:
     """Remove the ``.OUT.tmp-PID-*`` folders of conversions into OUT whose process is gone; report (and
-    return) the leftovers it does not remove: temporary folders of a live or unknown process, and
-    ``.OUT.old-*`` folders (a previous OUT that an interrupted ``--overwrite`` renamed away)."""
-    out = Path(out).absolute()
-    if not out.parent.is_dir():
-        return []
-    kept = []
-    for entry in sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*")):
-        m = _TMP_PID.match(entry.name[len(out.name) + 1 :])
-        if m is not None and int(m.group(1)) != os.getpid() and not _process_alive(int(m.group(1))):
-            shutil.rmtree(entry, ignore_errors=True)
-            log(f"removed {entry}: the unfinished output of an interrupted conversion (process {m.group(1)})")
-        else:
-            kept.append(entry)
-            log(
-                f"warning: {entry} is the unfinished output of another conversion into {out} (still running, "
-                "or interrupted on another machine); delete it once no conversion writes there"
-            )
-    for entry in sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*")):
-        kept.append(entry)
-        log(
-            f"warning: {entry} holds a previous {out.name}, renamed away by an interrupted --overwrite "
-            f"conversion; rename it back to {out} or delete it"
-        )
-    return kept
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return) the others and any ``.OUT.old-*`` (``megatron_rcm.atomic.sweep_leftovers``)."""
+    return atomic.sweep_leftovers(out, "conversion", log)
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: str | Path, overwrite: bool):
-    """Yield a temporary folder to write into; on success it becomes ``out``."""
-    out = Path(out).absolute()
+    """Yield a temporary folder to write into; on success it becomes ``out`` (``megatron_rcm.atomic``)."""
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets ordinary permissions
-    try:
+    with atomic.atomic_output_dir(out) as tmp:
         yield tmp
-        for entry in tmp.iterdir():
-            if entry.is_file():
-                with open(entry, "rb") as f:
-                    os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -1,7 +1,8 @@
 """Write tar shards in the format of ``megatron_rcm.data.format`` (used by tools/make_shards.py).
 
-Atomic: the shards go into a temporary folder beside the target (``.<name>.tmp-<pid>``), ``index.json``
-is written last, everything is fsynced, and only then the folder is renamed into place. A failed or killed
+Atomic (``megatron_rcm.atomic``): the shards go into a temporary folder beside the target
+(``.<name>.tmp-<pid>-*``), ``index.json`` is written last, everything is fsynced, and only then the folder
+is renamed into place. A failed or killed
 write leaves the target as it was (absent, or the previous complete data set); a non-empty target is
 replaced only with ``overwrite=True``, as a whole (no stale shards of the earlier write survive).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_rcm.atomic import make_temp_dir, publish_dir, sweep_leftovers
 from megatron_rcm.data.format import (
     INDEX_FILE,
     INDEX_VERSION,
@@ -40,38 +42,6 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> None:
                               f"(ShardWriter(overwrite=True)) to replace the whole folder")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(out_dir: Path) -> list[Path]:
-    """Delete ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders of writers that no longer run."""
-    removed = []
-    for kind in ("tmp", "old"):
-        for p in out_dir.parent.glob(f".{out_dir.name}.{kind}-*"):
-            pid = p.name.rsplit("-", 1)[-1]
-            if p.is_dir() and pid.isdigit() and not _pid_alive(int(pid)):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    for p in removed:
-        logger.warning("removed %s, left by an interrupted shard write", p)
-    return removed
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ShardWriter:
     """Append samples to ``shard-000000.tar``, ``shard-000001.tar``, ... (``samples_per_shard`` each), write
     ``index.json`` (member offsets, sizes, crc32) last and move the folder into place on ``close()``."""
@@ -83,10 +53,8 @@ class ShardWriter:
         self.target = Path(os.path.abspath(out_dir))
         check_output_dir(self.target, overwrite)
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.target)
-        self.out_dir = self.target.with_name(f".{self.target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(self.out_dir, ignore_errors=True)
-        self.out_dir.mkdir()
+        sweep_leftovers(self.target, "shard write", logger.warning)
+        self.out_dir = make_temp_dir(self.target)
         self.samples_per_shard = samples_per_shard
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
@@ -147,18 +115,8 @@ class ShardWriter:
         if not self.shards:
             self.abort()
             raise ValueError(f"no samples were written for {self.target}; nothing to publish")
-        for shard in self.shards:
-            _fsync(self.out_dir / shard["name"])
         write_index(self.out_dir, {"version": INDEX_VERSION, "shards": self.shards})
-        _fsync(self.out_dir)
-        old = None
-        if self.target.exists():  # replaced as a whole (overwrite=True was checked at start)
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.rename(self.target, old)
-        os.rename(self.out_dir, self.target)
-        _fsync(self.target.parent)
-        if old is not None:
-            shutil.rmtree(old)
+        publish_dir(self.out_dir, self.target)  # replaced as a whole (overwrite=True was checked at start)
         return self.target / INDEX_FILE
 
     def abort(self) -> None:

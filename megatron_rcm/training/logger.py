@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_rcm.atomic import write_atomic
+
 logger = logging.getLogger("megatron_rcm.train")
 
 
@@ -46,12 +48,7 @@ def drop_records_after(path: Path, step: int) -> None:
             dropped += 1
     if not dropped:
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, "".join(keep))
     logger.info("%s: dropped %d records after step %d (re-run from the checkpoint)", path, dropped, step)
 
 
