@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megatron_rcm.data.shapes import COLOURS, DIRECTIONS, NUM_CONDITIONS, SHAPES, condition_attributes, sample_clips
+from megatron_rcm.data.shapes import (
+    COLOURS,
+    DIRECTIONS,
+    NUM_CONDITIONS,
+    SHAPES,
+    condition_attributes,
+    sample_clips,
+)
 
 HEADS = ("shape", "colour", "direction")
 
