@@ -195,3 +195,13 @@ def test_bad_options_fail_before_work(tmp_path):
     with pytest.raises(ConfigError, match="samples_per_condition=1"):
         run_shapes_bench(ShapesBenchOptions(output_dir=str(tmp_path), samples_per_condition=1))
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_rejects_bad_seeds_before_work(tmp_path, capsys):
+    from megatron_rcm.cli import main
+
+    assert main(["quickstart", "--seeds", "0", "--output-dir", str(tmp_path)]) == 2
+    assert "--seeds is only supported with --data shapes" in capsys.readouterr().err
+    assert main(["quickstart", "--data", "shapes", "--seeds", "0,x", "--output-dir", str(tmp_path)]) == 2
+    assert "'0,x': expected comma-separated integers" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
