@@ -1,6 +1,7 @@
 """``megatron-rcm``: the command-line entry point.
 
     megatron-rcm quickstart [--output-dir outputs/quickstart]        the embedded end-to-end demo
+    megatron-rcm quickstart --data shapes [--seeds 0,1,2]            the embedded video benchmark
     megatron-rcm train --config examples/configs/wan2.1_t2v_1.3b.yaml [--set key=value ...] [key=value ...]
     megatron-rcm train --config ... --print-config                   show the merged config and exit
 
@@ -42,13 +43,34 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--print-config", action="store_true", help="print the merged config and exit")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides")
     qs = sub.add_parser("quickstart", help="train a tiny teacher on digits, distill it (rCM, sCM, DMD), evaluate")
-    qs.add_argument("--output-dir", default="outputs/quickstart")
+    qs.add_argument("--data", choices=("digits", "shapes"), default="digits",
+                    help="digits: 8x8 digit images; shapes: the procedural moving-shapes video benchmark")
+    qs.add_argument("--output-dir", default=None, help="default outputs/quickstart or outputs/shapes")
+    qs.add_argument("--seeds", default=None, help="comma-separated training seeds (shapes only; default 0)")
     qs.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps")
     qs.add_argument("--distill-steps", type=int, default=None, help="distillation steps per method")
     qs.add_argument("--methods", default="rcm,scm,dmd", help="comma-separated distillation algorithms")
     qs.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of examples/configs/quickstart.yaml (repeatable)")
     return ap
+
+
+def _shapes(args) -> int:
+    from megatron_rcm.shapes_bench import ShapesBenchOptions, run_shapes_bench
+
+    opts = ShapesBenchOptions(output_dir=args.output_dir or "outputs/shapes", methods=tuple(args.methods.split(",")),
+                              overrides=list(args.sets))
+    if args.seeds is not None:
+        try:
+            opts.seeds = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError as err:
+            raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers") from err
+    if args.teacher_steps is not None:
+        opts.teacher_steps = args.teacher_steps
+    if args.distill_steps is not None:
+        opts.distill_steps = args.distill_steps
+    run_shapes_bench(opts)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,9 +90,13 @@ def main(argv: list[str] | None = None) -> int:
             trainer.train()
             trainer.close()
             return 0
+        if args.data == "shapes":
+            return _shapes(args)
+        if args.seeds is not None:
+            raise ConfigError("--seeds is only supported with --data shapes")
         from megatron_rcm.quickstart import QuickstartOptions, run_quickstart
 
-        opts = QuickstartOptions(output_dir=args.output_dir, methods=tuple(args.methods.split(",")),
+        opts = QuickstartOptions(output_dir=args.output_dir or "outputs/quickstart", methods=tuple(args.methods.split(",")),
                                  overrides=list(args.sets))
         if args.teacher_steps is not None:
             opts.teacher_steps = args.teacher_steps

@@ -86,7 +86,8 @@ class OptimizerConfig:
 class DataConfig:
     source: str = "shards"
     """``shards`` (tar shards written by tools/make_shards.py), ``mock`` (random tensors of the shapes
-    below, for throughput runs) or ``digits`` (the embedded quickstart data set)."""
+    below, for throughput runs), ``digits`` (the embedded quickstart data set) or ``shapes`` (procedural
+    moving-shape clips of ``latent_shape`` [3, F, H, W], the embedded video benchmark)."""
 
     path: str | None = None
     """Directory holding the tar shards (and their ``index.json``) when ``source: shards``."""
@@ -107,8 +108,8 @@ class DataConfig:
     """Shuffle the global sample order each epoch (seeded by ``training.seed`` and the epoch)."""
 
     def validate(self) -> None:
-        _check(self.source in ("shards", "mock", "digits"), "data.source", self.source,
-               "one of shards, mock, digits")
+        _check(self.source in ("shards", "mock", "digits", "shapes"), "data.source", self.source,
+               "one of shards, mock, digits, shapes")
         _check(self.source != "shards" or bool(self.path), "data.path", self.path,
                "a directory of tar shards when data.source is 'shards'")
         _check(self.micro_batch_size >= 1, "data.micro_batch_size", self.micro_batch_size, ">= 1")

@@ -1,4 +1,5 @@
-"""Training data: tar shards of precomputed latents + text embeddings, mock data, the quickstart digits."""
+"""Training data: tar shards of precomputed latents + text embeddings, mock data, the quickstart digits,
+the procedural moving-shape clips."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def build_data_source(data_cfg, seed: int, dp_rank: int = 0, dp_size: int = 1):
 
         return DigitsSource(data_cfg.micro_batch_size, data_cfg.text_len, data_cfg.text_dim, seed, dp_rank,
                             dp_size, data_cfg.shuffle, split="train")
+    if data_cfg.source == "shapes":
+        from megatron_rcm.data.shapes import ShapesSource
+
+        return ShapesSource(data_cfg.micro_batch_size, data_cfg.latent_shape, data_cfg.text_len, data_cfg.text_dim,
+                            seed, dp_rank, dp_size)
     raise ValueError(f"unknown data.source {data_cfg.source!r}")
 
 

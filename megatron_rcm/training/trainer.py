@@ -287,7 +287,7 @@ class Trainer:
         rows = {"data": batch.latent_BCFHW[:n]}
         for k in self.cfg.logging.sample_steps:
             rows[f"student {k}-step"] = self.sample(k, batch)[:n]
-        value_range = (-1.0, 1.0) if self.cfg.data.source == "digits" else None
+        value_range = (-1.0, 1.0) if self.cfg.data.source in ("digits", "shapes") else None
         return save_grid(rows, path, value_range=value_range)
 
     # -- checkpointing ---------------------------------------------------------------------------------
