@@ -91,25 +91,30 @@ class QuickstartOptions:
 _MAX_THREADS = torch.get_num_threads()
 
 
-def pick_num_threads(model, text_len: int, text_dim: int) -> int:
-    """CPU only: time a forward pass of ``model`` with all cores and with one, keep the faster.
+def digit_example(text_len: int, text_dim: int) -> tuple:
+    """Network inputs of one batch of 128 digit images (x, timestep, context) for ``pick_num_threads``."""
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(128, 1, 1, 8, 8, generator=g), torch.rand(128, generator=g) * 1000,
+            torch.randn(128, text_len, text_dim, generator=g))
+
+
+def pick_num_threads(model, example: tuple) -> int:
+    """CPU only: time a forward pass of ``model`` on ``example`` inputs with all cores and with one, keep
+    the faster.
 
     When another process keeps a core busy, PyTorch's intra-op threads wait on each other at every
     barrier and a 2-thread step became ~25x slower (0.13 s -> 3 s per teacher step, measured); one
     thread then wins. Re-checked at every stage because the machine's load changes."""
     if torch.cuda.is_available() or _MAX_THREADS == 1:
         return torch.get_num_threads()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(128, 1, 1, 8, 8, generator=g)
-    ts, ctx = torch.rand(128, generator=g) * 1000, torch.randn(128, text_len, text_dim, generator=g)
     best = None
     for n in (_MAX_THREADS, 1):
         torch.set_num_threads(n)
         with torch.no_grad():
-            model(x, ts, ctx)
+            model(*example)
             t0 = time.perf_counter()
             for _ in range(3):
-                model(x, ts, ctx)
+                model(*example)
         dt = time.perf_counter() - t0
         if best is None or dt < best[1]:
             best = (n, dt)
@@ -134,7 +139,7 @@ def _train_teacher(opts: QuickstartOptions, cfg, out: Path, say):
                         split="train")
     bar = tqdm(total=opts.teacher_steps, desc="teacher (rectified flow)", disable=not opts.progress)
 
-    threads = pick_num_threads(teacher, cfg.data.text_len, cfg.data.text_dim)
+    threads = pick_num_threads(teacher, digit_example(cfg.data.text_len, cfg.data.text_dim))
 
     def on_step(step, loss, _dt):
         nonlocal threads
@@ -142,7 +147,7 @@ def _train_teacher(opts: QuickstartOptions, cfg, out: Path, say):
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss:.4f}", threads=threads, refresh=False)
         if step % 250 == 249:
-            threads = pick_num_threads(teacher, cfg.data.text_len, cfg.data.text_dim)
+            threads = pick_num_threads(teacher, digit_example(cfg.data.text_len, cfg.data.text_dim))
 
     t0 = time.time()
     losses = pretrain_teacher(teacher, data, opts.teacher_steps, lr=opts.teacher_lr,
@@ -293,7 +298,7 @@ def _run(opts: QuickstartOptions, base, work: Path, out: Path, say) -> dict:
     noise = torch.randn((len(labels), 1, 1, 8, 8), generator=torch.Generator().manual_seed(2024)).to(device)
     show = torch.cat([torch.nonzero(labels == c)[:2, 0] for c in range(10)])  # two of each digit, same seeds
     w = base.distill.guidance
-    pick_num_threads(teacher, base.data.text_len, base.data.text_dim)
+    pick_num_threads(teacher, digit_example(base.data.text_len, base.data.text_dim))
     denoiser = TrigFlowDenoiser(teacher, base.distill.timestep_scale)
     teacher_x = euler_sample(denoiser, noise, cond, guidance=w, num_steps=opts.teacher_sample_steps, shift=1.0)
     teacher_name = f"teacher {opts.teacher_sample_steps}-step (CFG {w:g})"
@@ -313,10 +318,10 @@ def _run(opts: QuickstartOptions, base, work: Path, out: Path, say) -> dict:
                                                f"training.output_dir={work / method}",
                                                f"logging.progress_bar={opts.progress}"))
         trainer = Trainer(cfg, teacher=teacher)
-        threads = pick_num_threads(teacher, cfg.data.text_len, cfg.data.text_dim)
+        threads = pick_num_threads(teacher, digit_example(cfg.data.text_len, cfg.data.text_dim))
         say(f"distilling with {method}: {opts.distill_steps} steps ({threads} CPU threads)" if device.type == "cpu"
             else f"distilling with {method}: {opts.distill_steps} steps")
-        recheck = lambda tr, _m: (pick_num_threads(teacher, base.data.text_len, base.data.text_dim)
+        recheck = lambda tr, _m: (pick_num_threads(teacher, digit_example(base.data.text_len, base.data.text_dim))
                                   if device.type == "cpu" and tr.step % 100 == 0 else None)
         trainer.train(on_step=recheck)
         timings[f"distill_{method}"] = time.time() - t0

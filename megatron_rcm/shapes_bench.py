@@ -16,14 +16,15 @@ seed, and prints the table.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from megatron_rcm.atomic import write_atomic
 from megatron_rcm.config.schema import ConfigError
+from megatron_rcm.quickstart import pick_num_threads
 
 # The benchmark's distillation config; examples/configs/shapes.yaml holds the same values (a test keeps
 # them equal). Frames of 16 x 16 with a (1, 4, 4) patch: 8 x 4 x 4 = 128 tokens per clip (the (1, 2, 2)
@@ -98,35 +99,6 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-_MAX_THREADS = torch.get_num_threads()
-
-
-def pick_threads(model, example: tuple) -> int:
-    """CPU only: time a forward pass on ``example`` inputs with all cores and with one, keep the faster
-    (``megatron_rcm.quickstart.pick_num_threads`` explains why; that one is fixed to digit inputs)."""
-    if torch.cuda.is_available() or _MAX_THREADS == 1:
-        return torch.get_num_threads()
-    best = None
-    for n in (_MAX_THREADS, 1):
-        torch.set_num_threads(n)
-        with torch.no_grad():
-            model(*example)
-            t0 = time.perf_counter()
-            for _ in range(2):
-                model(*example)
-        dt = time.perf_counter() - t0
-        if best is None or dt < best[1]:
-            best = (n, dt)
-    torch.set_num_threads(best[0])
-    return best[0]
-
-
-def _write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def _config(opts: ShapesBenchOptions, *extra: str):
     from megatron_rcm.config import load_config
 
@@ -145,7 +117,7 @@ def _train_teacher(opts, cfg, seed: int, out: Path, example, say):
     teacher = build_model(build_wan_config(cfg.model, cfg.data, recompute=False), seed).to(device)
     data = ShapesSource(opts.teacher_batch, cfg.data.latent_shape, cfg.data.text_len, cfg.data.text_dim, seed=seed)
     bar = tqdm(total=opts.teacher_steps, desc=f"teacher seed {seed} (rectified flow)", disable=not opts.progress)
-    threads = pick_threads(teacher, example)
+    threads = pick_num_threads(teacher, example)
 
     def on_step(step, loss, _dt):
         nonlocal threads
@@ -153,7 +125,7 @@ def _train_teacher(opts, cfg, seed: int, out: Path, example, say):
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss:.4f}", threads=threads, refresh=False)
         if step % 250 == 249:
-            threads = pick_threads(teacher, example)
+            threads = pick_num_threads(teacher, example)
 
     t0 = time.time()
     losses = pretrain_teacher(teacher, data, opts.teacher_steps, lr=opts.teacher_lr,
@@ -171,9 +143,10 @@ def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, s
     """One seed: teacher, distillations, samples, scores. Returns (metrics rows, timings, media paths)."""
     from megatron_rcm.data.batch import Batch
     from megatron_rcm.data.shapes import condition_index, prompt_embeddings
+    from megatron_rcm.eval.metrics import paired_mse
     from megatron_rcm.eval.video_evaluator import evaluate_clips
     from megatron_rcm.eval.video_media import save_contact_sheet, save_gif
-    from megatron_rcm.eval.video_metrics import same_noise_mse, video_metrics
+    from megatron_rcm.eval.video_metrics import video_metrics
     from megatron_rcm.rcm import Conditioning, TrigFlowDenoiser, euler_sample
     from megatron_rcm.training import Trainer
 
@@ -191,7 +164,7 @@ def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, s
     ctx = Conditioning(context=emb[cond].to(device), neg_context=neg.to(device))
     noise = torch.randn((len(cond), C, F, H, W), generator=torch.Generator().manual_seed(NOISE_SEED + seed)).to(device)
     w = base.distill.guidance
-    pick_threads(teacher, example)
+    pick_num_threads(teacher, example)
     teacher_x = euler_sample(TrigFlowDenoiser(teacher, base.distill.timestep_scale), noise, ctx, guidance=w,
                              num_steps=opts.teacher_sample_steps, shift=1.0).float().cpu()
     teacher_pred = evaluate_clips(ev, teacher_x)
@@ -210,10 +183,10 @@ def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, s
                       f"model.teacher_checkpoint={teacher_path}", f"training.output_dir={out / method}",
                       f"logging.progress_bar={opts.progress}")
         trainer = Trainer(cfg, teacher=teacher)
-        threads = pick_threads(teacher, example)
+        threads = pick_num_threads(teacher, example)
         say(f"seed {seed}: distilling with {method}: {opts.distill_steps} steps"
             + (f" ({threads} CPU threads)" if device.type == "cpu" else ""))
-        recheck = lambda tr, _m: (pick_threads(teacher, example) if device.type == "cpu" and tr.step % 100 == 0
+        recheck = lambda tr, _m: (pick_num_threads(teacher, example) if device.type == "cpu" and tr.step % 100 == 0
                                   else None)
         trainer.train(on_step=recheck)
         timings[f"distill_{method}"] = time.time() - t0
@@ -223,7 +196,7 @@ def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, s
         for n in opts.student_steps:
             xs = trainer.sample(n, batch, use_ema=True, seed=NOISE_SEED + seed, noise=noise).float().cpu()
             rows[f"{method} student {n}-step"] = video_metrics(evaluate_clips(ev, xs), cond, real, real_cond,
-                                                               teacher_pred["features"], same_noise_mse(xs, teacher_x))
+                                                               teacher_pred["features"], paired_mse(xs, teacher_x))
             sheet[f"{method} {n}-step"] = xs[show]
             for col, i in zip(gif_cols, show):
                 col.append(xs[i])
@@ -296,7 +269,7 @@ def run_shapes_bench(opts: ShapesBenchOptions) -> dict:
               "notes": "students are evaluated with their power-EMA weights; every row of a seed uses the same "
                        "noise and conditions; fd_teacher/mse_teacher compare with the teacher's sample from the "
                        "same noise; the clip evaluator is trained once (seed 0) on real clips."}
-    _write_json_atomic(result, out / "metrics.json")
+    write_atomic(out / "metrics.json", json.dumps(result, indent=1))
     say("\n" + table)
     say(f"\nmetrics: {out / 'metrics.json'}\ntotal wall time: {timings['total']:.0f} s")
     return result

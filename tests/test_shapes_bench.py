@@ -25,8 +25,9 @@ from megatron_rcm.data.shapes import (
     sample_clips,
 )
 from megatron_rcm.eval.frechet import frechet_distance
+from megatron_rcm.eval.metrics import paired_mse
 from megatron_rcm.eval.video_evaluator import evaluate_clips, train_evaluator
-from megatron_rcm.eval.video_metrics import mean_and_spread, same_noise_mse, video_metrics
+from megatron_rcm.eval.video_metrics import mean_and_spread, video_metrics
 from megatron_rcm.shapes_bench import SHAPES_OVERRIDES, ShapesBenchOptions, run_shapes_bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def test_random_clips_stay_inside_the_frame_and_the_source_resumes_exactly():
 
 def test_same_noise_mse_and_spread_against_numpy():
     a, b = torch.randn(5, 3, 2, 8, 8), torch.randn(5, 3, 2, 8, 8)
-    assert same_noise_mse(a, b) == pytest.approx(float(np.mean((a.numpy() - b.numpy()) ** 2)), rel=1e-6)
+    assert paired_mse(a, b) == pytest.approx(float(np.mean((a.numpy() - b.numpy()) ** 2)), rel=1e-6)
     rows = [{"r": {"m": 1.0, "x": None}}, {"r": {"m": 2.0, "x": None}}, {"r": {"m": 4.0, "x": None}}]
     s = mean_and_spread(rows)
     assert s["r"]["m"]["mean"] == pytest.approx(7 / 3)

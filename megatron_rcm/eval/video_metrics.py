@@ -11,10 +11,8 @@ Per sample set, generated for conditions ``cond`` (shape, colour, direction) fro
 * ``fd_real``: Frechet distance to real clips' features. ``fd_teacher``: Frechet distance to the teacher's
   samples of the same conditions and noise (how far the student's distribution is from its teacher's).
 * ``mse_teacher``: mean squared pixel distance to the teacher's sample from the same noise
-  (``same_noise_mse``: does the student reproduce the teacher's noise -> clip map?).
-
-``fd_teacher`` and ``same_noise_mse`` are local to this module; the digits quickstart's metrics
-(``megatron_rcm.eval.metrics``) may grow the same columns, and the two can then share them.
+  (``megatron_rcm.eval.metrics.paired_mse``: does the student reproduce the teacher's noise -> clip map?).
+The same two teacher columns as the digits quickstart's table (``megatron_rcm.eval.metrics``).
 """
 
 from __future__ import annotations
@@ -29,13 +27,6 @@ from megatron_rcm.eval.metrics import manifold_coverage, within_class_diversity
 
 COLUMNS = ("shape", "colour", "direction", "motion", "precision", "recall", "diversity", "fd_real", "fd_teacher",
            "mse_teacher")
-
-
-def same_noise_mse(x_BCFHW: torch.Tensor, ref_BCFHW: torch.Tensor) -> float:
-    """mean_b mean_pixels (x_b - ref_b)^2 for samples drawn from the same noise (float64)."""
-    if x_BCFHW.shape != ref_BCFHW.shape:
-        raise ValueError(f"same-noise MSE needs equal shapes, got {tuple(x_BCFHW.shape)} and {tuple(ref_BCFHW.shape)}")
-    return float((x_BCFHW.double().cpu() - ref_BCFHW.double().cpu()).square().mean())
 
 
 def video_metrics(pred: dict[str, torch.Tensor], cond_N: torch.Tensor, real: dict[str, torch.Tensor],
