@@ -118,7 +118,7 @@ def test_cli_plan_prints_a_ranked_table_and_json(tmp_path, capsys):
     assert main([*PLAN, "--all", "--top", "5", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
     assert "75,600 tokens" in text and "Feasible layouts, ranked" in text
-    assert "not implemented: pipeline parallelism" in text
+    assert "not implemented (PP)" in text
     assert "TP=16 does not divide the 40 attention heads" in text  # --all: the broken rules, listed
     assert "memory: needs" in text
     assert "step_1gpu_2026-11-30.json" in text and "+0.0%" in text

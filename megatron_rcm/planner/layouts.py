@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["Layout", "Problem", "Rejected", "enumerate_layouts", "latent_grid", "video_tokens"]
 
-NOT_IMPLEMENTED_PP = "not implemented: pipeline parallelism (PP > 1)"
+NOT_IMPLEMENTED_PP = "not implemented (PP)"
 
 
 def latent_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:
