@@ -4,6 +4,8 @@
     megatron-rcm quickstart --data shapes [--seeds 0,1,2]            the embedded video benchmark
     megatron-rcm train --config examples/configs/wan2.1_t2v_1.3b.yaml [--set key=value ...] [key=value ...]
     megatron-rcm train --config ... --print-config                   show the merged config and exit
+    megatron-rcm plan --preset wan2.1-t2v-14b --frames 81 --size 1280x720 --gpus 128 --gpu-memory 80
+                                                                     rank parallel layouts (docs/throughput.md)
 
 Overrides use dotted keys (``--set optimizer.lr=1e-6`` or a bare ``optimizer.lr=1e-6``); values are YAML.
 Precedence: command line > config file > defaults. Multi-GPU: ``torchrun --nproc-per-node N -m
@@ -52,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     qs.add_argument("--methods", default="rcm,scm,dmd", help="comma-separated distillation algorithms")
     qs.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of examples/configs/quickstart.yaml (repeatable)")
+    from megatron_rcm.planner.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return ap
 
 
@@ -77,6 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
+        if args.command == "plan":
+            from megatron_rcm.planner.cli import run as run_plan
+
+            try:
+                return run_plan(args)
+            except ValueError as err:
+                print(f"megatron-rcm plan: {err}", file=sys.stderr)
+                return 2
         if args.command == "train":
             from megatron_rcm.config.loader import dump_yaml, load_config
 
