@@ -12,7 +12,9 @@ TINY = ["--set", "data.micro_batch_size=4", "--set", "distill.student_update_fre
 
 
 def _run(args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # not MASTER_PORT: an in-process trainer of this test session may have set it, and holds that port
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -82,5 +84,6 @@ def test_bench_checkpoint_async_stall_excludes_the_write_sync_includes_it(tmp_pa
         res[mode] = bench_step.bench_checkpoint(trainer)
         assert res[mode]["async"] == (mode == "async") and res[mode]["bytes"] > 0
         assert CheckpointManager(tmp_path / mode).latest().name == "step_00000001"
-    assert res["async"]["stall_s"] < 1.0 < 2.0 < res["async"]["finalized_s"], res
+    # the 2 s the writer sleeps are in the sync stall, not in the async one (margin: a loaded 2-core CI box)
+    assert res["async"]["stall_s"] + 1.5 < res["sync"]["stall_s"] and res["async"]["finalized_s"] > 2.0, res
     assert res["sync"]["stall_s"] > 2.0 and res["sync"]["stall_s"] <= res["sync"]["finalized_s"], res
