@@ -12,7 +12,9 @@ TINY = ["--set", "data.micro_batch_size=4", "--set", "distill.student_update_fre
 
 
 def _run(args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # not MASTER_PORT: an in-process trainer of this test session may have set it, and holds that port
+    env = {**{k: v for k, v in os.environ.items() if k != "MASTER_PORT"}, "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -35,7 +37,9 @@ def test_bench_step_reports_every_phase_and_kind(tmp_path):
         assert sum(v["phases_s"].values()) <= v["step_time_s"] * 1.05 + 1e-3, kind  # "other" is the rest
     assert res["kinds"]["student"]["rollout_steps"] == [1, 2] == res["kinds"]["critic"]["rollout_steps"]
     assert res["cycle"]["steps"] == 3
-    assert res["checkpoint"]["bytes"] > 0 and res["checkpoint"]["stall_s"] > 0
+    c = res["checkpoint"]
+    assert c["async"] and c["bytes"] > 0 and 0 < c["stall_s"] <= c["finalized_s"] and c["write_gb_per_s"] > 0
+    assert "checkpoint save (async): training stalled" in r.stdout
     assert "step time (s)" in r.stdout and "Params for bucket" not in r.stdout + r.stderr
 
 
@@ -48,3 +52,38 @@ def test_megatron_listings_only_when_verbose(tmp_path):
     assert quiet.returncode == 0 and loud.returncode == 0, quiet.stderr[-2000:] + loud.stderr[-2000:]
     assert "Params for bucket" in loud.stderr + loud.stdout
     assert "Params for bucket" not in quiet.stderr + quiet.stdout
+
+
+def test_bench_checkpoint_async_stall_excludes_the_write_sync_includes_it(tmp_path, monkeypatch):
+    """With a writer slowed by 2 s, the asynchronous save stalls training well under the time until it is
+    finalized; the synchronous one stalls it for all of it."""
+    import importlib.util
+    import time
+
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from megatron_rcm.config import load_config
+    from megatron_rcm.training import CheckpointManager, Trainer
+    from tests.test_ckpt_resume import TINY as TINY_CFG
+
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "tools/bench_step.py")
+    bench_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_step)
+    original = FileSystemWriterAsync.write_preloaded_data
+
+    def slow(*args, **kwargs):
+        time.sleep(2.0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(FileSystemWriterAsync, "write_preloaded_data", staticmethod(slow))
+    trainer = Trainer(load_config(None, [*TINY_CFG, f"training.output_dir={tmp_path / 'out'}"]))
+    trainer.train_step()
+    res = {}
+    for mode in ("async", "sync"):
+        trainer.ckpt = CheckpointManager(tmp_path / mode, keep_last=1, async_save=mode == "async")
+        res[mode] = bench_step.bench_checkpoint(trainer)
+        assert res[mode]["async"] == (mode == "async") and res[mode]["bytes"] > 0
+        assert CheckpointManager(tmp_path / mode).latest().name == "step_00000001"
+    # the 2 s the writer sleeps are in the sync stall, not in the async one (margin: a loaded 2-core CI box)
+    assert res["async"]["stall_s"] + 1.5 < res["sync"]["stall_s"] and res["async"]["finalized_s"] > 2.0, res
+    assert res["sync"]["stall_s"] > 2.0 and res["sync"]["stall_s"] <= res["sync"]["finalized_s"], res

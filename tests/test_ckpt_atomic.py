@@ -55,9 +55,9 @@ if __name__ == "__main__":
 '''
 
 
-def _args(tmp_path, max_steps):
+def _args(tmp_path, max_steps, extra=("checkpoint.async_save=false",)):
     return [*TINY, f"training.max_steps={max_steps}", f"training.output_dir={tmp_path / 'out'}",
-            f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_every=2", "checkpoint.keep_last=2"]
+            f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_every=2", "checkpoint.keep_last=2", *extra]
 
 
 def _wait_for_group_to_exit(pgid: int, timeout: float) -> list[str]:
@@ -122,7 +122,8 @@ def test_sigkill_during_save_then_resume(tmp_path):
 
 def test_failed_save_keeps_latest_on_previous(tmp_path, monkeypatch):
     cfg = load_config(None, [*TINY, "training.max_steps=1", f"training.output_dir={tmp_path / 'out'}",
-                             f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_every=1"])
+                             f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_every=1",
+                             "checkpoint.async_save=false"])
     trainer = Trainer(cfg)
     trainer.train()
     first = CheckpointManager(tmp_path / "ckpt").latest()

@@ -10,8 +10,10 @@ timed steps (consecutive steps of that kind, so rollout lengths cycle through 1.
 rollout, critic forward, backward, gradient reduction, optimizer, EMA, data; "other" is the rest: the
 engine's elementwise math and launch gaps), TFLOP/s and MFU by the FLOP model of
 ``megatron_rcm.training.flops`` (docs/throughput.md), tokens/s and peak memory; then the MFU of a cycle
-of one student and ``student_update_freq - 1`` critic steps, and with ``--checkpoint DIR`` the stall and
-write bandwidth of one checkpoint save. Prints a table on rank 0 and writes JSON (``--json``).
+of one student and ``student_update_freq - 1`` critic steps, and with ``--checkpoint DIR`` one checkpoint
+save (asynchronous unless ``--sync-checkpoint``): the stall (time the training loop is blocked: the save
+call plus the polls, the finalizing one included), the time from the save's start until it is finalized
+(``latest`` names it) and the write bandwidth (checkpoint bytes over that time). Prints a table on rank 0 and writes JSON (``--json``).
 """
 
 from __future__ import annotations
@@ -136,14 +138,8 @@ def bench(args) -> dict:
         from megatron_rcm.training.checkpoint import CheckpointManager
 
         root = Path(args.checkpoint) if args.checkpoint != "tmp" else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
-        trainer.ckpt = CheckpointManager(str(root), keep_last=1)
-        t.collect()
-        t0 = time.perf_counter()
-        path = trainer.save_checkpoint()
-        stall = time.perf_counter() - t0
-        size = _bytes_under(path)
-        results["checkpoint"] = {"stall_s": stall, "bytes": size, "write_gb_per_s": size / stall / 1e9,
-                                 "path": str(path)}
+        trainer.ckpt = CheckpointManager(str(root), keep_last=1, async_save=not args.sync_checkpoint)
+        results["checkpoint"] = bench_checkpoint(trainer)
     trainer.close()
     if rank0:
         print(format_table(results))
@@ -151,6 +147,26 @@ def bench(args) -> dict:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def bench_checkpoint(trainer, poll_every_s: float = 0.05) -> dict:
+    """Time one save the way the trainer makes it: the save call, then one non-blocking poll per
+    ``poll_every_s`` (the trainer polls once per step) until the save is finalized."""
+    trainer.timers.collect()
+    t0 = time.perf_counter()
+    path = trainer.save_checkpoint()
+    stall = time.perf_counter() - t0
+    while True:
+        t_poll = time.perf_counter()
+        done = trainer.finalize_checkpoints(blocking=False)
+        stall += time.perf_counter() - t_poll
+        if done:
+            break
+        time.sleep(poll_every_s)
+    finalized = time.perf_counter() - t0
+    size = _bytes_under(path)
+    return {"async": trainer.ckpt.async_save, "stall_s": stall, "finalized_s": finalized, "bytes": size,
+            "write_gb_per_s": size / finalized / 1e9, "path": str(path)}
 
 
 def format_table(res: dict) -> str:
@@ -175,7 +191,8 @@ def format_table(res: dict) -> str:
                      f"{c['tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {mfu}")
     if "checkpoint" in res:
         c = res["checkpoint"]
-        lines.append(f"checkpoint save: stall {c['stall_s']:.2f} s, {c['bytes'] / 1e9:.2f} GB, "
+        lines.append(f"checkpoint save ({'async' if c['async'] else 'sync'}): training stalled {c['stall_s']:.2f} s; "
+                     f"{c['bytes'] / 1e9:.2f} GB finalized after {c['finalized_s']:.2f} s, "
                      f"{c['write_gb_per_s']:.2f} GB/s")
     return "\n".join(lines)
 
@@ -189,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=4,
                     help="timed steps of each kind (mean reported; 4 covers rollout lengths 1-4)")
     ap.add_argument("--checkpoint", default=None, help="also time one checkpoint save into DIR ('tmp': a temp dir)")
+    ap.add_argument("--sync-checkpoint", action="store_true",
+                    help="time a synchronous save (training waits for the write) instead of an asynchronous one")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: by device)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("-v", "--verbose", action="store_true", help="Megatron-Core's INFO logs and warnings too")

@@ -133,6 +133,13 @@ class CheckpointConfig:
     resume: str = "auto"
     """``auto``: resume from ``dir/latest`` when present; ``never``; or a path to one checkpoint."""
 
+    async_save: bool = True
+    """Write checkpoints in the background: a save stops training only to copy the state to host memory
+    (seconds, instead of the whole write: 99 s for the 45 GB of a Wan 1.3B rCM run), a forked writer process
+    persists it while training goes on, and ``latest`` moves once every rank's write is finalized (polled
+    each step). The same default on CPU and CUDA: the protocol's guarantees are the same, and one code path
+    is tested everywhere. False: the trainer waits for the write (no second process holding a host copy)."""
+
     def validate(self) -> None:
         _check(self.save_every >= 0, "checkpoint.save_every", self.save_every, ">= 0")
         _check(self.keep_last >= 1, "checkpoint.keep_last", self.keep_last, ">= 1")

@@ -8,13 +8,20 @@ Layout under ``root``::
     .tmp-step_00000300/   a save in progress (or left by a crash: ignored and removed on the next save)
 
 Save protocol (every rank takes part; rank 0 does the renames):
-  1. write everything into ``.tmp-step_N`` (``dist_checkpointing.save``), then ``meta.json``;
-  2. fsync every file and directory of it (every rank, for shared file systems);
+  1. write everything into ``.tmp-step_N`` (``dist_checkpointing.save`` with Megatron's fully parallel
+     torch_dist strategy: the tensor writes are spread over the data-parallel ranks);
+  2. once every rank's writers are done (Megatron's finalize functions: torch's ``.metadata``, then
+     ``metadata.json``), ``meta.json``; fsync every file and directory of it (every rank);
   3. rename ``.tmp-step_N`` -> ``step_N`` and fsync ``root`` (rename is atomic on POSIX);
   4. write ``latest.tmp``, fsync, rename to ``latest``, fsync ``root``;
   5. delete the oldest ``step_*`` beyond ``keep_last``.
 A crash before 3 leaves only a ``.tmp-`` directory; a crash between 3 and 4 leaves ``latest`` on the
 previous good checkpoint. Either way the last good checkpoint is untouched.
+
+Asynchronous saves (``async_save=True``): ``save`` returns after step 1 has prepared the write (tensors
+copied to host memory, common state written) and a forked writer process persists the tensors while
+training goes on; ``finalize`` (polled by the trainer every step, blocking before the next save and at
+the end) runs 2-5 once the writers of every rank are done. One save is in flight at a time.
 
 Resume: ``check_intact`` reads only metadata (``meta.json``, Megatron's ``metadata.json``, torch's
 ``.metadata``, the zip directory of ``common.pt``) and the sizes of the ``.distcp`` files it lists;
@@ -26,9 +33,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
+import pickle
 import queue
 import re
 import shutil
@@ -36,7 +45,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
@@ -65,14 +74,17 @@ def _patch_megatron_psutil() -> None:
 # megatron-core 0.16.1's torch_dist save (``FileSystemWriterAsync.write_preloaded_data_multiproc`` in
 # ``dist_checkpointing/strategies/filesystem_async.py``) forks one writer process per file bucket, and
 # collects their results through a queue served by a spawned ``multiprocessing.Manager`` process that lives
-# as long as the trainer. A trainer killed by SIGKILL left both behind for good (a forked writer holds a
-# copy of the trainer's memory: ~2.8 GB RSS each for a 67M-parameter model). While ``CheckpointManager``
-# saves, (1) every process forked by the saving process asks the kernel for SIGKILL when its parent dies
-# (``prctl(PR_SET_PDEATHSIG)``), and (2) the results queue is an in-process ``queue.Queue``: our saves are
-# synchronous, so the writers' results are put and read by the trainer process itself and no Manager is
-# started. (2) retires when Megatron drops ``_get_write_results_queue``; (1) stays useful for any writer.
+# as long as the trainer. An asynchronous save runs that function in a process forked from the trainer
+# (``TemporalAsyncCaller``), which forks the bucket writers in turn. A trainer killed by SIGKILL left them
+# all behind for good (a forked writer holds a copy of the trainer's memory: ~2.8 GB RSS each for a
+# 67M-parameter model). While ``CheckpointManager`` saves or schedules a save, (1) every process forked by
+# the saving process asks the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``; a
+# writer's own children die with it, and so on), and (2) the results queue is a ``_FileResultsQueue``, a
+# file inside the checkpoint's ``.tmp-`` directory, so no Manager is started (an in-memory pipe would not
+# do: Megatron joins the writer before it reads the queue, and a writer blocks on exit until a full pipe is
+# read). (2) retires when Megatron drops ``_get_write_results_queue``; (1) stays useful for any writer.
 _PR_SET_PDEATHSIG = 1
-_saving_pid: int | None = None  # pid of the process inside CheckpointManager.save, else None
+_saving_pid: int | None = None  # pid of the process inside CheckpointManager's save / schedule, else None
 
 
 def _die_with_parent_after_fork() -> None:
@@ -95,16 +107,44 @@ def _die_with_parent_after_fork() -> None:
 os.register_at_fork(after_in_child=_die_with_parent_after_fork)
 
 
+class _FileResultsQueue:
+    """The one-item queue through which Megatron's writer hands its results (or exception) to the trainer:
+    ``put`` pickles to ``path`` (written beside it, then renamed: the reader never sees half a file),
+    ``get_nowait`` reads and deletes it, ``queue.Empty`` if the writer has not put anything."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def put(self, item) -> None:
+        try:
+            data = pickle.dumps(item)
+        except Exception as err:  # noqa: BLE001 (an exception that does not pickle: keep its text)
+            data = pickle.dumps(RuntimeError(f"{item!r} (not picklable: {err})"))
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, self.path)
+
+    def get_nowait(self):
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            raise queue.Empty from None
+        self.path.unlink()
+        return pickle.loads(data)
+
+
 @contextlib.contextmanager
-def _writers_die_with_trainer():
-    """Scope of a synchronous ``dist_checkpointing.save``: see the comment above ``_PR_SET_PDEATHSIG``."""
+def _writers_die_with_trainer(results_dir: Path | None = None):
+    """Scope of ``dist_checkpointing.save`` (``results_dir``: where the writers' results file goes) and of
+    scheduling or running its request: see the comment above ``_PR_SET_PDEATHSIG``."""
     global _saving_pid
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    patch_queue = hasattr(filesystem_async, "_get_write_results_queue")
+    patch_queue = results_dir is not None and hasattr(filesystem_async, "_get_write_results_queue")
     if patch_queue:
         original = filesystem_async._get_write_results_queue
-        filesystem_async._get_write_results_queue = queue.Queue
+        path = Path(results_dir) / f".write_results_rank{_rank()}.pkl"
+        filesystem_async._get_write_results_queue = lambda: _FileResultsQueue(path)
     _saving_pid = os.getpid()
     try:
         yield
@@ -259,10 +299,36 @@ def check_resume_config(path: Path, config: dict, rank: int = 0) -> None:
                        path, "\n  ".join(warned))
 
 
+class SaveResult(NamedTuple):
+    """A finalized save: ``latest`` names ``path``."""
+
+    step: int
+    path: Path
+    nbytes: int  # size of the checkpoint directory (counted on rank 0; 0 on the other ranks)
+    stall_s: float  # time the caller of ``save`` was blocked by it
+    total_s: float  # from the start of ``save`` to the end of its finalization
+
+    @property
+    def write_gb_per_s(self) -> float:
+        return self.nbytes / max(self.total_s, 1e-9) / 1e9
+
+
+class _PendingSave(NamedTuple):
+    step: int
+    final: Path
+    started: float  # time.perf_counter() when save began
+    stall_s: float | None  # None until save returns
+
+
 class CheckpointManager:
-    def __init__(self, root: str | Path, keep_last: int = 3):
+    def __init__(self, root: str | Path, keep_last: int = 3, async_save: bool = False):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.async_save = async_save
+        self._strategy = None
+        self._calls = None  # Megatron's AsyncCallsQueue, made on the first asynchronous save
+        self._pending: _PendingSave | None = None
+        self._done: list[SaveResult] = []
         _patch_megatron_psutil()
 
     @staticmethod
@@ -287,37 +353,109 @@ class CheckpointManager:
             raise FileNotFoundError(f"{pointer} names {name!r}, which is not a complete checkpoint in {self.root}")
         return path
 
+    @property
+    def pending_step(self) -> int | None:
+        """The step of the asynchronous save in flight (written, not yet finalized), else None."""
+        return self._pending.step if self._pending is not None else None
+
+    def _save_strategy(self):
+        """torch_dist, the tensor writes spread over the data-parallel ranks (each writes an equal share of
+        the replicated tensors) as in Megatron-LM's ``--ckpt-fully-parallel-save``."""
+        if self._strategy is None:
+            from megatron.core import parallel_state as ps
+            from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+            from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+                FullyParallelSaveStrategyWrapper,
+            )
+
+            group = ps.get_data_parallel_group(with_context_parallel=True) if ps.model_parallel_is_initialized() \
+                else None
+            self._strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), group)
+        return self._strategy
+
     def save(self, step: int, sharded_state_dict: dict, meta: dict | None = None) -> Path:
-        """Collective: every rank calls it with its own sharded state dict."""
+        """Collective: every rank calls it with its own sharded state dict. Returns the checkpoint's path.
+        Synchronous: once ``latest`` names it. Asynchronous (``async_save``): once the tensors are copied to
+        host memory and a writer process persists them; ``finalize`` publishes it. A save still in flight is
+        finalized first (blocking)."""
         from megatron.core import dist_checkpointing
 
+        self._done += self.finalize(blocking=True)
         name = self.step_dir_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
-        t0 = time.time()
+        t0 = time.perf_counter()
         if _rank() == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob(".tmp-step_*"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         _barrier()
-        with _writers_die_with_trainer():
-            dist_checkpointing.save(sharded_state_dict, str(tmp))
+        info = {"step": step, "time": time.time(), **(meta or {})}
+        self._pending = _PendingSave(step, final, t0, None)
+        try:
+            # the request holds the tensors (live device tensors, Megatron's gathered optimizer state); its
+            # preload copies them to host memory when it is scheduled or run, before this returns
+            with _writers_die_with_trainer(tmp):
+                request = dist_checkpointing.save(sharded_state_dict, str(tmp), self._save_strategy(),
+                                                  async_sharded_save=True)
+            request.add_finalize_fn(functools.partial(self._publish, info, tmp, final))
+            if self.async_save:
+                from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+                self._calls = self._calls or AsyncCallsQueue()
+                with _writers_die_with_trainer():
+                    self._calls.schedule_async_request(request)
+                self._pending = self._pending._replace(stall_s=time.perf_counter() - t0)
+            else:
+                with _writers_die_with_trainer():
+                    request.execute_sync()  # write, barrier, then the finalize functions (_publish last)
+        except BaseException:
+            self._pending = None
+            raise
+        self.last_save_seconds = time.perf_counter() - t0
+        return final
+
+    def finalize(self, blocking: bool = False) -> list[SaveResult]:
+        """Collective (every rank, same ``blocking``): publish the asynchronous save in flight once its writers
+        are done on every rank (``blocking``: wait for them). Returns the saves finalized since the last call
+        (synchronous ones included). A failed write raises here, on every rank; ``latest`` stays where it was."""
+        if self._calls is not None and self._calls.get_num_unfinalized_calls():
+            try:
+                self._calls.maybe_finalize_async_calls(blocking=blocking)
+            except BaseException:
+                self._pending = None
+                raise
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        """Collective: finalize the save in flight (blocking)."""
+        self._done += self.finalize(blocking=True)
+        if self._calls is not None:
+            self._calls.close()
+
+    def _publish(self, info: dict, tmp: Path, final: Path) -> None:
+        """Megatron finalize function, run on every rank after every rank's writers are done and Megatron's
+        own finalize functions (``.metadata``, ``metadata.json``): steps 2-5 of the protocol."""
         if _rank() == 0:
-            info = {"step": step, "time": time.time(), **(meta or {})}
             (tmp / META).write_text(json.dumps(info, indent=1))
         _barrier()
         fsync_tree(tmp)
         _barrier()
+        nbytes = 0
         if _rank() == 0:
+            nbytes = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
             if final.exists():  # re-saving a step (e.g. after resuming from it): replace it
                 shutil.rmtree(final)
             os.rename(tmp, final)
             fsync_dir(self.root)
-            write_atomic(self.root / LATEST, name + "\n")
+            write_atomic(self.root / LATEST, final.name + "\n")
             self._prune(keep=final)
         _barrier()
-        self.last_save_seconds = time.time() - t0
-        return final
+        pending, self._pending = self._pending, None
+        total = time.perf_counter() - pending.started
+        stall = total if pending.stall_s is None else pending.stall_s
+        self._done.append(SaveResult(info["step"], final, nbytes, stall, total))
 
     def _prune(self, keep: Path) -> None:
         ckpts = [p for p in self.list_checkpoints() if p != keep]

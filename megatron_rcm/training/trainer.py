@@ -92,7 +92,8 @@ class Trainer:
 
         # -- resume point: found intact and checked against this config before any network is built ---
         ckpt_dir = cfg.checkpoint.dir
-        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last) if ckpt_dir else None
+        self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save) if ckpt_dir \
+            else None
         resume_path = self.ckpt.resolve_resume(cfg.checkpoint.resume) if self.ckpt is not None else None
         if resume_path is not None:
             check_resume_config(resume_path, to_dict(cfg), self.rank)
@@ -250,10 +251,14 @@ class Trainer:
                 if every and self.step % every == 0 and self.rank == 0:
                     path = self.save_samples(self.output_dir / "samples" / f"step_{self.step:08d}.png")
                     log.info(f"samples -> {path}")
-                if self.ckpt is not None and cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
-                    log.info(f"checkpoint -> {self.save_checkpoint()}")
-            if self.ckpt is not None and self.saved_step != self.step:
-                log.info(f"checkpoint -> {self.save_checkpoint()}")
+                if self.ckpt is not None:
+                    self._log_saves(log, self.finalize_checkpoints(blocking=False))  # every rank polls each step
+                    if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                        self._save_and_log(log)
+            if self.ckpt is not None:
+                if self.saved_step != self.step:
+                    self._save_and_log(log)
+                self._log_saves(log, self.finalize_checkpoints(blocking=True))
         finally:
             log.close()
         return history
@@ -313,12 +318,32 @@ class Trainer:
         return sd
 
     def save_checkpoint(self) -> Path:
+        """Save (collective); with ``checkpoint.async_save`` the write goes on in the background and
+        ``finalize_checkpoints`` publishes it. Returns the checkpoint's path."""
         meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size(),
                 "config": to_dict(self.cfg)}
         with self.timers("checkpoint"):
             path = self.ckpt.save(self.step, self.sharded_state_dict(), meta)
         self.saved_step = self.step
         return path
+
+    def finalize_checkpoints(self, blocking: bool = False) -> list:
+        """Collective: publish the background save if every rank's write is done (``blocking``: wait for it);
+        the ``SaveResult`` of each save finalized since the last call."""
+        return self.ckpt.finalize(blocking) if self.ckpt is not None else []
+
+    def _save_and_log(self, log) -> None:
+        path = self.save_checkpoint()
+        if self.ckpt.pending_step is not None:
+            log.info(f"checkpoint {path.name}: writing in the background (training stalled "
+                     f"{self.ckpt.last_save_seconds:.2f} s)")
+        self._log_saves(log, self.finalize_checkpoints(blocking=False))
+
+    @staticmethod
+    def _log_saves(log, results) -> None:
+        for r in results:
+            log.info(f"checkpoint -> {r.path} ({r.nbytes / 1e9:.3f} GB, finalized {r.total_s:.2f} s after the save "
+                     f"began, {r.write_gb_per_s:.2f} GB/s; training stalled {r.stall_s:.2f} s)")
 
     def load_checkpoint(self, path) -> None:
         """Restore everything from ``path``; any failure is a ``CheckpointError`` naming ``path``."""
@@ -344,4 +369,7 @@ class Trainer:
         self.step = int(loaded["step"])
 
     def close(self) -> None:
+        """Collective when a checkpoint is in flight: waits for it to be finalized."""
+        if self.ckpt is not None:
+            self.ckpt.close()
         self.data.close()
