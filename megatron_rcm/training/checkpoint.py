@@ -49,6 +49,8 @@ from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
+from megatron_rcm.atomic import fsync_dir, fsync_tree, write_atomic
+
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
 META = "meta.json"
@@ -161,36 +163,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file below ``path`` and every directory including ``path``."""
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def check_intact(path: Path) -> str | None:

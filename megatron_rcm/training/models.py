@@ -135,7 +135,8 @@ def export_model(model, path: str | Path) -> Path:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_rcm.training.checkpoint import _patch_megatron_psutil, fsync_tree
+    from megatron_rcm.atomic import fsync_tree
+    from megatron_rcm.training.checkpoint import _patch_megatron_psutil
 
     _patch_megatron_psutil()
     path = Path(path)
