@@ -21,7 +21,13 @@ from pathlib import Path
 
 import torch
 
-from megatron_rcm.convert.cosmos_keys import from_ours, map_key, strip_original, to_external
+from megatron_rcm.convert.cosmos_keys import (
+    detect_layout_of_keys,
+    from_ours,
+    map_key,
+    strip_original,
+    to_external,
+)
 from megatron_rcm.convert.dist_ckpt import MODEL_PREFIX, resolve_checkpoint
 from megatron_rcm.convert.errors import (
     ConversionError,
@@ -45,10 +51,9 @@ DEFAULT_TOL = 1e-4  # relative; float32 models agree to ~1e-6, bf16 sources are 
 
 
 def detect_layout(keys) -> str:
-    if any(k.startswith(("net.", "net_ema.")) for k in keys):
-        return "original"
-    if any(k.startswith(("transformer_blocks.", "patch_embed.")) for k in keys):
-        return "diffusers"
+    layout = detect_layout_of_keys(keys)
+    if layout is not None:
+        return layout
     raise UnknownLayoutError(
         f"not a Cosmos-Predict2 checkpoint: no 'net.'/'net_ema.' (original) or 'transformer_blocks.' "
         f"(diffusers) keys; first keys {sorted(keys)[:3]}"

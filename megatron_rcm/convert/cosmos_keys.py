@@ -133,6 +133,15 @@ def from_ours(key: str, layout: str) -> str:
     return ext
 
 
+def detect_layout_of_keys(keys) -> str | None:
+    """"original" (``net.``/``net_ema.`` keys), "diffusers" (``transformer_blocks.``), or None."""
+    if any(k.startswith(ORIGINAL_PREFIXES) for k in keys):
+        return "original"
+    if any(k.startswith(("transformer_blocks.", "patch_embed.")) for k in keys):
+        return "diffusers"
+    return None
+
+
 def strip_original(state_dict: dict, prefix: str | None = None) -> tuple[dict, str, list[str]]:
     """Original checkpoint -> (its network tensors without prefix, the prefix used, the dropped keys).
 
