@@ -65,8 +65,12 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None):
 
 
 def check_timestep_scale(model_cfg, distill_cfg) -> None:
-    """``distill.timestep_scale`` is the teacher's T_scale (rcm_math.md sec. 1): Wan2.1 1000, Cosmos 1."""
-    want = 1.0 if is_cosmos_preset(model_cfg.preset) else 1000.0
+    """``distill.timestep_scale`` is the teacher's T_scale (rcm_math.md sec. 1): Cosmos-Predict2 is fed
+    s_rf itself (T_scale = 1). Wan presets are not checked (the released Wan2.1 uses 1000, the default;
+    a teacher pre-trained here may use another scale)."""
+    if not is_cosmos_preset(model_cfg.preset):
+        return
+    want = 1.0
     if float(distill_cfg.timestep_scale) != want:
         raise ConfigError(f"distill.timestep_scale={distill_cfg.timestep_scale} but model.preset="
                           f"{model_cfg.preset!r} is fed c_noise = {want:g} * s_rf; set distill.timestep_scale={want:g}")
