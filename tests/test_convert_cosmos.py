@@ -138,3 +138,40 @@ def test_clear_errors(tmp_path):
         import_cosmos(tmp_path / "dsrc", tmp_path / "o6", "cosmos-tiny-t2i", log=lambda *a: None)
     with pytest.raises(ConversionError, match="inside|source"):
         import_cosmos(tmp_path / "model.pt", tmp_path, "cosmos-tiny-t2i", log=lambda *a: None)
+
+
+def test_cli_round_trip_and_exit_code(tmp_path):
+    from megatron_rcm.convert.cosmos import main
+
+    sd = _original_sd("v2w")
+    torch.save(sd, tmp_path / "model.pt")
+    assert (
+        main(["import", str(tmp_path / "model.pt"), str(tmp_path / "ckpt"), "--preset", "cosmos-tiny-v2w"])
+        == 0
+    )
+    out = tmp_path / "ema"
+    assert (
+        main(
+            [
+                "export",
+                str(tmp_path / "ckpt"),
+                str(out),
+                "--format",
+                "original",
+                "--original-prefix",
+                "net_ema.",
+            ]
+        )
+        == 0
+    )
+    back = torch.load(out / "model.pt", weights_only=True)
+    assert all(k.startswith("net_ema.") for k in back)
+    assert torch.equal(back["net_ema.final_layer.linear.weight"], sd["net.final_layer.linear.weight"])
+    # the net_ema. copy imports too (a released student's EMA weights)
+    assert (
+        main(["import", str(out / "model.pt"), str(tmp_path / "ckpt2"), "--preset", "cosmos-tiny-v2w"]) == 0
+    )
+    assert (
+        main(["import", str(tmp_path / "model.pt"), str(tmp_path / "ckpt3"), "--preset", "cosmos-tiny-t2i"])
+        == 2
+    )

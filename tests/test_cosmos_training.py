@@ -108,3 +108,15 @@ def test_teacher_from_an_original_layout_file(tmp_path):
     load_weights(dst, tmp_path / "model.pt", cfg.model.preset)
     for k, v in dst.named_parameters():
         assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize("size,layers,hidden,lr", [("2b", 28, 2048, 2e-6), ("14b", 36, 5120, 1e-6)])
+def test_example_configs_build(size, layers, hidden, lr):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "configs" / f"cosmos_predict2_{size}_t2i.yaml"
+    cfg = load_config(path, ["data.source=mock"])
+    wcfg = build_wan_config(cfg.model, cfg.data, recompute=False)
+    check_timestep_scale(cfg.model, cfg.distill)
+    assert (wcfg.num_layers, wcfg.hidden_size, wcfg.text_dim) == (layers, hidden, 1024)
+    assert cfg.optimizer.lr == lr and cfg.distill.timestep_scale == 1.0

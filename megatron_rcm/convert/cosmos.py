@@ -385,3 +385,70 @@ def export_cosmos(
             (tmp / "config.json").write_text(json.dumps(diffusers_config(preset), indent=2))
     log(f"{ckpt} -> {out} ({fmt}, preset {preset}, {len(ext)} tensors)")
     return {"format": fmt, "preset": preset, "tensors": len(ext)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m megatron_rcm.convert.cosmos {import,export} ...``; conversion errors exit with 2
+    (``--verify`` failures with 3), as ``tools/convert.py`` does for Wan."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(
+        prog="python -m megatron_rcm.convert.cosmos", description=__doc__.split("\n")[0]
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="original model.pt or diffusers folder -> Megatron checkpoint")
+    imp.add_argument("src")
+    imp.add_argument("out")
+    imp.add_argument("--preset", required=True, choices=PRESETS)
+    imp.add_argument("--dtype", default="keep", choices=("keep", *DTYPES))
+    imp.add_argument(
+        "--verify", action="store_true", help="compare OUT with the source (and diffusers) numerically"
+    )
+    imp.add_argument("--verify-tol", type=float, default=DEFAULT_TOL)
+    exp = sub.add_parser("export", help="Megatron checkpoint -> original model.pt or diffusers folder")
+    exp.add_argument("ckpt", help="checkpoint folder, a run's checkpoint root or its 'latest' file")
+    exp.add_argument("out")
+    exp.add_argument("--format", required=True, choices=("original", "diffusers"), dest="fmt")
+    exp.add_argument("--preset", choices=PRESETS, help="default: the one recorded in cosmos_config.json")
+    exp.add_argument(
+        "--prefix", default=MODEL_PREFIX, help="checkpoint key prefix of the model (e.g. 'ema.student.')"
+    )
+    exp.add_argument("--original-prefix", default="net.", choices=("net.", "net_ema."))
+    exp.add_argument("--dtype", default="keep", choices=("keep", *DTYPES))
+    for p in (imp, exp):
+        p.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "import":
+            import_cosmos(
+                args.src,
+                args.out,
+                args.preset,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                verify=args.verify,
+                tol=args.verify_tol,
+            )
+        else:
+            export_cosmos(
+                args.ckpt,
+                args.out,
+                args.fmt,
+                args.preset,
+                prefix=args.prefix,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                original_prefix=args.original_prefix,
+            )
+    except VerificationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
