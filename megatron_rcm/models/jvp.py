@@ -129,3 +129,22 @@ def linear_jvp(layer, x, t_x):
         yy, b = layer(torch.cat([x, t_x.to(x.dtype)], dim=batch_dim))
         y, t_y = yy.chunk(2, dim=batch_dim)
     return (y if b is None else y + b), t_y
+
+
+def rms_norm_jvp(x, t_x, eps: float, weight=None):
+    """y = x * r [* w], r = rsqrt(mean(x^2) + eps) over the last dim; t_y = (t_x r + x t_r) [* w] with
+    t_r = -r^3 mean(x t_x). Computed in float32 (float64 for float64 inputs), returned in that dtype."""
+    dt = compute_dtype(x)
+    xf = x.to(dt)
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = xf * r if weight is None else xf * r * weight.to(dt)
+    if t_x is None:
+        return y, None
+    with torch.no_grad():
+        xd, rd = xf.detach(), r.detach()
+        t_xf = t_x.to(dt)
+        t_r = -rd.pow(3) * (xd * t_xf).mean(-1, keepdim=True)
+        t_y = t_xf * rd + xd * t_r
+        if weight is not None:
+            t_y = t_y * weight.detach().to(dt)
+    return y, t_y

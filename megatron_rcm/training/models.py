@@ -19,10 +19,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPORT_PREFIX = "model."
 
 
+def is_cosmos_preset(preset: str) -> bool:
+    """The model family switch: preset names are unique across families (``cosmos-*`` vs ``wan*``)."""
+    from megatron_rcm.models.cosmos import PRESETS
+
+    return preset in PRESETS
+
+
 def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None):
-    """A ``WanConfig`` from ``model.preset`` + ``model.overrides`` + ``model.params_dtype``; checks that the
-    data shapes fit the model (clear errors naming the keys)."""
+    """A ``WanConfig`` (or, for a ``cosmos-*`` preset, a ``CosmosConfig``) from ``model.preset`` +
+    ``model.overrides`` + ``model.params_dtype``; checks that the data shapes fit the model (clear errors
+    naming the keys)."""
+    from megatron_rcm.models.cosmos import cosmos_config
     from megatron_rcm.models.wan import wan_config
+
+    cosmos = is_cosmos_preset(model_cfg.preset)
 
     overrides = dict(model_cfg.overrides)
     overrides["params_dtype"] = DTYPES[model_cfg.params_dtype]
@@ -30,11 +41,17 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None):
     overrides["fp16"] = model_cfg.params_dtype == "fp16"
     overrides["recompute_blocks"] = model_cfg.recompute if recompute is None else recompute
     try:
-        cfg = wan_config(model_cfg.preset, **overrides)
+        cfg = (cosmos_config if cosmos else wan_config)(model_cfg.preset, **overrides)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid 'model' section (preset {model_cfg.preset!r}): {err}") from err
     if data_cfg is not None:
-        if cfg.model_type != "t2v":
+        if cosmos and cfg.model_type != "t2i":
+            raise NotImplementedError(
+                f"model.preset={model_cfg.preset!r} is Video2World: its conditioning frames must stay clean in "
+                "the student's input and output (per-frame timesteps, frame replacement in the TrigFlow "
+                "wrapper), which the rCM engine does not implement yet; distill a Text2Image preset"
+            )
+        if not cosmos and cfg.model_type != "t2v":
             raise NotImplementedError("the trainer feeds text-to-video batches; I2V data (CLIP features, "
                                       "condition latents) is not wired into the data sources yet")
         C = int(data_cfg.latent_shape[0])
@@ -47,13 +64,27 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None):
     return cfg
 
 
+def check_timestep_scale(model_cfg, distill_cfg) -> None:
+    """``distill.timestep_scale`` is the teacher's T_scale (rcm_math.md sec. 1): Cosmos-Predict2 is fed
+    s_rf itself (T_scale = 1). Wan presets are not checked (the released Wan2.1 uses 1000, the default;
+    a teacher pre-trained here may use another scale)."""
+    if not is_cosmos_preset(model_cfg.preset):
+        return
+    want = 1.0
+    if float(distill_cfg.timestep_scale) != want:
+        raise ConfigError(f"distill.timestep_scale={distill_cfg.timestep_scale} but model.preset="
+                          f"{model_cfg.preset!r} is fed c_noise = {want:g} * s_rf; set distill.timestep_scale={want:g}")
+
+
 def build_model(wan_cfg, seed: int):
-    """A WanModel with weights drawn from ``seed`` (identical on every rank, whatever the TP size)."""
+    """A WanModel (CosmosModel for a ``CosmosConfig``) with weights drawn from ``seed`` (identical on every
+    rank, whatever the TP size)."""
+    from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
     from megatron_rcm.models.wan import WanModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = WanModel(wan_cfg)
+        model = (CosmosModel if isinstance(wan_cfg, CosmosConfig) else WanModel)(wan_cfg)
     return model
 
 
@@ -122,7 +153,14 @@ def load_weights(model, path: str | Path, preset: str | None = None) -> None:
     from megatron_rcm.parallel.sharding import load_full_state_dict
 
     names = {n for n, _ in model.named_parameters()}
-    if not set(full) <= names:
+    from megatron_rcm.models.cosmos import CosmosModel
+
+    if isinstance(model, CosmosModel) and not set(full) <= names:
+        from megatron_rcm.convert.cosmos_keys import detect_layout_of_keys
+        from megatron_rcm.convert.cosmos_keys import to_ours as cosmos_to_ours
+
+        full = cosmos_to_ours(full, detect_layout_of_keys(list(full)))
+    elif not set(full) <= names:
         layout = "diffusers" if any(k.startswith("condition_embedder") for k in full) else "original"
         full = to_ours(full, layout)
     check_architecture(model, {k: v.shape for k, v in full.items()}, path, preset)

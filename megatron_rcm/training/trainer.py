@@ -27,7 +27,13 @@ from megatron_rcm.config.schema import ConfigError, ExperimentConfig
 from megatron_rcm.data import build_data_source
 from megatron_rcm.training.checkpoint import CheckpointError, CheckpointManager, check_resume_config
 from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
-from megatron_rcm.training.models import DTYPES, build_model, build_wan_config, load_weights
+from megatron_rcm.training.models import (
+    DTYPES,
+    build_model,
+    build_wan_config,
+    check_timestep_scale,
+    load_weights,
+)
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
 from megatron_rcm.training.phases import PhaseTimers
 from megatron_rcm.training.rng import capture_rng_state, restore_rng_state
@@ -100,6 +106,7 @@ class Trainer:
 
         # -- networks -------------------------------------------------------------------------------
         self.wan_cfg = build_wan_config(cfg.model, cfg.data)
+        check_timestep_scale(cfg.model, cfg.distill)
         self.teacher = teacher if teacher is not None else self._build_teacher()
         self.teacher.requires_grad_(False).eval()
         self.student = self._wrap(self._copy_of_teacher())
