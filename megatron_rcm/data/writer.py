@@ -72,6 +72,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def publish(tmp: Path, target: Path) -> None:
+    """Move the complete folder ``tmp`` (its index already written) to ``target``: fsync, rename; an existing
+    ``target`` is replaced as a whole (the caller checked ``overwrite``)."""
+    _fsync(tmp)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    _fsync(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
 class ShardWriter:
     """Append samples to ``shard-000000.tar``, ``shard-000001.tar``, ... (``samples_per_shard`` each), write
     ``index.json`` (member offsets, sizes, crc32) last and move the folder into place on ``close()``."""
@@ -150,15 +164,7 @@ class ShardWriter:
         for shard in self.shards:
             _fsync(self.out_dir / shard["name"])
         write_index(self.out_dir, {"version": INDEX_VERSION, "shards": self.shards})
-        _fsync(self.out_dir)
-        old = None
-        if self.target.exists():  # replaced as a whole (overwrite=True was checked at start)
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.rename(self.target, old)
-        os.rename(self.out_dir, self.target)
-        _fsync(self.target.parent)
-        if old is not None:
-            shutil.rmtree(old)
+        publish(self.out_dir, self.target)
         return self.target / INDEX_FILE
 
     def abort(self) -> None:
