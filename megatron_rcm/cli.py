@@ -3,6 +3,9 @@
     megatron-rcm quickstart [--output-dir outputs/quickstart]        the embedded end-to-end demo
     megatron-rcm train --config examples/configs/wan2.1_t2v_1.3b.yaml [--set key=value ...] [key=value ...]
     megatron-rcm train --config ... --print-config                   show the merged config and exit
+    megatron-rcm encode --captions captions.jsonl --weights Wan2.1-T2V-1.3B-Diffusers --out shards/
+    megatron-rcm synthesize --prompts prompts.txt --weights Wan2.1-T2V-1.3B-Diffusers --out shards/
+    megatron-rcm sample --student runs/x/checkpoints --weights Wan2.1-T2V-1.3B-Diffusers --prompt "..." --out videos/
 
 Overrides use dotted keys (``--set optimizer.lr=1e-6`` or a bare ``optimizer.lr=1e-6``); values are YAML.
 Precedence: command line > config file > defaults. Multi-GPU: ``torchrun --nproc-per-node N -m
@@ -48,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     qs.add_argument("--methods", default="rcm,scm,dmd", help="comma-separated distillation algorithms")
     qs.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a value of examples/configs/quickstart.yaml (repeatable)")
+    from megatron_rcm.pipeline.cli_args import add_pipeline_commands
+
+    add_pipeline_commands(sub)
     return ap
 
 
@@ -55,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
+        if args.command in ("encode", "synthesize", "sample"):
+            from megatron_rcm.pipeline.cli_args import run_pipeline_command
+
+            return run_pipeline_command(args)
         if args.command == "train":
             from megatron_rcm.config.loader import dump_yaml, load_config
 

@@ -92,6 +92,7 @@ def make_videos(root: Path, n: int = 3, frames: int = 12, size=(40, 48), fps: in
 
 def write_captions(path: Path, videos: list[Path], captions=None) -> Path:
     captions = captions or CORPUS
-    lines = [json.dumps({"video": v.name, "caption": captions[i % len(captions)]}) for i, v in enumerate(videos)]
+    rel = lambda v: v.name if v.parent == path.parent else str(v)  # noqa: E731
+    lines = [json.dumps({"video": rel(v), "caption": captions[i % len(captions)]}) for i, v in enumerate(videos)]
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -160,12 +160,14 @@ def run_encode(opts: EncodeOptions, rank: int = 0, world_size: int = 1, barrier=
     records = read_captions(opts.captions, opts.video_root)
     check_weights_folder(opts.weights)
     chunks = ChunkedShards(opts.out, len(records), opts.samples_per_shard, opts.plan(), opts.overwrite)
+    if (chunks.parts / "plan.json").is_file():
+        chunks.check_plan()  # a rerun with other settings fails before anything is probed
+    todo = chunks.todo(rank, world_size)
+    mine = [records[i] for c in todo for i in chunks.records(c)]
+    infos = check_records(mine, opts)  # before the parts folder is created or any model loaded
     chunks.open(rank)
     barrier()
     chunks.check_plan()
-    todo = chunks.todo(rank, world_size)
-    mine = [records[i] for c in todo for i in chunks.records(c)]
-    infos = check_records(mine, opts)
     done = sum(len(chunks.records(c)) for c in range(chunks.num_chunks) if chunks.is_complete(c))
     if done and rank == 0:
         logger.info("resuming: %d of %d samples are in complete chunks of %s", done, len(records), chunks.parts)

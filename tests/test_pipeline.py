@@ -1,0 +1,154 @@
+"""encode -> shards -> 2 training steps -> sample, on tiny random Wan components (tests/pipeline_helpers.py);
+text embeddings and VAE latents against diffusers' own Wan pipelines; input errors naming the file."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_rcm.cli import main
+from tests.pipeline_helpers import TRAIN, make_videos, make_weights, write_captions
+
+pytest.importorskip("transformers")
+pytest.importorskip("av")
+
+FRAMES, SIZE = 5, 32  # latent [4, 2, 4, 4]: 2 x 2 x 2 tokens
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    weights = make_weights(root / "weights")
+    videos = make_videos(root / "videos")
+    captions = write_captions(root / "videos" / "captions.jsonl", videos)
+    return types.SimpleNamespace(root=root, weights=weights, videos=videos, captions=captions)
+
+
+def _encode_args(world, out, captions=None, *extra):
+    return ["encode", "--captions", str(captions or world.captions), "--weights", str(world.weights), "--out",
+            str(out), "--num-frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE), "--dtype", "fp32",
+            "--samples-per-shard", "2", *extra]
+
+
+def test_encode_train_sample_end_to_end(world, tmp_path):
+    from megatron_rcm.config import load_config
+    from megatron_rcm.data.shards import ShardSource
+    from megatron_rcm.pipeline.video_io import probe
+    from megatron_rcm.training import Trainer
+
+    shards = tmp_path / "shards"
+    assert main(_encode_args(world, shards)) == 0
+    assert sorted(p.name for p in shards.iterdir()) == ["index.json", "negative.t5.pth", "shard-000000.tar",
+                                                        "shard-000001.tar"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # parts folder removed
+    src = ShardSource(shards, 4, [4, 2, 4, 4], 512, 32, seed=0, shuffle=False)
+    meta = json.loads(src._read(*_member(src, 3, "json")))
+    assert meta["source"] == str(world.videos[3]) and meta["fps"] == 16.0 and meta["num_frames"] == FRAMES
+    src.close()
+
+    teacher = world.weights / "transformer" / "diffusion_pytorch_model.safetensors"
+    cfg = load_config(None, [*TRAIN, f"data.path={shards}", "data.latent_shape=[4,2,4,4]", "training.max_steps=2",
+                             f"model.teacher_checkpoint={teacher}", f"training.output_dir={tmp_path / 'run'}",
+                             f"checkpoint.dir={tmp_path / 'run' / 'ckpt'}"])
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    trainer.close()
+    assert len(history) == 2 and all(np.isfinite(list(m.values())).all() for m in history)
+
+    out = tmp_path / "videos"
+    rc = main(["sample", "--student", str(tmp_path / "run" / "ckpt"), "--weights", str(world.weights), "--out",
+               str(out), "--prompt", "a cat walks on the grass", "--prompt", "a dog runs", "--steps", "2",
+               "--teacher", "--teacher-steps", "3", "--num-frames", str(FRAMES), "--height", str(SIZE), "--width",
+               str(SIZE), "--dtype", "fp32"])
+    assert rc == 0
+    for name in ("student", "teacher"):
+        for i in range(2):
+            info = probe(out / name / f"{i:03d}.mp4", 16)
+            assert (info.num_frames, info.height, info.width) == (FRAMES, SIZE, SIZE)
+    assert (out / "contact_sheet.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert "ema.student." in summary["student"] and summary["speedup"] > 0
+    assert summary["teacher_seconds"] > 0 and summary["student_seconds"] > 0
+
+
+def _member(src, i, ext):
+    path, entry = src.samples[i]
+    offset, size, crc = entry["members"][ext]
+    return path, entry["key"], ext, offset, size, crc
+
+
+def test_text_embeddings_match_wan_pipeline(world):
+    """Unpadded umT5 embeddings, zero-padded by the trainer's collation, equal diffusers' WanPipeline
+    encode_prompt (512 tokens, zeros beyond each prompt's length)."""
+    from diffusers import WanPipeline
+
+    from megatron_rcm.data.batch import pad_text
+    from megatron_rcm.pipeline.components import TextEncoder
+
+    prompts = ["a cat", "the quick brown fox jumps over the lazy dog  again", "red\n blue &amp; green"]
+    ours = TextEncoder(world.weights, "cpu").encode(prompts)
+    assert len({e.shape[0] for e in ours}) == 3 and all(e.shape[0] < 512 for e in ours)
+    pipe = WanPipeline.from_pretrained(world.weights)
+    ref, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512, device="cpu")
+    assert ref.shape == (3, 512, 32)
+    ours_padded = torch.stack([pad_text(e, 512, "test") for e in ours])
+    # fp32, same weights; the two loads may pick different attention kernels (sdpa / eager): 1e-5
+    torch.testing.assert_close(ours_padded, ref, rtol=1e-5, atol=1e-5)
+    for e, r in zip(ours, ref):
+        assert r[e.shape[0]:].abs().max() == 0 and r[e.shape[0] - 1].abs().max() > 0
+
+
+def test_vae_latents_match_diffusers_normalization(world):
+    """Our normalized latents equal those of diffusers' WanVideoToVideoPipeline.prepare_latents (posterior
+    mean, (mu - mean) / std) with its noising switched off; decode inverts the normalization as WanPipeline."""
+    from diffusers import WanVideoToVideoPipeline
+
+    from megatron_rcm.pipeline.components import VideoVAE
+
+    video = torch.rand(1, 3, FRAMES, SIZE, SIZE) * 2 - 1
+    vae = VideoVAE(world.weights, "cpu")
+    z = vae.encode(video)
+    pipe = WanVideoToVideoPipeline.from_pretrained(world.weights)
+    pipe.scheduler.add_noise = lambda x, noise, t: x  # the clean latents
+    ref = pipe.prepare_latents(video, 1, 4, SIZE, SIZE, torch.float32, "cpu", torch.Generator().manual_seed(0),
+                               timestep=torch.tensor([0]))
+    torch.testing.assert_close(z, ref, rtol=1e-6, atol=1e-6)
+    cfg = pipe.vae.config
+    mu = z / (1.0 / torch.tensor(cfg.latents_std).view(1, 4, 1, 1, 1)) + torch.tensor(cfg.latents_mean).view(1, 4, 1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z), pipe.vae.decode(mu).sample.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_encode_errors_name_the_file(world, tmp_path, capsys):
+    cases = []
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps({"video": "nowhere.mp4", "caption": "a cat"}) + "\n")
+    cases.append((missing, "caption without video", "nowhere.mp4"))
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"not a video at all" * 10)
+    bad = write_captions(tmp_path / "bad.jsonl", [garbage])
+    cases.append((bad, "cannot be read", "garbage.mp4"))
+    short = write_captions(tmp_path / "short.jsonl", [world.videos[0]])
+    for captions, what, name in cases:
+        assert main(_encode_args(world, tmp_path / "out", captions)) == 2
+        err = capsys.readouterr().err
+        assert what in err and name in err and "line 1" in err, err
+    args = _encode_args(world, tmp_path / "out", short)
+    args[args.index("--num-frames") + 1] = "33"  # the clips have 12 frames
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "too few" in err and "clip0.mp4" in err and "12 frames" in err, err
+    for part in ("vae", "text_encoder"):
+        partial = tmp_path / f"no_{part}"
+        partial.mkdir()
+        for d in ("vae", "text_encoder", "tokenizer"):
+            if d != part:
+                (partial / d).symlink_to(world.weights / d)
+        args = _encode_args(world, tmp_path / "out")
+        args[args.index("--weights") + 1] = str(partial)
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert f"{partial} has no {part}/" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.parts").exists()
