@@ -92,7 +92,7 @@ def make_videos(root: Path, n: int = 3, frames: int = 12, size=(40, 48), fps: in
 
 def write_captions(path: Path, videos: list[Path], captions=None) -> Path:
     captions = captions or CORPUS
-    rel = lambda v: v.name if v.parent == path.parent else str(v)  # noqa: E731
+    rel = lambda v: v.name if v.parent == path.parent else str(v)
     lines = [json.dumps({"video": rel(v), "caption": captions[i % len(captions)]}) for i, v in enumerate(videos)]
     path.write_text("\n".join(lines) + "\n")
     return path
