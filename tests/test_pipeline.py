@@ -32,33 +32,45 @@ def _encode_args(world, out, captions=None, *extra):
             "--samples-per-shard", "2", *extra]
 
 
-def test_encode_train_sample_end_to_end(world, tmp_path):
+@pytest.fixture(scope="module")
+def trained(world):
+    """encode the videos, then 2 rCM training steps on the shards, from the weights folder's teacher."""
     from megatron_rcm.config import load_config
-    from megatron_rcm.data.shards import ShardSource
-    from megatron_rcm.pipeline.video_io import probe
     from megatron_rcm.training import Trainer
 
-    shards = tmp_path / "shards"
+    shards = world.root / "shards"
     assert main(_encode_args(world, shards)) == 0
-    assert sorted(p.name for p in shards.iterdir()) == ["index.json", "negative.t5.pth", "shard-000000.tar",
-                                                        "shard-000001.tar"]
-    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # parts folder removed
-    src = ShardSource(shards, 4, [4, 2, 4, 4], 512, 32, seed=0, shuffle=False)
-    meta = json.loads(src._read(*_member(src, 3, "json")))
-    assert meta["source"] == str(world.videos[3]) and meta["fps"] == 16.0 and meta["num_frames"] == FRAMES
-    src.close()
-
     teacher = world.weights / "transformer" / "diffusion_pytorch_model.safetensors"
+    run = world.root / "run"
     cfg = load_config(None, [*TRAIN, f"data.path={shards}", "data.latent_shape=[4,2,4,4]", "training.max_steps=2",
-                             f"model.teacher_checkpoint={teacher}", f"training.output_dir={tmp_path / 'run'}",
-                             f"checkpoint.dir={tmp_path / 'run' / 'ckpt'}"])
+                             f"model.teacher_checkpoint={teacher}", f"training.output_dir={run}",
+                             f"checkpoint.dir={run / 'ckpt'}"])
     trainer = Trainer(cfg)
     history = trainer.train()
     trainer.close()
-    assert len(history) == 2 and all(np.isfinite(list(m.values())).all() for m in history)
+    return types.SimpleNamespace(shards=shards, history=history, ckpt=run / "ckpt")
+
+
+def test_encode_writes_shards_the_trainer_trains_on(world, trained):
+    from megatron_rcm.data.shards import ShardSource
+
+    shards = trained.shards
+    assert sorted(p.name for p in shards.iterdir()) == ["index.json", "negative.t5.pth", "shard-000000.tar",
+                                                        "shard-000001.tar"]
+    assert not any(p.name.startswith(".shards") for p in shards.parent.iterdir())  # parts folder removed
+    src = ShardSource(shards, 4, [4, 2, 4, 4], 512, 32, seed=0, shuffle=False)
+    meta = json.loads(src._read(*_member(src, 3, "json")))
+    assert meta["source"] == str(world.videos[3]) and meta["fps"] == 16.0 and meta["num_frames"] == FRAMES
+    assert meta["caption"] == json.loads(world.captions.read_text().splitlines()[3])["caption"]
+    src.close()
+    assert len(trained.history) == 2 and all(np.isfinite(list(m.values())).all() for m in trained.history)
+
+
+def test_sample_student_and_teacher(world, trained, tmp_path):
+    from megatron_rcm.pipeline.video_io import probe
 
     out = tmp_path / "videos"
-    rc = main(["sample", "--student", str(tmp_path / "run" / "ckpt"), "--weights", str(world.weights), "--out",
+    rc = main(["sample", "--student", str(trained.ckpt), "--weights", str(world.weights), "--out",
                str(out), "--prompt", "a cat walks on the grass", "--prompt", "a dog runs", "--steps", "2",
                "--teacher", "--teacher-steps", "3", "--num-frames", str(FRAMES), "--height", str(SIZE), "--width",
                str(SIZE), "--dtype", "fp32"])
@@ -71,6 +83,46 @@ def test_encode_train_sample_end_to_end(world, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert "ema.student." in summary["student"] and summary["speedup"] > 0
     assert summary["teacher_seconds"] > 0 and summary["student_seconds"] > 0
+
+
+def test_export_pipeline_folder_loads_in_diffusers(world, trained, tmp_path):
+    """tools/convert.py export --pipeline-from: WanPipeline.from_pretrained loads the folder, its transformer
+    is the student (EMA), and it generates a video."""
+    from diffusers import WanPipeline
+
+    from megatron_rcm.pipeline.dit import load_dit
+    from tools.convert import main as convert
+
+    out = tmp_path / "student-pipeline"
+    assert convert(["export", str(trained.ckpt), str(out), "--format", "diffusers", "--ema", "--pipeline-from",
+                    str(world.weights), "--no-progress"]) == 0
+    pipe = WanPipeline.from_pretrained(out)
+    ema, _ = load_dit(trained.ckpt, ema=True)
+    teacher, _ = load_dit(world.weights)
+    ours, _ = load_dit(out)  # the pipeline root: its transformer/
+    for (name, a), b in zip(ema.state_dict().items(), ours.state_dict().values()):
+        if torch.is_tensor(a):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert any(not torch.equal(a, t) for a, t in zip(ema.state_dict().values(), teacher.state_dict().values())
+               if torch.is_tensor(a))  # the student moved away from the teacher in 2 steps
+    assert pipe.transformer.config.num_layers == 2
+    video = pipe("a cat", negative_prompt="bad", height=SIZE, width=SIZE, num_frames=FRAMES, num_inference_steps=2,
+                 output_type="np", generator=torch.Generator().manual_seed(0)).frames
+    assert video.shape == (1, FRAMES, SIZE, SIZE, 3) and np.isfinite(video).all()
+
+
+def test_export_pipeline_refuses_unfit_weights(world, trained, tmp_path, capsys):
+    from tools.convert import main as convert
+
+    for bad, what in ((tmp_path / "nothing", "no model_index.json"), (world.weights / "vae", "no model_index.json")):
+        bad.mkdir(exist_ok=True)
+        assert convert(["export", str(trained.ckpt), str(tmp_path / "o"), "--format", "diffusers",
+                        "--pipeline-from", str(bad), "--no-progress"]) == 2
+        assert what in capsys.readouterr().err
+    assert convert(["export", str(trained.ckpt), str(tmp_path / "o"), "--format", "original",
+                    "--pipeline-from", str(world.weights), "--no-progress"]) == 2
+    assert "needs --format diffusers" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def _member(src, i, ext):
