@@ -204,3 +204,41 @@ def test_encode_errors_name_the_file(world, tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"{partial} has no {part}/" in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.parts").exists()
+
+
+def test_synthesize_writes_teacher_samples(world, tmp_path):
+    """Each sample is the teacher's guided UniPC solution from noise seed + i: checked against the same sampler
+    driving diffusers' own WanTransformer3DModel with WanPipeline.encode_prompt's embeddings."""
+    from diffusers import WanPipeline
+
+    from megatron_rcm.data.shards import ShardSource
+    from megatron_rcm.rcm import Conditioning, TrigFlowDenoiser
+    from megatron_rcm.rcm.samplers import unipc_sample
+
+    prompts = ["a cat walks on the grass", "waves roll onto a sandy beach", "a dog runs in the park"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "synthetic"
+    assert main(["synthesize", "--prompts", str(tmp_path / "prompts.txt"), "--weights", str(world.weights), "--out",
+                 str(out), "--steps", "3", "--seed", "10", "--num-frames", str(FRAMES), "--height", str(SIZE),
+                 "--width", str(SIZE), "--dtype", "fp32", "--samples-per-shard", "2",
+                 "--negative-prompt", "bad quality"]) == 0
+    src = ShardSource(out, 3, [4, 2, 4, 4], 512, 32, seed=0, shuffle=False)
+    batch = src.next_batch()
+    assert batch.keys == ["00000000", "00000001", "00000002"]
+    assert json.loads(src._read(*_member(src, 1, "json")))["caption"] == prompts[1]
+    src.close()
+
+    pipe = WanPipeline.from_pretrained(world.weights)
+    ctx, neg = pipe.encode_prompt(prompts, "bad quality", max_sequence_length=512, device="cpu")
+    torch.testing.assert_close(batch.context_BLD, ctx, rtol=1e-5, atol=1e-5)
+
+    def net(x, timestep, context, clip_fea=None):
+        return pipe.transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=context).sample
+
+    net.parameters = pipe.transformer.parameters
+    for i in range(3):
+        noise = torch.randn(1, 4, 2, 4, 4, generator=torch.Generator().manual_seed(10 + i))
+        with torch.no_grad():
+            ref = unipc_sample(TrigFlowDenoiser(net, 1000.0), noise, Conditioning(ctx[i:i + 1], neg_context=neg[:1]),
+                               5.0, 3, 5.0)
+        torch.testing.assert_close(batch.latent_BCFHW[i:i + 1], ref, rtol=1e-4, atol=1e-4)
