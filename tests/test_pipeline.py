@@ -242,3 +242,23 @@ def test_synthesize_writes_teacher_samples(world, tmp_path):
             ref = unipc_sample(TrigFlowDenoiser(net, 1000.0), noise, Conditioning(ctx[i:i + 1], neg_context=neg[:1]),
                                5.0, 3, 5.0)
         torch.testing.assert_close(batch.latent_BCFHW[i:i + 1], ref, rtol=1e-4, atol=1e-4)
+
+
+def test_encode_by_two_ranks_equals_one_process(world, trained, tmp_path):
+    """The ranks of a 2-process job, run one after the other: rank 1 writes its chunk and presents nothing;
+    rank 0 writes its own and assembles the same data set as the single-process run."""
+    from megatron_rcm.data.shards import ShardSource
+    from megatron_rcm.pipeline.encode import EncodeOptions, run_encode
+
+    out = tmp_path / "shards"
+    opts = EncodeOptions(str(world.captions), str(world.weights), str(out), num_frames=FRAMES, height=SIZE,
+                         width=SIZE, samples_per_shard=2, dtype="fp32")
+    assert run_encode(opts, rank=1, world_size=2, device="cpu") is None
+    parts = tmp_path / ".shards.parts"
+    assert not out.exists() and sorted(p.name for p in parts.iterdir()) == ["chunk-000001", "plan.json"]
+    assert run_encode(opts, rank=0, world_size=2, device="cpu") == out
+    a = ShardSource(out, 4, [4, 2, 4, 4], 512, 32, seed=0, shuffle=False).next_batch()
+    b = ShardSource(trained.shards, 4, [4, 2, 4, 4], 512, 32, seed=0, shuffle=False).next_batch()
+    assert a.keys == b.keys
+    for x, y in ((a.latent_BCFHW, b.latent_BCFHW), (a.context_BLD, b.context_BLD), (a.neg_context_BLD, b.neg_context_BLD)):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -36,7 +36,7 @@ def test_two_ranks_then_assembly(tmp_path):
     calls = {0: [], 1: []}
     for rank in (1, 0):  # the ranks of a 2-process job, one after the other
         chunks = _chunks(out)
-        chunks.open(rank=0)
+        chunks.open()
         chunks.check_plan()
         if rank == 0:
             chunks.write_negative(torch.ones(3, 4))

@@ -64,13 +64,13 @@ class ChunkedShards:
         check_output_dir(self.out, overwrite)
 
     # -- set-up (every rank) ---------------------------------------------------------------------------
-    def open(self, rank: int = 0) -> None:
-        """Create the parts folder and its plan (rank 0), or check an existing plan matches this run's."""
+    def open(self) -> None:
+        """Create the parts folder and its plan unless there (every rank may: the ranks of one run write the
+        same plan, each atomically); ``check_plan`` then compares an existing plan with this run's."""
         path = self.parts / PLAN_FILE
-        if rank == 0:
-            self.parts.mkdir(parents=True, exist_ok=True)
-            if not path.is_file():
-                _write_atomic(path, json.dumps(self.plan, indent=2, sort_keys=True))
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if not path.is_file():
+            _write_atomic(path, json.dumps(self.plan, indent=2, sort_keys=True))
 
     def check_plan(self) -> None:
         path = self.parts / PLAN_FILE

@@ -165,7 +165,7 @@ def run_encode(opts: EncodeOptions, rank: int = 0, world_size: int = 1, barrier=
     todo = chunks.todo(rank, world_size)
     mine = [records[i] for c in todo for i in chunks.records(c)]
     infos = check_records(mine, opts)  # before the parts folder is created or any model loaded
-    chunks.open(rank)
+    chunks.open()
     barrier()
     chunks.check_plan()
     done = sum(len(chunks.records(c)) for c in range(chunks.num_chunks) if chunks.is_complete(c))

@@ -79,7 +79,7 @@ def run_synthesize(opts: SynthesizeOptions, rank: int = 0, world_size: int = 1, 
     weights = check_weights_folder(opts.weights, ("vae", "text_encoder", "tokenizer")
                                    + (() if opts.teacher else ("transformer",)))
     chunks = ChunkedShards(opts.out, len(prompts), opts.samples_per_shard, opts.plan(), opts.overwrite)
-    chunks.open(rank)
+    chunks.open()
     barrier()
     chunks.check_plan()
     todo = chunks.todo(rank, world_size)
