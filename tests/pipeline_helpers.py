@@ -3,7 +3,8 @@
 ``make_weights(root)`` saves a diffusers Wan pipeline folder (vae/, text_encoder/, tokenizer/, transformer/,
 scheduler/, model_index.json) of randomly initialized tiny models: a sentencepiece tokenizer trained on the
 fly, a 2-layer umT5 of width 32, a Wan VAE with z_dim 4 (8x spatial, 4x temporal) and a WanTransformer3DModel
-of the ``wan-tiny-t2v`` preset's architecture. ``make_videos`` writes small mp4s and a frame folder.
+of the ``wan-tiny-t2v`` preset's architecture; ``make_i2v_weights`` the I2V variant (CLIP vision encoder,
+image processor, I2V transformer). ``make_videos`` writes small mp4s and a frame folder.
 """
 
 from __future__ import annotations
@@ -65,6 +66,27 @@ def make_weights(root: Path, seed: int = 0) -> Path:
 
     pipe = WanPipeline(**make_components(root.parent / f".{root.name}-build", seed))
     pipe.save_pretrained(root)
+    return root
+
+
+IMAGE_DIM = 24
+# the wan-tiny-i2v preset with in_channels = 4 noisy + 4 mask + 4 first-frame latent channels
+I2V_TRANSFORMER = dict(TRANSFORMER, in_channels=3 * Z_DIM, image_dim=IMAGE_DIM, added_kv_proj_dim=128)
+
+
+def make_i2v_weights(root: Path, seed: int = 0) -> Path:
+    """A saved diffusers WanImageToVideoPipeline folder: the T2V components plus a tiny CLIP vision encoder
+    (32 x 32 images, 8 x 8 patches: 17 tokens of width 24) and an I2V transformer."""
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    parts = make_components(root.parent / f".{root.name}-build", seed)
+    parts["transformer"] = WanTransformer3DModel(**I2V_TRANSFORMER).eval()
+    parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=IMAGE_DIM, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+        patch_size=8)).eval()
+    parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    WanImageToVideoPipeline(**parts).save_pretrained(root)
     return root
 
 

@@ -262,3 +262,58 @@ def test_encode_by_two_ranks_equals_one_process(world, trained, tmp_path):
     assert a.keys == b.keys
     for x, y in ((a.latent_BCFHW, b.latent_BCFHW), (a.context_BLD, b.context_BLD), (a.neg_context_BLD, b.neg_context_BLD)):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_i2v_encode_matches_diffusers_and_trains(world, tmp_path):
+    """encode --i2v: the condition channels equal WanImageToVideoPipeline.prepare_latents' and the CLIP features
+    its encode_image's, for the clip's first frame; the trainer distills an I2V teacher on these shards."""
+    from diffusers import WanImageToVideoPipeline
+    from PIL import Image
+
+    from megatron_rcm.config import load_config
+    from megatron_rcm.data.shards import ShardSource
+    from megatron_rcm.pipeline.video_io import probe, read_clip, to_model_input
+    from megatron_rcm.training import Trainer
+    from tests.pipeline_helpers import make_i2v_weights
+
+    weights = make_i2v_weights(tmp_path / "i2v_weights")
+    shards = tmp_path / "i2v_shards"
+    args = _encode_args(world, shards, None, "--i2v")
+    args[args.index("--weights") + 1] = str(weights)
+    assert main(args) == 0
+    src = ShardSource(shards, 4, [4, 2, 4, 4], 512, 32, seed=0, shuffle=False)
+    batch = src.next_batch()
+    src.close()
+    assert batch.y_BCFHW.shape == (4, 8, 2, 4, 4) and batch.clip_fea_BND.shape == (4, 17, 24)
+
+    pipe = WanImageToVideoPipeline.from_pretrained(weights)
+    for i in (0, 3):  # an mp4 and the frame folder
+        frames = read_clip(probe(world.videos[i], 16), FRAMES, 16, SIZE, SIZE)
+        first = to_model_input(frames)[:, 0][None]
+        _, y = pipe.prepare_latents(first, 1, 4, SIZE, SIZE, FRAMES, torch.float32, "cpu")
+        torch.testing.assert_close(batch.y_BCFHW[i:i + 1], y, rtol=1e-6, atol=1e-6)
+        clip = pipe.encode_image(Image.fromarray(frames[0]), "cpu")
+        torch.testing.assert_close(batch.clip_fea_BND[i:i + 1], clip, rtol=1e-5, atol=1e-5)
+
+    teacher = weights / "transformer" / "diffusion_pytorch_model.safetensors"
+    cfg = load_config(None, [*TRAIN, "model.preset=wan-tiny-i2v", "model.overrides={in_channels: 12}",
+                             f"data.path={shards}", "data.latent_shape=[4,2,4,4]", "training.max_steps=2",
+                             f"model.teacher_checkpoint={teacher}", f"training.output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    trainer.close()
+    assert len(history) == 2 and all(np.isfinite(list(m.values())).all() for m in history)
+
+
+def test_i2v_model_refuses_shards_without_condition(trained):
+    from megatron_rcm.config import load_config
+    from megatron_rcm.data.format import ShardError
+    from megatron_rcm.training.models import build_wan_config
+
+    cfg = load_config(None, [*TRAIN, "model.preset=wan-tiny-i2v", "model.overrides={in_channels: 12}",
+                             f"data.path={trained.shards}", "data.latent_shape=[4,2,4,4]"])
+    with pytest.raises(ShardError, match=r"image-to-video, but 4 of 4 samples .* no first-frame condition"):
+        build_wan_config(cfg.model, cfg.data)
+    cfg = load_config(None, [*TRAIN, "model.preset=wan-tiny-i2v", "data.source=mock", "data.latent_shape=[4,2,4,4]"])
+    with pytest.raises(NotImplementedError, match="data.source='mock' has none"):
+        build_wan_config(cfg.model, cfg.data)

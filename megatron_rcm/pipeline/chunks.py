@@ -100,10 +100,11 @@ class ChunkedShards:
         return [c for c in rank_chunks(self.num_chunks, rank, world_size) if not self.is_complete(c)]
 
     def write_chunk(self, c: int, samples: Iterable[tuple]) -> Path:
-        """Write chunk ``c`` from ``(key, latent [C,F,H,W], t5 [L,D], meta)`` tuples, atomically."""
+        """Write chunk ``c`` from ``(key, latent [C,F,H,W], t5 [L,D], meta[, extra])`` tuples, atomically;
+        ``extra`` holds more ``ShardWriter.write`` arguments (the I2V ``clip_ND`` and ``y_CFHW``)."""
         with ShardWriter(self.chunk_dir(c), samples_per_shard=self.per_chunk) as writer:
-            for key, latent, t5, meta in samples:
-                writer.write(key, latent, t5, meta=meta)
+            for key, latent, t5, meta, *extra in samples:
+                writer.write(key, latent, t5, meta=meta, **(extra[0] if extra else {}))
         return self.chunk_dir(c)
 
     @property

@@ -47,6 +47,8 @@ def add_pipeline_commands(sub) -> None:
     enc.add_argument("--fps", type=float, default=16.0, help="frame rate the clips are sampled at (default 16)")
     enc.add_argument("--samples-per-shard", type=_positive_int, default=100)
     enc.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="default: Wan2.1's negative prompt")
+    enc.add_argument("--i2v", action="store_true", help="also write the image-to-video condition of the first "
+                     "frame (CLIP features, first-frame latent + mask; needs image_encoder/ and image_processor/)")
     _video_args(enc)
 
     syn = sub.add_parser("synthesize", help="prompts -> teacher samples as training shards (no videos needed)")
@@ -122,7 +124,7 @@ def run_pipeline_command(args) -> int:
 
             opts = EncodeOptions(args.captions, args.weights, args.out, args.video_root, args.num_frames, args.height,
                                  args.width, args.fps, args.negative_prompt, args.samples_per_shard, dtype=args.dtype,
-                                 overwrite=args.overwrite)
+                                 overwrite=args.overwrite, i2v=args.i2v)
             opts.validate()
             rank, world, barrier, device = _ranks()
             out = run_encode(opts, rank, world, barrier, device)

@@ -50,7 +50,8 @@ def check_weights_folder(root: str | Path, need: tuple[str, ...] = ("vae", "text
         raise WeightsError(f"weights folder {root} does not exist (expected a diffusers Wan pipeline folder "
                            f"with {', '.join(d + '/' for d in need)})")
     configs = {"vae": "config.json", "text_encoder": "config.json", "transformer": "config.json",
-               "tokenizer": None, "scheduler": "scheduler_config.json"}
+               "tokenizer": None, "scheduler": "scheduler_config.json", "image_encoder": "config.json",
+               "image_processor": "preprocessor_config.json"}
     for name in need:
         sub = root / name
         if not sub.is_dir():

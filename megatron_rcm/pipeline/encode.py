@@ -6,7 +6,8 @@ relative to ``--video-root`` (default: the captions file's folder).
 
 Per sample (key = the record's 0-based position, 8 digits): the normalized VAE latent [C, F, H, W] of
 ``num_frames`` frames sampled at ``fps``, resized and center-cropped to ``height`` x ``width``; the unpadded
-umT5 embedding [L, D] of the caption; metadata {caption, source, fps, source_fps, num_frames, height, width}.
+umT5 embedding [L, D] of the caption; metadata {caption, source, fps, source_fps, num_frames, height, width};
+with ``i2v`` also the first frame's CLIP features and condition channels (``megatron_rcm.pipeline.i2v``).
 The negative prompt's embedding is written once (``negative.t5.pth``): CFG training needs it.
 (``megatron_rcm.pipeline.components`` gives the exact text and latent conventions.)
 
@@ -66,6 +67,8 @@ class EncodeOptions:
     dtype: str = "auto"
     """Text encoder / VAE dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
     overwrite: bool = False
+    i2v: bool = False
+    """Also write the image-to-video condition of the first frame (``megatron_rcm.pipeline.i2v``)."""
 
     def validate(self) -> None:
         if self.num_frames < 1 or (self.num_frames - 1) % 4:
@@ -81,7 +84,7 @@ class EncodeOptions:
     def plan(self) -> dict:
         """The settings that decide the shards' content (a resumed run must use the same)."""
         keep = ("captions", "weights", "video_root", "num_frames", "height", "width", "fps", "negative_prompt",
-                "text_len")
+                "text_len", "i2v")
         d = asdict(self)
         return {k: (str(Path(d[k]).resolve()) if k in ("captions", "weights") else d[k]) for k in keep}
 
@@ -159,6 +162,10 @@ def run_encode(opts: EncodeOptions, rank: int = 0, world_size: int = 1, barrier=
     opts.validate()
     records = read_captions(opts.captions, opts.video_root)
     check_weights_folder(opts.weights)
+    if opts.i2v:
+        from megatron_rcm.pipeline.i2v import I2V_PARTS, ImageEncoder, first_frame_condition
+
+        check_weights_folder(opts.weights, I2V_PARTS)
     chunks = ChunkedShards(opts.out, len(records), opts.samples_per_shard, opts.plan(), opts.overwrite)
     if (chunks.parts / "plan.json").is_file():
         chunks.check_plan()  # a rerun with other settings fails before anything is probed
@@ -178,6 +185,7 @@ def run_encode(opts: EncodeOptions, rank: int = 0, world_size: int = 1, barrier=
     if rank == 0 and not chunks.negative_path.is_file():
         chunks.write_negative(text.encode([opts.negative_prompt])[0])
     vae = VideoVAE(opts.weights, device, dtype) if todo else None
+    image = ImageEncoder(opts.weights, device, dtype) if todo and opts.i2v else None
     t0 = time.time()
     for c in todo:
         recs = [records[i] for i in chunks.records(c)]
@@ -189,10 +197,15 @@ def run_encode(opts: EncodeOptions, rank: int = 0, world_size: int = 1, barrier=
             for r, emb in zip(recs, embs):
                 info = infos[r.index]
                 frames = read_clip(info, opts.num_frames, opts.fps, opts.height, opts.width)
-                latent = vae.encode(to_model_input(frames)[None])[0]
+                video_3THW = to_model_input(frames)
+                latent = vae.encode(video_3THW[None])[0]
                 meta = {"caption": r.caption, "source": str(r.video), "fps": opts.fps, "source_fps": info.fps,
                         "num_frames": opts.num_frames, "height": opts.height, "width": opts.width}
-                yield f"{r.index:08d}", latent, emb, meta
+                extra = {}
+                if image is not None:
+                    extra = {"clip_ND": image.encode([frames[0]])[0],
+                             "y_CFHW": first_frame_condition(vae, video_3THW[:, 0], opts.num_frames)}
+                yield f"{r.index:08d}", latent, emb, meta, extra
 
         chunks.write_chunk(c, samples())
         logger.info("rank %d: chunk %d (%d samples) written, %.1f s", rank, c, len(recs), time.time() - t0)
