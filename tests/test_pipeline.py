@@ -264,7 +264,7 @@ def test_encode_by_two_ranks_equals_one_process(world, trained, tmp_path):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_i2v_encode_matches_diffusers_and_trains(world, tmp_path):
+def test_i2v_encode_matches_diffusers_and_trains(world, tmp_path, capsys):
     """encode --i2v: the condition channels equal WanImageToVideoPipeline.prepare_latents' and the CLIP features
     its encode_image's, for the clip's first frame; the trainer distills an I2V teacher on these shards."""
     from diffusers import WanImageToVideoPipeline
@@ -303,6 +303,20 @@ def test_i2v_encode_matches_diffusers_and_trains(world, tmp_path):
     history = trainer.train()
     trainer.close()
     assert len(history) == 2 and all(np.isfinite(list(m.values())).all() for m in history)
+
+    # sample --image: the I2V pipeline's transformer as student and teacher, both starting from one picture
+    picture = tmp_path / "first.png"
+    Image.fromarray(read_clip(probe(world.videos[1], 16), FRAMES, 16, SIZE, SIZE)[0]).save(picture)
+    out = tmp_path / "i2v_videos"
+    sample = ["sample", "--student", str(weights), "--weights", str(weights), "--out", str(out), "--prompt",
+              "a boat", "--steps", "1", "--num-frames", str(FRAMES), "--height", str(SIZE), "--width", str(SIZE),
+              "--dtype", "fp32"]
+    assert main([*sample, "--image", str(picture), "--teacher", "--teacher-steps", "2"]) == 0
+    for name in ("student", "teacher"):
+        info = probe(out / name / "000.mp4", 16)
+        assert (info.num_frames, info.height, info.width) == (FRAMES, SIZE, SIZE)
+    assert main(sample[:6] + [str(tmp_path / "o2")] + sample[7:]) == 2  # an I2V model without --image
+    assert "is an I2V model: give the picture to start from with --image" in capsys.readouterr().err
 
 
 def test_i2v_model_refuses_shards_without_condition(trained):

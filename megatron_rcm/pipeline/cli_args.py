@@ -91,7 +91,8 @@ def add_pipeline_commands(sub) -> None:
                      "checkpoint that does not record it)")
     smp.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE")
     smp.add_argument("--num-heads", type=_positive_int)
-    smp.add_argument("--image", help="condition on a picture (I2V): not implemented")
+    smp.add_argument("--image", help="I2V: the picture the videos start from (needs image_encoder/ and "
+                     "image_processor/ in --weights)")
     _video_args(smp)
 
 
@@ -146,8 +147,6 @@ def run_pipeline_command(args) -> int:
             return 0
         from megatron_rcm.pipeline.sample import SampleOptions, read_prompts, run_sample
 
-        if args.image is not None:
-            raise NotImplementedError("sample --image (image-to-video) is not implemented: encode and sample T2V")
         prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
         teacher = None if args.teacher is None else (args.teacher or args.weights)
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
@@ -155,7 +154,7 @@ def run_pipeline_command(args) -> int:
         opts = SampleOptions(args.student, args.weights, args.out, prompts, args.steps, args.num_frames, args.height,
                              args.width, args.fps, args.seed, args.sigma_max, teacher=teacher,
                              teacher_steps=args.teacher_steps, guidance=args.guidance, shift=args.shift,
-                             negative_prompt=args.negative_prompt, ema=args.ema, train_config=args.train_config,
+                             negative_prompt=args.negative_prompt, image=args.image, ema=args.ema, train_config=args.train_config,
                              train_set=tuple(args.train_set), num_heads=args.num_heads, dtype=args.dtype,
                              overwrite=args.overwrite)
         run_sample(opts)

@@ -1,6 +1,7 @@
 """``megatron-rcm sample``: a distilled student (and optionally its teacher) -> videos.
 
-Per prompt i, noise eps_i [1, C, F, H, W] is drawn from ``seed + i``; the student runs the few-step
+Per prompt i, noise eps_i [1, C, F, H, W] is drawn from ``seed + i``; an I2V model starts every video from
+``image`` (its CLIP features and first-frame condition, ``megatron_rcm.pipeline.i2v``); the student runs the few-step
 sampler of rcm_math.md section 8 (``student_sample``: t = [atan(sigma_max), mid_t[:n-1]..., 0]) and, with
 ``teacher``, the teacher runs its own UniPC sampler (``unipc_sample``, Wan's shifted grid, CFG ``guidance``
 with the negative prompt) from the same eps_i. Latents are decoded by the Wan VAE (``VideoVAE.decode``).
@@ -51,6 +52,8 @@ class SampleOptions:
     guidance: float = 5.0
     shift: float = 5.0
     negative_prompt: str = WAN_NEGATIVE_PROMPT
+    image: str | None = None
+    """I2V: the picture every video starts from (resized and center-cropped to height x width)."""
     ema: bool | None = None
     train_config: str | None = None
     train_set: tuple[str, ...] = ()
@@ -98,13 +101,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _check_fits(model, what: str, text_dim: int, z_dim: int, weights: Path) -> None:
+def _check_fits(model, what: str, text_dim: int, z_dim: int, weights: Path, image: str | None = None) -> None:
     cfg = model.config
-    if cfg.model_type != "t2v":
-        raise NotImplementedError(f"{what}: sampling an I2V model (--image) is not implemented; T2V models only")
-    if cfg.text_dim != text_dim or cfg.in_channels != z_dim:
-        raise ValueError(f"{what} takes text_dim={cfg.text_dim}, in_channels={cfg.in_channels}, but the text encoder "
-                         f"/ VAE of {weights} give {text_dim} / {z_dim}: they do not belong together")
+    if (cfg.model_type == "i2v") != (image is not None):
+        raise ValueError(f"{what} is an {cfg.model_type.upper()} model: " + (
+            "give the picture to start from with --image" if image is None else "--image is for I2V models"))
+    if cfg.text_dim != text_dim or cfg.out_channels != z_dim:
+        raise ValueError(f"{what} takes text_dim={cfg.text_dim}, latent channels {cfg.out_channels}, but the text "
+                         f"encoder / VAE of {weights} give {text_dim} / {z_dim}: they do not belong together")
+
+
+def _image_condition(opts: SampleOptions, weights: Path, vae, device, dtype):
+    """(CLIP features [1, N, D], condition channels [1, 4 + C, F, H, W]) of ``opts.image``."""
+    from PIL import Image
+
+    from megatron_rcm.pipeline.i2v import I2V_PARTS, ImageEncoder, first_frame_condition
+    from megatron_rcm.pipeline.video_io import resize_center_crop, to_model_input
+
+    check_weights_folder(weights, I2V_PARTS)
+    try:
+        with Image.open(opts.image) as im:
+            frame_HW3 = resize_center_crop(im, opts.height, opts.width)
+    except OSError as err:
+        raise ValueError(f"--image {opts.image} cannot be read ({err})") from err
+    clip = ImageEncoder(weights, device, dtype).encode([frame_HW3])
+    y = first_frame_condition(vae, to_model_input(frame_HW3[None])[:, 0], opts.num_frames)[None]
+    return clip.to(device, dtype), y.to(device, dtype)
 
 
 @torch.no_grad()
@@ -149,13 +171,16 @@ def run_sample(opts: SampleOptions, device=None, log=print) -> dict:
     C, F, H, W = vae.latent_shape(opts.num_frames, opts.height, opts.width)
     noises = [torch.randn(1, C, F, H, W, generator=torch.Generator().manual_seed(opts.seed + i))
               for i in range(len(embs))]
-    conds = [Conditioning(context=pad_text(e, TEXT_LEN, "prompt")[None].to(device, dtype),
+    clip = y = None
+    if opts.image is not None:
+        clip, y = _image_condition(opts, weights, vae, device, dtype)
+    conds = [Conditioning(context=pad_text(e, TEXT_LEN, "prompt")[None].to(device, dtype), clip_fea=clip, y=y,
                           neg_context=pad_text(neg, TEXT_LEN, "negative prompt")[None].to(device, dtype))
              for e in embs]
 
     student, student_what = load_dit(opts.student, ema=opts.ema, train_config=opts.train_config,
                                      train_set=opts.train_set, num_heads=opts.num_heads, device=device, dtype=dtype)
-    _check_fits(student, f"student {opts.student}", text_dim, C, weights)
+    _check_fits(student, f"student {opts.student}", text_dim, C, weights, opts.image)
     log(f"student: {student_what}")
     gen = torch.Generator(device).manual_seed(opts.seed)
 
@@ -168,7 +193,7 @@ def run_sample(opts: SampleOptions, device=None, log=print) -> dict:
     teacher_what = None
     if opts.teacher:
         teacher, teacher_what = load_dit(opts.teacher, num_heads=opts.num_heads, device=device, dtype=dtype)
-        _check_fits(teacher, f"teacher {opts.teacher}", text_dim, C, weights)
+        _check_fits(teacher, f"teacher {opts.teacher}", text_dim, C, weights, opts.image)
         log(f"teacher: {teacher_what}")
 
         def teacher_fn(model, noise, cond):

@@ -100,6 +100,9 @@ def run_synthesize(opts: SynthesizeOptions, rank: int = 0, world_size: int = 1, 
     if todo:
         C, F, H, W = VideoVAE(weights, "cpu").latent_shape(opts.num_frames, opts.height, opts.width)
         teacher, what = load_dit(opts.teacher or weights, num_heads=opts.num_heads, device=device, dtype=dtype)
+        if teacher.config.model_type == "i2v":
+            raise NotImplementedError(f"teacher {opts.teacher or weights} is image-to-video: synthesize writes T2V "
+                                      f"samples from prompts alone; encode videos with `megatron-rcm encode --i2v`")
         _check_fits(teacher, f"teacher {opts.teacher or weights}", text_dim, C, weights)
         logger.info("teacher: %s", what)
         denoiser = TrigFlowDenoiser(teacher, WAN_TIMESTEP_SCALE)
