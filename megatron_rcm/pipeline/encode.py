@@ -65,7 +65,8 @@ class EncodeOptions:
     samples_per_shard: int = 100
     text_len: int = 512
     dtype: str = "auto"
-    """Text encoder / VAE dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16`` or ``fp32``."""
+    """Text / image encoder dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16`` or ``fp32`` (the VAE runs
+    in fp32)."""
     overwrite: bool = False
     i2v: bool = False
     """Also write the image-to-video condition of the first frame (``megatron_rcm.pipeline.i2v``)."""
@@ -184,7 +185,7 @@ def run_encode(opts: EncodeOptions, rank: int = 0, world_size: int = 1, barrier=
     text = TextEncoder(opts.weights, device, dtype, opts.text_len) if need_text else None
     if rank == 0 and not chunks.negative_path.is_file():
         chunks.write_negative(text.encode([opts.negative_prompt])[0])
-    vae = VideoVAE(opts.weights, device, dtype) if todo else None
+    vae = VideoVAE(opts.weights, device) if todo else None  # fp32, as Wan runs its VAE
     image = ImageEncoder(opts.weights, device, dtype) if todo and opts.i2v else None
     t0 = time.time()
     for c in todo:

@@ -167,7 +167,7 @@ def run_sample(opts: SampleOptions, device=None, log=print) -> dict:
     neg = text.encode([opts.negative_prompt])[0]
     text_dim = text.dim
     del text
-    vae = VideoVAE(weights, device, dtype)
+    vae = VideoVAE(weights, device)  # fp32, as Wan runs its VAE
     C, F, H, W = vae.latent_shape(opts.num_frames, opts.height, opts.width)
     noises = [torch.randn(1, C, F, H, W, generator=torch.Generator().manual_seed(opts.seed + i))
               for i in range(len(embs))]
