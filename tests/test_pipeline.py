@@ -331,3 +331,19 @@ def test_i2v_model_refuses_shards_without_condition(trained):
     cfg = load_config(None, [*TRAIN, "model.preset=wan-tiny-i2v", "data.source=mock", "data.latent_shape=[4,2,4,4]"])
     with pytest.raises(NotImplementedError, match="data.source='mock' has none"):
         build_wan_config(cfg.model, cfg.data)
+
+
+def test_caption_file_errors(world, tmp_path):
+    from megatron_rcm.pipeline.encode import CaptionError, read_captions
+
+    csv_file = tmp_path / "c.csv"
+    csv_file.write_text(f"video,caption\n{world.videos[0]},a cat\n{world.videos[1]},\n")
+    with pytest.raises(CaptionError, match=r"c.csv line 3: no caption \(expected a 'caption' field"):
+        read_captions(csv_file)
+    bad = tmp_path / "c.jsonl"
+    bad.write_text(json.dumps({"video": str(world.videos[0]), "caption": "ok"}) + "\n{not json\n")
+    with pytest.raises(CaptionError, match="c.jsonl line 2: not valid JSON"):
+        read_captions(bad)
+    csv_file.write_text(f"video,caption\n{world.videos[0]},a cat\n")
+    (records,) = read_captions(csv_file)
+    assert records.video == world.videos[0] and records.caption == "a cat"

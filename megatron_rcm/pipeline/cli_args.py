@@ -160,6 +160,6 @@ def run_pipeline_command(args) -> int:
         run_sample(opts)
         return 0
     except (CaptionError, VideoError, WeightsError, ChunkError, ConversionError, ShardError, FileNotFoundError,
-            FileExistsError, NotADirectoryError, ValueError) as err:
+            FileExistsError, NotADirectoryError, ValueError, NotImplementedError) as err:
         print(f"megatron-rcm {args.command}: error: {err}", file=sys.stderr)
         return 2

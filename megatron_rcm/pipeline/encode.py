@@ -100,7 +100,7 @@ def _pick(row: dict, keys: tuple[str, ...], where: str, what: str) -> str:
     for k in keys:
         if row.get(k) not in (None, ""):
             return str(row[k])
-    raise CaptionError(f"{where}: no {what} (expected a '{keys[0]}' field; found {sorted(row)})")
+    raise CaptionError(f"{where}: no {what} (expected a '{keys[0]}' field; found {sorted(map(str, row))})")
 
 
 def read_captions(path: str | Path, video_root: str | Path | None = None) -> list[Record]:
