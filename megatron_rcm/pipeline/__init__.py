@@ -7,4 +7,7 @@
     synthesize   ``megatron-rcm synthesize``: prompts -> teacher samples -> tar shards
     dit          load a student / teacher Wan DiT from a training checkpoint, an export or a weight file
     sample       ``megatron-rcm sample``: student (and teacher) -> latents -> VAE decode -> mp4 + contact sheet
+    i2v          the image-to-video condition (CLIP features, first-frame mask + latent), as Wan I2V computes it
+    pipeline_folder   a diffusers pipeline folder around an exported student (tools/convert.py export)
+    cli_args     the subcommands' arguments and dispatch (torchrun ranks for encode / synthesize)
 """
