@@ -31,11 +31,17 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
         "interop": ["diffusers>=0.33", "accelerate", "transformers"],
+        # encode / synthesize / sample: Wan VAE (diffusers), umT5 + tokenizer (transformers, sentencepiece),
+        # video files (PyAV, whose wheels ship FFmpeg)
+        "pipeline": ["diffusers>=0.33", "accelerate", "transformers>=4.56", "sentencepiece", "av"],
         "test": [
             "pytest>=8",
             "ruff>=0.6",
             "diffusers>=0.33",
             "accelerate",  # diffusers' from_pretrained of WanTransformer3DModel needs it (convert tests)
+            "transformers>=4.56",  # umT5 text encoder (pipeline tests)
+            "sentencepiece",  # the pipeline tests train a tiny tokenizer
+            "av",  # mp4 reading and writing (pipeline tests)
             "scikit-learn",
             "triton>=3.1",
         ],

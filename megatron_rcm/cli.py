@@ -6,6 +6,9 @@
     megatron-rcm train --config ... --print-config                   show the merged config and exit
     megatron-rcm plan --preset wan2.1-t2v-14b --frames 81 --size 1280x720 --gpus 128 --gpu-memory 80
                                                                      rank parallel layouts (docs/throughput.md)
+    megatron-rcm encode --captions captions.jsonl --weights Wan2.1-T2V-1.3B-Diffusers --out shards/
+    megatron-rcm synthesize --prompts prompts.txt --weights Wan2.1-T2V-1.3B-Diffusers --out shards/
+    megatron-rcm sample --student runs/x/checkpoints --weights Wan2.1-T2V-1.3B-Diffusers --prompt "..." --out videos/
 
 Overrides use dotted keys (``--set optimizer.lr=1e-6`` or a bare ``optimizer.lr=1e-6``); values are YAML.
 Precedence: command line > config file > defaults. Multi-GPU: ``torchrun --nproc-per-node N -m
@@ -57,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     from megatron_rcm.planner.cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)
+    from megatron_rcm.pipeline.cli_args import add_pipeline_commands
+
+    add_pipeline_commands(sub)
     return ap
 
 
@@ -90,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as err:
                 print(f"megatron-rcm plan: {err}", file=sys.stderr)
                 return 2
+        if args.command in ("encode", "synthesize", "sample"):
+            from megatron_rcm.pipeline.cli_args import run_pipeline_command
+
+            return run_pipeline_command(args)
         if args.command == "train":
             from megatron_rcm.config.loader import dump_yaml, load_config
 

@@ -23,6 +23,8 @@ EPILOG = """examples:
   python tools/convert.py import /models/Wan2.1-T2V-14B /ckpt/wan14b --dtype bf16
   python tools/convert.py import /models/Wan2.1-T2V-1.3B-Diffusers /ckpt/wan1.3b --tp 2 --verify
   python tools/convert.py export /runs/rcm/checkpoints /out/student-diffusers --format diffusers --ema
+  python tools/convert.py export /runs/rcm/checkpoints /out/student-pipeline --format diffusers --ema \
+      --pipeline-from /models/Wan2.1-T2V-1.3B-Diffusers
   python tools/convert.py export outputs/tiny/checkpoints/latest /out/tiny --format diffusers \
       --config my_run.yaml --set model.overrides.num_layers=4
   python tools/convert.py export /ckpt/wan1.3b /out/wan1.3b-original --format original
@@ -107,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an override of the training config, as given to 'megatron-rcm train' (repeatable)",
     )
     exp.add_argument(
+        "--pipeline-from",
+        metavar="WEIGHTS",
+        help="with --format diffusers: write a full pipeline folder (OUT/transformer/ = this model, plus the vae/, "
+        "text_encoder/, tokenizer/, scheduler/ and model_index.json of the diffusers pipeline folder WEIGHTS) "
+        "that WanPipeline.from_pretrained(OUT) loads",
+    )
+    exp.add_argument(
         "--max-shard-size", type=positive_float, default=10.0, help="GB per safetensors shard (default 10)"
     )
 
@@ -160,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                 train_config=args.train_config,
                 train_set=args.train_set,
                 overwrite=args.overwrite,
+                pipeline_from=args.pipeline_from,
                 max_shard_bytes=int(args.max_shard_size * 1e9),
                 progress=not args.no_progress,
             )

@@ -194,6 +194,7 @@ def run_export(
     train_config: str | None = None,
     train_set=(),
     overwrite: bool = False,
+    pipeline_from: str | None = None,
     max_shard_bytes: int = 10 * 2**30,
     read_budget_bytes: int = 512 * 2**20,
     progress: bool = True,
@@ -203,9 +204,13 @@ def run_export(
         raise ConversionError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    if pipeline_from is not None and fmt != "diffusers":
+        raise ConversionError("--pipeline-from writes a diffusers pipeline folder: it needs --format diffusers")
     t0 = time.time()
     ckpt_dir = resolve_checkpoint(ckpt)
     check_not_source(out, [ckpt, ckpt_dir], "checkpoint")
+    if pipeline_from is not None:
+        check_not_source(out, [pipeline_from], "pipeline folder")
     check_output_dir(out, overwrite)
     sweep_leftovers(out, log)
     stored = tensor_metadata(ckpt_dir)
@@ -216,6 +221,10 @@ def run_export(
         ckpt_dir, ours_shapes, num_heads, (train_config, tuple(train_set)) if use_config else None
     )
     preset = match_preset(arch)
+    if pipeline_from is not None:
+        from megatron_rcm.pipeline.pipeline_folder import check_pipeline_source
+
+        check_pipeline_source(pipeline_from, arch)
     log(
         f"checkpoint: {ckpt_dir}, model prefix {pfx!r}, architecture from {arch_from}, preset {preset or 'none'}"
     )
@@ -260,12 +269,19 @@ def run_export(
     )
     bar = tqdm(total=len(specs), unit="tensor", desc=f"export {fmt}", disable=not progress)
     with atomic_output_dir(out, overwrite) as tmp:
+        dit_dir = tmp if pipeline_from is None else tmp / "transformer"  # a pipeline: the student's folder
+        dit_dir.mkdir(exist_ok=True)
         files = write_sharded(
-            tmp, WEIGHTS_STEM, specs, produce, max_shard_bytes, on_tensor=lambda s: bar.update(1)
+            dit_dir, WEIGHTS_STEM, specs, produce, max_shard_bytes, on_tensor=lambda s: bar.update(1)
         )
         bar.close()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        nbytes = sum(p.stat().st_size for p in tmp.iterdir())
+        (dit_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        files.append("config.json")
+        if pipeline_from is not None:
+            from megatron_rcm.pipeline.pipeline_folder import copy_components
+
+            files = [f"transformer/{f}" for f in files] + copy_components(Path(pipeline_from), tmp)
+        nbytes = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
     kept = sorted({dtype_name(s.dtype) for s in specs})
     return ExportReport(
         out=str(out),
@@ -275,7 +291,7 @@ def run_export(
         arch=arch,
         arch_from=arch_from,
         preset=preset,
-        files=[*files, "config.json"],
+        files=files,
         tensors=len(specs),
         bytes_written=nbytes,
         dtype="+".join(kept),

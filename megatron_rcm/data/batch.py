@@ -19,6 +19,10 @@ class Batch:
     """Sample keys (for error messages and debugging)."""
     labels_B: torch.Tensor | None = None
     """Class labels (the quickstart's digits only)."""
+    clip_fea_BND: torch.Tensor | None = None
+    """I2V: CLIP image features of the first frame, float32, or None."""
+    y_BCFHW: torch.Tensor | None = None
+    """I2V: condition channels (first-frame mask + first-frame latent), float32, or None."""
 
     @property
     def batch_size(self) -> int:
@@ -27,7 +31,7 @@ class Batch:
     def to(self, device) -> Batch:
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Batch(mv(self.latent_BCFHW), mv(self.context_BLD), mv(self.neg_context_BLD), self.keys,
-                     mv(self.labels_B))
+                     mv(self.labels_B), mv(self.clip_fea_BND), mv(self.y_BCFHW))
 
     def num_tokens(self, patch_size=(1, 2, 2)) -> int:
         """Video tokens the DiT sees for this batch (for tokens/s)."""

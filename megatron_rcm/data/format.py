@@ -7,6 +7,10 @@ precomputed data:
     <key>.t5.pth     | <key>.t5.npy       umT5 prompt embedding [L, D], unpadded (required)
     <key>.neg_t5.pth | <key>.neg_t5.npy   per-sample negative-prompt embedding [L', D] (optional)
     <key>.json                            free metadata, e.g. {"caption": ...} (optional)
+    <key>.clip.pth   | <key>.clip.npy     I2V: CLIP image features of the first frame [N, D_img]
+    <key>.y.pth      | <key>.y.npy        I2V: condition channels [4 + C, F, H, W]: the first-frame mask
+                                          (4 channels) and the VAE latent of the first frame followed by
+                                          zero frames (``megatron_rcm.pipeline.i2v``); both or neither
 
 A data set is a directory of ``*.tar`` shards plus:
 
@@ -35,7 +39,9 @@ LATENT_EXTS = ("latent.pth", "latent.npy")
 TEXT_EXTS = ("t5.pth", "t5.npy")
 NEG_TEXT_EXTS = ("neg_t5.pth", "neg_t5.npy")
 META_EXTS = ("json",)
-KNOWN_EXTS = LATENT_EXTS + TEXT_EXTS + NEG_TEXT_EXTS + META_EXTS
+CLIP_EXTS = ("clip.pth", "clip.npy")
+COND_EXTS = ("y.pth", "y.npy")
+KNOWN_EXTS = LATENT_EXTS + TEXT_EXTS + NEG_TEXT_EXTS + META_EXTS + CLIP_EXTS + COND_EXTS
 
 
 class ShardError(RuntimeError):

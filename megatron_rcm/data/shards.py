@@ -10,6 +10,8 @@ import torch
 
 from megatron_rcm.data.batch import Batch, pad_text
 from megatron_rcm.data.format import (
+    CLIP_EXTS,
+    COND_EXTS,
     LATENT_EXTS,
     NEG_TEXT_EXTS,
     NEGATIVE_FILE,
@@ -88,7 +90,8 @@ class ShardSource:
         path, entry = self.samples[i]
         key, members = entry["key"], entry["members"]
         out = {"key": key}
-        for name, exts in (("latent", LATENT_EXTS), ("t5", TEXT_EXTS), ("neg_t5", NEG_TEXT_EXTS)):
+        for name, exts in (("latent", LATENT_EXTS), ("t5", TEXT_EXTS), ("neg_t5", NEG_TEXT_EXTS),
+                           ("clip", CLIP_EXTS), ("y", COND_EXTS)):
             ext = next((e for e in exts if e in members), None)
             if ext is None:
                 continue
@@ -103,6 +106,16 @@ class ShardSource:
         self._check_text(out["t5"], path, key)
         if "neg_t5" in out:
             self._check_text(out["neg_t5"], path, key)
+        if ("clip" in out) != ("y" in out):
+            raise ShardError(f"shard {path}: sample '{key}' has only one of the I2V members .clip and .y")
+        if "y" in out:
+            y, clip = out["y"], out["clip"]
+            if y.ndim != 4 or tuple(y.shape[1:]) != self.latent_shape[1:] or clip.ndim != 2:
+                raise ShardError(f"shard {path}: sample '{key}' I2V members have shapes .y {tuple(y.shape)}, .clip "
+                                 f"{tuple(clip.shape)}; expected [Cy, {', '.join(map(str, self.latent_shape[1:]))}] "
+                                 f"and [N, D_img]")
+            if not (torch.isfinite(y.float()).all() and torch.isfinite(clip.float()).all()):
+                raise ShardError(f"shard {path}: sample '{key}' I2V members hold non-finite values")
         return out
 
     def next_batch(self) -> Batch:
@@ -123,7 +136,16 @@ class ShardSource:
             neg = pad_text(self.negative_LD, self.text_len, NEGATIVE_FILE)[None]
         else:
             neg = None
-        return Batch(latent, ctx, neg, [it["key"] for it in items])
+        clip = y = None
+        has_i2v = ["y" in it for it in items]
+        if all(has_i2v):
+            clip = torch.stack([it["clip"].float() for it in items])
+            y = torch.stack([it["y"].float() for it in items])
+        elif any(has_i2v):
+            missing = [it["key"] for it in items if "y" not in it]
+            raise ShardError(f"data directory {self.root}: samples {missing} have no I2V members (.clip, .y) while "
+                             f"others in the batch do (mismatched shards)")
+        return Batch(latent, ctx, neg, [it["key"] for it in items], clip_fea_BND=clip, y_BCFHW=y)
 
     def close(self) -> None:
         for f in self._files.values():

@@ -78,8 +78,10 @@ class ShardWriter:
             self._tar = None
 
     def write(self, key: str, latent_CFHW: torch.Tensor, t5_LD: torch.Tensor,
-              neg_t5_LD: torch.Tensor | None = None, meta: dict | None = None) -> None:
-        """Add one sample. ``key`` must be unique and contain no dot."""
+              neg_t5_LD: torch.Tensor | None = None, meta: dict | None = None,
+              clip_ND: torch.Tensor | None = None, y_CFHW: torch.Tensor | None = None) -> None:
+        """Add one sample. ``key`` must be unique and contain no dot. I2V samples add ``clip_ND`` and
+        ``y_CFHW`` (both or neither; see ``megatron_rcm.data.format``)."""
         if "." in key.rsplit("/", 1)[-1] or not key:
             raise ValueError(f"sample key {key!r} must be non-empty and contain no '.'")
         if key in self._keys:
@@ -88,12 +90,17 @@ class ShardWriter:
             raise ValueError(f"latent of {key!r} must be [C, F, H, W], got {tuple(latent_CFHW.shape)}")
         if t5_LD.ndim != 2:
             raise ValueError(f"t5 embedding of {key!r} must be [L, D], got {tuple(t5_LD.shape)}")
+        if (clip_ND is None) != (y_CFHW is None):
+            raise ValueError(f"I2V sample {key!r} needs both the CLIP features and the condition channels")
         self._keys.add(key)
         if self._tar is None or self._count >= self.samples_per_shard:
             self._open_next()
         members = {"latent.pth": encode_tensor(latent_CFHW), "t5.pth": encode_tensor(t5_LD)}
         if neg_t5_LD is not None:
             members["neg_t5.pth"] = encode_tensor(neg_t5_LD)
+        if clip_ND is not None:
+            members["clip.pth"] = encode_tensor(clip_ND)
+            members["y.pth"] = encode_tensor(y_CFHW)
         if meta is not None:
             members["json"] = json.dumps(meta).encode("utf-8")
         entry = {"key": key, "members": {}}

@@ -51,11 +51,10 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None):
                 "the student's input and output (per-frame timesteps, frame replacement in the TrigFlow "
                 "wrapper), which the rCM engine does not implement yet; distill a Text2Image preset"
             )
-        if not cosmos and cfg.model_type != "t2v":
-            raise NotImplementedError("the trainer feeds text-to-video batches; I2V data (CLIP features, "
-                                      "condition latents) is not wired into the data sources yet")
         C = int(data_cfg.latent_shape[0])
-        if data_cfg.source != "digits" and C != cfg.in_channels:
+        if cfg.model_type == "i2v":
+            check_i2v_data(cfg, data_cfg, model_cfg.preset)
+        elif data_cfg.source != "digits" and C != cfg.in_channels:
             raise ConfigError(f"data.latent_shape has {C} channels but the model (model.preset="
                               f"{model_cfg.preset!r}) takes in_channels={cfg.in_channels}")
         if data_cfg.text_dim != cfg.text_dim:
@@ -74,6 +73,31 @@ def check_timestep_scale(model_cfg, distill_cfg) -> None:
     if float(distill_cfg.timestep_scale) != want:
         raise ConfigError(f"distill.timestep_scale={distill_cfg.timestep_scale} but model.preset="
                           f"{model_cfg.preset!r} is fed c_noise = {want:g} * s_rf; set distill.timestep_scale={want:g}")
+
+
+def check_i2v_data(cfg, data_cfg, preset: str) -> None:
+    """An image-to-video model trains on shards whose every sample carries the first-frame condition
+    (``.clip`` CLIP features and ``.y`` condition channels, ``megatron_rcm.data.format``): the latent has the
+    model's ``out_channels``; the ``in_channels - out_channels`` others come from ``.y``."""
+    if data_cfg.source != "shards":
+        raise NotImplementedError(f"model.preset={preset!r} is image-to-video: it trains on shards with the "
+                                  f"first-frame condition (megatron-rcm encode --i2v); data.source="
+                                  f"{data_cfg.source!r} has none")
+    C = int(data_cfg.latent_shape[0])
+    if C != cfg.out_channels:
+        raise ConfigError(f"data.latent_shape has {C} channels but the I2V model (model.preset={preset!r}) "
+                          f"denoises out_channels={cfg.out_channels} (its in_channels={cfg.in_channels} add the "
+                          f"{cfg.in_channels - cfg.out_channels} condition channels of the .y members)")
+    from megatron_rcm.data.format import CLIP_EXTS, COND_EXTS, ShardError
+    from megatron_rcm.data.index import load_index
+
+    samples = load_index(data_cfg.path)
+    missing = [s["key"] for _, s in samples
+               if not (any(e in s["members"] for e in CLIP_EXTS) and any(e in s["members"] for e in COND_EXTS))]
+    if missing:
+        raise ShardError(f"model.preset={preset!r} is image-to-video, but {len(missing)} of {len(samples)} samples "
+                         f"in data directory {data_cfg.path} (e.g. '{missing[0]}') have no first-frame condition "
+                         f"(.clip and .y members); write the shards with `megatron-rcm encode --i2v`")
 
 
 def build_model(wan_cfg, seed: int):

@@ -169,7 +169,8 @@ class Trainer:
         from megatron_rcm.rcm import Conditioning, DistillBatch
 
         batch = batch.to(self.device)
-        cond = Conditioning(context=batch.context_BLD, neg_context=batch.neg_context_BLD)
+        cond = Conditioning(context=batch.context_BLD, clip_fea=batch.clip_fea_BND, y=batch.y_BCFHW,
+                            neg_context=batch.neg_context_BLD)
         return DistillBatch(x0=batch.latent_BCFHW, cond=cond), batch
 
     def train_step(self) -> dict[str, float]:
@@ -284,7 +285,8 @@ class Trainer:
         g = torch.Generator(self.device).manual_seed(seed)
         if noise is None:
             noise = torch.randn(batch.latent_BCFHW.shape, generator=g, device=self.device)
-        cond = Conditioning(context=batch.context_BLD, neg_context=batch.neg_context_BLD)
+        cond = Conditioning(context=batch.context_BLD, clip_fea=batch.clip_fea_BND, y=batch.y_BCFHW,
+                            neg_context=batch.neg_context_BLD)
         module = self.student.module
         if use_ema:
             with self.ema.swapped_into(module):

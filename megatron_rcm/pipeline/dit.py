@@ -1,0 +1,93 @@
+"""Load a student or teacher Wan DiT for sampling, from whatever the rest of the package writes or reads.
+
+* a Megatron ``dist_checkpointing`` checkpoint (``megatron_rcm.convert.dist_ckpt.resolve_checkpoint``): a
+  training run's checkpoint root, its ``latest`` file or one ``step_*`` folder (student ``student.``, EMA
+  ``ema.student.``: the EMA by default when there is one), a converter import or a trainer teacher export
+  (``model.``). The architecture comes from ``wan_config.json``, the run's ``meta.json``, ``--config``/``--set``
+  or the shapes (``megatron_rcm.convert.exporter.checkpoint_arch``).
+* weights in the diffusers or original layout (``megatron_rcm.convert.importer.plan_import``): a
+  ``tools/convert.py export`` folder, a diffusers pipeline root (its ``transformer/``), a weight file.
+
+TP = 1: one process (``ensure_single_process_parallel``), or each rank of a torchrun job its own full copy
+(``encode``/``synthesize`` slices; the parallel state is then initialized by the command, TP = 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_rcm.convert.errors import ConversionError
+
+
+def _is_dist_ckpt_path(path: Path) -> bool:
+    from megatron_rcm.convert.dist_ckpt import is_dist_checkpoint
+
+    if path.is_dir():
+        return is_dist_checkpoint(path) or (path / "latest").is_file()
+    return path.name == "latest"
+
+
+def _ensure_parallel_state() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megatron_rcm.convert.importer import ensure_single_process_parallel
+
+    if not dist.is_initialized():
+        ensure_single_process_parallel()
+    elif not parallel_state.model_parallel_is_initialized():
+        from megatron_rcm.parallel.state import initialize_parallel
+
+        initialize_parallel(tensor_parallel=1)
+    elif parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise NotImplementedError("sampling with tensor parallelism is not implemented: run with TP = 1 per rank")
+
+
+def load_dit(path: str | Path, *, ema: bool | None = None, prefix: str | None = None,
+             train_config: str | None = None, train_set=(), num_heads: int | None = None,
+             device=None, dtype: torch.dtype = torch.float32):
+    """(WanModel in eval mode without gradients, a one-line description of what was loaded)."""
+    from megatron_rcm.models.wan import WanModel
+    from megatron_rcm.parallel.sharding import load_full_state_dict
+
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or directory (expected a checkpoint, an export or a weight file)")
+    _ensure_parallel_state()
+    if _is_dist_ckpt_path(path):
+        from megatron_rcm.convert.dist_ckpt import load_full_tensors, resolve_checkpoint, tensor_metadata
+        from megatron_rcm.convert.exporter import checkpoint_arch, model_prefixes, select_prefix
+
+        ckpt = resolve_checkpoint(path)
+        stored = tensor_metadata(ckpt)
+        if prefix is None and ema is None:
+            ema = any("ema" in p.lower() and not p.startswith("optimizer") for p in model_prefixes(stored))
+        pfx = select_prefix(stored, bool(ema), prefix)
+        shapes = {k[len(pfx):]: shape for k, (shape, _) in stored.items() if k.startswith(pfx)}
+        use_config = train_config is not None or bool(train_set)
+        arch, arch_from = checkpoint_arch(ckpt, shapes, num_heads,
+                                          (train_config, tuple(train_set)) if use_config else None)
+        model = WanModel(arch.wan_config(tensor_model_parallel_size=1))
+        names = [n for n, _ in model.named_parameters()]
+        missing = [pfx + n for n in names if n not in shapes]
+        if missing:
+            raise ConversionError(f"{ckpt} (prefix {pfx!r}): {len(missing)} tensors missing, e.g. {missing[:3]}")
+        full = load_full_tensors(ckpt, {pfx + n: (shapes[n], stored[pfx + n][1]) for n in names})
+        load_full_state_dict(model, {n: full[pfx + n] for n in names}, strict=True)
+        what = f"{ckpt} (prefix {pfx!r}, architecture from {arch_from})"
+    else:
+        from megatron_rcm.convert.importer import plan_import
+        from megatron_rcm.convert.wan_keys import patch_weight_to_ours
+
+        plan = plan_import(path, num_heads=num_heads)
+        try:
+            model = WanModel(plan.arch.wan_config(tensor_model_parallel_size=1))
+            full = {ours: patch_weight_to_ours(plan.source.read(key), ours) for key, ours in plan.ours_of.items()}
+        finally:
+            plan.source.close()
+        load_full_state_dict(model, full, strict=True)
+        what = f"{path} ({plan.layout} layout, architecture from {plan.arch_from})"
+    model = model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
+    return model, what
