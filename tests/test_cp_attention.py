@@ -78,11 +78,10 @@ def test_chunk_backward_with_global_lse_matches_autograd(ops):
 # -- CP over gloo ---------------------------------------------------------------------------------------
 
 
-def _cp_worker(rank, world, comm_type, S, tensors, drop_t_lse=False):
+def _cp_case(rank, world, comm_type, S, tensors, drop_t_lse):
     from megatron_rcm.parallel import cp_attention
     from megatron_rcm.parallel.context import token_shard
 
-    initialize_parallel(context_parallel=world)
     cp_attention._DROP_T_LSE_IN_MERGE = drop_t_lse
     try:
         q, k, v, t_q, t_k, t_v, w = tensors
@@ -92,38 +91,56 @@ def _cp_worker(rank, world, comm_type, S, tensors, drop_t_lse=False):
         attn = cp_attention.ContextParallelAttention(comm_type, world, q.shape[2], "torch")
         o, t_o = attn(q_l, k_l, v_l, *loc[3:6], shard)
         (o * loc[6]).sum().backward()
-        out = [o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad]
-        gathered = []
-        for x in out:  # full sequences, valid rows only
-            parts = [torch.empty_like(x) for _ in range(world)]
-            torch.distributed.all_gather(parts, x.contiguous())
-            gathered.append(torch.cat(parts)[:S])
-        return gathered
     finally:
         cp_attention._DROP_T_LSE_IN_MERGE = False
+    gathered = []
+    for x in (o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad):  # full sequences, valid rows only
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        gathered.append(torch.cat(parts)[:S])
+    return gathered
+
+
+def _cp_worker(rank, world, cases):
+    """All cases of one CP size in one process group (process start-up dominates the test time)."""
+    initialize_parallel(context_parallel=world)
+    try:
+        return [_cp_case(rank, world, c, S, t, drop) for c, S, t, drop in cases]
+    finally:
         destroy_parallel()
 
 
-def _compare(comm_type, cp, S, drop_t_lse=False):
-    tensors = _qkv(S) + [torch.randn(S, 2, 4, 16)]
-    ref = _reference(*tensors, S)
-    got = spawn(_cp_worker, cp, comm_type, S, tensors, drop_t_lse)
-    return {name: rel_err(g, r) for name, g, r in zip(("o", "t_o", "dq", "dk", "dv"), got, ref)}
+CASES = {  # (comm_type, S, drop the dLSE merge terms); S = 21, 23: padded last shard; 5 at CP=4: a padding-only rank
+    2: [("p2p", 24, False), ("a2a", 24, False), ("a2a", 23, False), ("p2p", 23, False), ("p2p", 24, True)],
+    4: [("p2p", 24, False), ("a2a", 24, False), ("p2p", 21, False), ("p2p", 5, False)],
+}
 
 
-@pytest.mark.parametrize(
-    "comm_type,cp,S",
-    [("p2p", 2, 24), ("p2p", 4, 24), ("a2a", 2, 24), ("a2a", 4, 24), ("p2p", 4, 21), ("a2a", 2, 23), ("p2p", 4, 5)],
-)
-def test_cp_attention_matches_single_process(comm_type, cp, S):
-    """Outputs, tangents and gradients; S = 21, 23: padded last shard; S = 5 at CP=4: a rank of padding only."""
-    errs = _compare(comm_type, cp, S)
-    assert max(errs.values()) <= TOL, errs
+@pytest.fixture(scope="module")
+def cp_results():
+    """{(cp, comm_type, S, drop): {name: relative error vs one process}}"""
+    out = {}
+    for cp, cases in CASES.items():
+        inputs = [(c, S, _qkv(S, seed=S) + [torch.randn(S, 2, 4, 16)], drop) for c, S, drop in cases]
+        got = spawn(_cp_worker, cp, inputs)
+        for (c, S, tensors, drop), g in zip(inputs, got):
+            ref = _reference(*tensors, S)
+            out[(cp, c, S, drop)] = {n: rel_err(a, b) for n, a, b in zip(("o", "t_o", "dq", "dk", "dv"), g, ref)}
+    return out
 
 
-def test_ring_without_the_lse_tangent_merge_fails():
+@pytest.mark.parametrize("cp", [2, 4])
+def test_cp_attention_matches_single_process(cp_results, cp):
+    """Outputs, tangents and gradients of every case of CASES against one process."""
+    for comm_type, S, drop in CASES[cp]:
+        errs = cp_results[(cp, comm_type, S, drop)]
+        if not drop:
+            assert max(errs.values()) <= TOL, (cp, comm_type, S, errs)
+
+
+def test_ring_without_the_lse_tangent_merge_fails(cp_results):
     """Negative: the same comparison with the dLSE terms of the merge dropped must fail on the tangent."""
-    errs = _compare("p2p", 2, 24, drop_t_lse=True)
+    errs = cp_results[(2, "p2p", 24, True)]
     assert errs["o"] <= TOL and errs["dq"] <= TOL  # the primal does not use dLSE
     assert errs["t_o"] > 1e-2, errs
 
