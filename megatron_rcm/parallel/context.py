@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 __all__ = [
     "CP_COMM_TYPES",
     "TokenShard",
+    "check_parallel_layout",
     "cp_group",
     "cp_rank",
     "cp_world_size",
@@ -130,3 +131,21 @@ def gather_from_cp(x_s: torch.Tensor, shard: TokenShard) -> torch.Tensor:
         dist.all_gather(parts, x_s, group=cp_group())
         full = torch.cat(parts)
     return full[: shard.seq_len]
+
+
+def check_parallel_layout(world: int, tp: int, cp: int, pp: int, heads: int, comm_type: str) -> int:
+    """Validate world = TP x CP x PP x DP and the CP attention's needs before anything is built; returns DP.
+    Raises ValueError naming the numbers that do not divide."""
+    model_parallel = tp * cp * pp
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by TP x CP x PP = {tp} x {cp} x {pp} = {model_parallel}; "
+            "change the parallel sizes or the number of ranks"
+        )
+    if heads % tp:
+        raise ValueError(f"{heads} attention heads are not divisible by tensor_parallel {tp}")
+    if cp > 1:
+        from megatron_rcm.parallel.cp_attention import check_cp_layout
+
+        check_cp_layout(comm_type, cp, heads // tp)
+    return world // model_parallel

@@ -19,12 +19,15 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPORT_PREFIX = "model."
 
 
-def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None):
-    """A ``WanConfig`` from ``model.preset`` + ``model.overrides`` + ``model.params_dtype``; checks that the
-    data shapes fit the model (clear errors naming the keys)."""
+def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp_comm_type: str | None = None):
+    """A ``WanConfig`` from ``model.preset`` + ``model.overrides`` + ``model.params_dtype`` (+ the
+    context-parallel attention ``parallel.cp_comm_type``); checks that the data shapes fit the model (clear
+    errors naming the keys)."""
     from megatron_rcm.models.wan import wan_config
 
     overrides = dict(model_cfg.overrides)
+    if cp_comm_type is not None:
+        overrides["cp_comm_type"] = cp_comm_type
     overrides["params_dtype"] = DTYPES[model_cfg.params_dtype]
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"
