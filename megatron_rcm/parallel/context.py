@@ -92,13 +92,17 @@ class TokenShard:
         return x_S[self.start : self.start + self.local_len]
 
 
-def token_shard(seq_len: int, multiple_of: int = 1) -> TokenShard:
+def token_shard(seq_len: int, multiple_of: int = 1, size: int | None = None) -> TokenShard:
     """The shard of this CP rank for a sequence of ``seq_len`` tokens; the padded length is a multiple of
-    CP x ``multiple_of`` (pass the TP size under sequence parallelism)."""
-    size = cp_world_size()
+    CP x ``multiple_of`` (pass the TP size under sequence parallelism). ``size`` is the CP size the model
+    was built for (default: the CP group's size); 1 gives the whole sequence (a CP=1 model, e.g. the
+    one-GPU baseline of a benchmark, inside a CP process group)."""
+    size = cp_world_size() if size is None else size
+    if size not in (1, cp_world_size()):
+        raise ValueError(f"token_shard: CP size {size} is neither 1 nor the CP group's size {cp_world_size()}")
     m = size * multiple_of
     padded = -(-seq_len // m) * m
-    return TokenShard(seq_len=seq_len, padded_len=padded, size=size, rank=cp_rank())
+    return TokenShard(seq_len=seq_len, padded_len=padded, size=size, rank=cp_rank() if size > 1 else 0)
 
 
 class _GatherFromCP(torch.autograd.Function):

@@ -17,6 +17,10 @@ dk, dv, which travel with the chunk back to its owner. Any CP size.
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 
@@ -24,7 +28,61 @@ from megatron_rcm.ops.attention import attention_jvp
 from megatron_rcm.ops.attention_chunks import ChunkOps, Partial, chunk_ops, merge_partials
 from megatron_rcm.parallel.context import CP_COMM_TYPES, TokenShard, cp_global_ranks, cp_group
 
-__all__ = ["ContextParallelAttention", "check_cp_layout"]
+__all__ = ["ContextParallelAttention", "PhaseTimes", "check_cp_layout", "record_phases"]
+
+
+class PhaseTimes:
+    """Seconds spent per phase of the CP attention, for benchmarks (``record_phases``).
+
+    Phases: ``ring_fwd/compute``, ``ring_fwd/wait``, ``ring_bwd/compute``, ``ring_bwd/wait``,
+    ``a2a/all_to_all``, ``a2a/attention``. On CUDA each phase is bracketed by CUDA events on the compute
+    stream, so a ``wait`` phase is the time the stream stalls on communication that the previous compute
+    did not hide (0 when the ring fully overlaps); on CPU (blocking gloo) wall-clock time.
+    """
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self._pending = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.totals[name] += time.perf_counter() - t0
+
+    def summary(self) -> dict[str, float]:
+        """{phase: seconds} so far (synchronizes CUDA)."""
+        if self._pending:
+            torch.cuda.synchronize()
+            for name, start, end in self._pending:
+                self.totals[name] += start.elapsed_time(end) / 1000.0
+            self._pending.clear()
+        return dict(self.totals)
+
+
+_PHASES: PhaseTimes | None = None
+
+
+@contextlib.contextmanager
+def record_phases(times: PhaseTimes):
+    """Within the block, the CP attention adds its per-phase times to ``times``."""
+    global _PHASES
+    previous, _PHASES = _PHASES, times
+    try:
+        yield times
+    finally:
+        _PHASES = previous
+
+
+def _phase(name: str, device: torch.device):
+    return contextlib.nullcontext() if _PHASES is None else _PHASES.phase(name, device)
 
 
 def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int) -> None:
@@ -99,14 +157,17 @@ def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, backend: str, s
     cp, group = shard.size, cp_group()
     with_tangent = t_q is not None
     parts = [q, k, v] + ([t_q.detach(), t_k.detach(), t_v.detach()] if with_tangent else [])
-    full = _a2a(_SeqToHeads, torch.stack(parts), cp, group)  # [3 or 6, S_pad, B, N_c, d]
+    with _phase("a2a/all_to_all", q.device):
+        full = _a2a(_SeqToHeads, torch.stack(parts), cp, group)  # [3 or 6, S_pad, B, N_c, d]
     S = shard.seq_len
     q, k, v = full[0], full[1, :S], full[2, :S]  # padded keys sliced off: exact, no mask
     t = (full[3].detach(), full[4, :S].detach(), full[5, :S].detach()) if with_tangent else (None,) * 3
-    o, t_o = attention_jvp(q, k, v, *t, softmax_scale=scale, backend=backend)
-    if not with_tangent:
-        return _a2a(_HeadsToSeq, o[None], cp, group)[0], None
-    out = _a2a(_HeadsToSeq, torch.stack([o, t_o.to(o.dtype)]), cp, group)
+    with _phase("a2a/attention", q.device):
+        o, t_o = attention_jvp(q, k, v, *t, softmax_scale=scale, backend=backend)
+    with _phase("a2a/all_to_all", q.device):
+        if not with_tangent:
+            return _a2a(_HeadsToSeq, o[None], cp, group)[0], None
+        out = _a2a(_HeadsToSeq, torch.stack([o, t_o.to(o.dtype)]), cp, group)
     return out[0], out[1].detach()
 
 
@@ -169,11 +230,13 @@ class _RingAttention(torch.autograd.Function):
             n = shard.valid_len(owner)
             if n > 0:
                 c = kv[:, :n]  # padded keys sliced off: exact, no mask
-                part = ops.forward(q, c[0], c[1], t_q, c[2] if with_tangent else None,
-                                   c[3] if with_tangent else None, scale)
-                acc = _merge(acc, part)
+                with _phase("ring_fwd/compute", q.device):
+                    part = ops.forward(q, c[0], c[1], t_q, c[2] if with_tangent else None,
+                                       c[3] if with_tangent else None, scale)
+                    acc = _merge(acc, part)
             if i < cp - 1:
-                _Ring.wait(reqs)
+                with _phase("ring_fwd/wait", q.device):
+                    _Ring.wait(reqs)
                 kv = nxt
         o = acc.o.to(q.dtype)
         ctx.save_for_backward(q, k, v, o, acc.lse)
@@ -201,17 +264,21 @@ class _RingAttention(torch.autograd.Function):
             part = torch.zeros((2, *k.shape), dtype=dq.dtype, device=q.device)
             n = shard.valid_len(owner)
             if n > 0:
-                dq_j, dk_j, dv_j = ops.backward(q, kv[0, :n], kv[1, :n], o, lse, do, scale)
-                dq += dq_j
-                part[0, :n], part[1, :n] = dk_j, dv_j
+                with _phase("ring_bwd/compute", q.device):
+                    dq_j, dk_j, dv_j = ops.backward(q, kv[0, :n], kv[1, :n], o, lse, do, scale)
+                    dq += dq_j
+                    part[0, :n], part[1, :n] = dk_j, dv_j
             if dkv_reqs is not None:  # the accumulated dk, dv of this chunk from the ranks before us
-                _Ring.wait(dkv_reqs)
+                with _phase("ring_bwd/wait", q.device):
+                    _Ring.wait(dkv_reqs)
                 part += dkv
             dkv, dkv_reqs = ring.start(part)  # after the last step this returns the chunk to its owner
             if i < cp - 1:
-                _Ring.wait(kv_reqs)
+                with _phase("ring_bwd/wait", q.device):
+                    _Ring.wait(kv_reqs)
                 kv = kv_next
-        _Ring.wait(dkv_reqs)
+        with _phase("ring_bwd/wait", q.device):
+            _Ring.wait(dkv_reqs)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
 
 

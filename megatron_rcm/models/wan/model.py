@@ -188,7 +188,7 @@ class WanModel(MegatronModule):
 
         # this CP rank's tokens [s_cp, B, P] (padded at the end), patch embedding, this TP rank's shard
         S = grid[0] * grid[1] * grid[2]
-        shard = token_shard(S, tp_world_size() if cfg.sequence_parallel else 1)
+        shard = token_shard(S, tp_world_size() if cfg.sequence_parallel else 1, cfg.context_parallel_size)
         x, t_x = linear_jvp(
             self.patch_embedding,
             shard.shard(patchify(x_BCFHW.to(dtype), cfg.patch_size)),
