@@ -1,5 +1,6 @@
 """The rCM trainer under context parallelism equals CP=1: sCM, DMD and critic losses, their diagnostics,
-gradient norms and the weights after the optimizer steps; a CP=2 checkpoint resumes at CP=1.
+gradient norms, the weights after the optimizer steps (student, critic, EMA) and few-step samples; a CP=2
+checkpoint resumes at CP=1.
 
 CP=2 (ring and Ulysses) runs as 2 gloo processes on CPU, CP=1 in the test process; float32, so the
 tolerance is round-off (1e-5 relative). The negative: with the sCM target g normalized by the norm of this
@@ -7,6 +8,8 @@ rank's token shard instead of the whole sample, the same comparison fails.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,6 +42,10 @@ def _run(cfg):
     weights = {f"student.{k}": v.detach().clone() for k, v in trainer.student.module.named_parameters()}
     weights.update({f"critic.{k}": v.detach().clone() for k, v in trainer.critic.module.named_parameters()})
     weights.update({f"ema.{k}": v.clone() for k, v in trainer.ema.shadow.items()})
+    # sampling is collective under CP (every rank calls it); rank 0 writes the grid
+    weights["samples 2-step"] = trainer.sample(2, seed=11)
+    grid = trainer.save_samples(Path(cfg.training.output_dir) / "grid.png")
+    weights["grid written"] = torch.tensor(float(grid.is_file()))
     trainer.close()
     return history, weights
 
@@ -107,6 +114,7 @@ def test_cp2_step_equals_cp1(runs, comm):
     assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
     werrs = _weight_errors(ref_w, w)
     assert max(werrs.values()) <= TOL, max(werrs.items(), key=lambda kv: kv[1])
+    assert w["grid written"] == 1.0 and werrs["samples 2-step"] <= TOL
 
 
 def test_per_shard_g_normalization_is_caught(runs):
@@ -137,3 +145,15 @@ def test_layout_errors_name_the_numbers(monkeypatch):
                                           r"context_parallel 8; use cp_comm_type 'p2p'"):
         Trainer._check_layout(_cfg("/nonexistent", cp=8, comm="a2a"))
     Trainer._check_layout(_cfg("/nonexistent", cp=8, comm="p2p"))
+
+
+def test_720p_example_config_is_a_valid_cp_layout(monkeypatch):
+    from megatron_rcm.training import Trainer
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "configs" / "wan2.1_t2v_14b_720p.yaml"
+    cfg = load_config(path, ["data.path=/shards"])
+    C, F, H, W = cfg.data.latent_shape
+    assert (C, F, H, W) == (16, 21, 90, 160) and F * (H // 2) * (W // 2) == 75_600
+    assert (cfg.parallel.tensor_parallel, cfg.parallel.context_parallel) == (4, 2)
+    monkeypatch.setenv("WORLD_SIZE", "128")  # 16 nodes of 8 GPUs: DP = 16
+    Trainer._check_layout(cfg)
