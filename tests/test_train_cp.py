@@ -129,7 +129,9 @@ def test_cp2_checkpoint_resumes_at_cp1(runs):
     assert len(resumed_hist) == 2  # steps 4 and 5, after the CP=2 run's checkpoint at step 4
     errs = _errors(long_hist[STEPS:], resumed_hist)
     assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
-    werrs = _weight_errors(long_w, resumed_w)
+    # samples use the first batch each trainer saw (step 4's after the resume, step 0's otherwise): not compared
+    weights = {k: v for k, v in long_w.items() if not k.startswith(("samples", "grid"))}
+    werrs = _weight_errors(weights, resumed_w)
     assert max(werrs.values()) <= TOL, max(werrs.items(), key=lambda kv: kv[1])
 
 
