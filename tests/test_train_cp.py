@@ -26,7 +26,8 @@ COMPARED = ("loss/", "grad_norm/", "scm/g_norm", "dmd/weight")
 def _cfg(path, cp=1, comm="p2p", steps=STEPS):
     """Checkpoints every STEPS steps into path/ckpt; a run resumes from there (checkpoint.resume=auto)."""
     extra = [f"parallel.context_parallel={cp}", f"parallel.cp_comm_type={comm}", f"training.max_steps={steps}",
-             f"training.output_dir={path}", f"checkpoint.dir={path}/ckpt", f"checkpoint.save_every={STEPS}"]
+             f"training.output_dir={path}", f"checkpoint.dir={path}/ckpt", f"checkpoint.save_every={STEPS}",
+             f"logging.sample_every={STEPS}"]
     # AdamW with beta1 = 0 steps by g / (sqrt(v) + eps) ~ sign(g) * lr: with the default eps (1e-8) a gradient
     # entry at round-off level (|g| ~ 1e-12, exactly 0 at CP=1) moves its weight by a full lr either way. A
     # larger eps keeps the step proportional to g there, so the weights compare at round-off like the grads.
@@ -46,6 +47,8 @@ def _run(cfg):
     weights["samples 2-step"] = trainer.sample(2, seed=11)
     grid = trainer.save_samples(Path(cfg.training.output_dir) / "grid.png")
     weights["grid written"] = torch.tensor(float(grid.is_file()))
+    loop_grid = Path(cfg.training.output_dir) / "samples" / f"step_{STEPS:08d}.png"  # written inside train()
+    weights["grid in the loop written"] = torch.tensor(float(loop_grid.is_file()))
     trainer.close()
     return history, weights
 
@@ -114,7 +117,7 @@ def test_cp2_step_equals_cp1(runs, comm):
     assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
     werrs = _weight_errors(ref_w, w)
     assert max(werrs.values()) <= TOL, max(werrs.items(), key=lambda kv: kv[1])
-    assert w["grid written"] == 1.0 and werrs["samples 2-step"] <= TOL
+    assert w["grid written"] == 1.0 and w["grid in the loop written"] == 1.0 and werrs["samples 2-step"] <= TOL
 
 
 def test_per_shard_g_normalization_is_caught(runs):
