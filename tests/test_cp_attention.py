@@ -82,7 +82,9 @@ def _cp_case(rank, world, comm_type, S, tensors, drop_t_lse):
     from megatron_rcm.parallel import cp_attention
     from megatron_rcm.parallel.context import token_shard
 
-    cp_attention._DROP_T_LSE_IN_MERGE = drop_t_lse
+    if drop_t_lse:  # the negative: the merge without its dLSE terms (t_lse of both partials set to 0)
+        zero = lambda p: p._replace(t_lse=None if p.t_lse is None else torch.zeros_like(p.t_lse))
+        cp_attention.merge_partials = lambda a, b: merge_partials(zero(a), zero(b))
     try:
         q, k, v, t_q, t_k, t_v, w = tensors
         shard = token_shard(S)
@@ -92,7 +94,7 @@ def _cp_case(rank, world, comm_type, S, tensors, drop_t_lse):
         o, t_o = attn(q_l, k_l, v_l, *loc[3:6], shard)
         (o * loc[6]).sum().backward()
     finally:
-        cp_attention._DROP_T_LSE_IN_MERGE = False
+        cp_attention.merge_partials = merge_partials
     gathered = []
     for x in (o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad):  # full sequences, valid rows only
         parts = [torch.empty_like(x) for _ in range(world)]

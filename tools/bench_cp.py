@@ -20,6 +20,7 @@ attention (``ring_*/compute`` vs ``ring_*/wait``: the wait is communication the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -167,11 +168,18 @@ def main(argv=None) -> dict:
                "dtype": str(dtype), "warmup": args.warmup, "steps": args.steps, "layouts": []}
     if not args.no_baseline:
         if rank == 0:
-            results["layouts"].append(run_layout(setup, 1, "p2p", None))
+            try:
+                results["layouts"].append(run_layout(setup, 1, "p2p", None))
+            except torch.cuda.OutOfMemoryError as err:  # report it and go on with the CP layouts
+                print(f"1-GPU baseline: out of memory ({err}); try --recompute", flush=True)
+                results["baseline_error"] = "out of memory"
+            gc.collect()  # the failed step's tensors, held by the traceback until the except block ended
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         dist.barrier()
     for comm in args.cp_types:
         results["layouts"].append(run_layout(setup, world, comm, ps.get_context_parallel_group()))
-    base = results["layouts"][0]["median_step_s"] if not args.no_baseline and rank == 0 else None
+    base = next((r["median_step_s"] for r in results["layouts"] if r["layout"] == "1 GPU"), None)
     for r in results["layouts"]:
         if base is not None and r["layout"] != "1 GPU":
             r["efficiency"] = base / (world * r["median_step_s"])

@@ -199,18 +199,8 @@ class _Ring:
             r.wait()
 
 
-# Test hook: the negative test turns the LSE-tangent terms of the merge off to show the parity test fails.
-_DROP_T_LSE_IN_MERGE = False
-
-
 def _merge(acc: Partial | None, part: Partial) -> Partial:
-    if acc is None:
-        return part
-    if _DROP_T_LSE_IN_MERGE and part.t_lse is not None:
-        zero = torch.zeros_like
-        acc = acc._replace(t_lse=zero(acc.t_lse))
-        part = part._replace(t_lse=zero(part.t_lse))
-    return merge_partials(acc, part)
+    return part if acc is None else merge_partials(acc, part)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -300,4 +290,9 @@ class ContextParallelAttention:
     def __call__(self, q, k, v, t_q, t_k, t_v, shard: TokenShard):
         if (t_q is None) != (t_k is None) or (t_k is None) != (t_v is None):
             raise ValueError("context-parallel self-attention needs all of t_q, t_k, t_v or none of them")
+        if shard is None or shard.local_len != q.shape[0]:
+            raise ValueError(
+                f"context-parallel self-attention needs the TokenShard of this rank's {q.shape[0]} tokens "
+                f"(got {shard})"
+            )
         return self._fn(q, k, v, t_q, t_k, t_v, shard, self.backend)
