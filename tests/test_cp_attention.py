@@ -78,25 +78,34 @@ def test_chunk_backward_with_global_lse_matches_autograd(ops):
 # -- CP over gloo ---------------------------------------------------------------------------------------
 
 
-def _cp_case(rank, world, comm_type, S, tensors, drop_t_lse):
+def _cp_case(rank, world, comm_type, S, tensors, variant):
+    """variant: "jvp" (tangents, PyTorch chunks), "primal" (no tangents), "triton" (tangents, the kernel
+    chunks under the Triton interpreter: the CUDA path's forward with LSE and its backward), "no-dlse" (the
+    negative: the merge without its dLSE terms, t_lse of both partials set to 0)."""
     from megatron_rcm.parallel import cp_attention
     from megatron_rcm.parallel.context import token_shard
 
-    if drop_t_lse:  # the negative: the merge without its dLSE terms (t_lse of both partials set to 0)
+    if variant == "no-dlse":
         zero = lambda p: p._replace(t_lse=None if p.t_lse is None else torch.zeros_like(p.t_lse))
         cp_attention.merge_partials = lambda a, b: merge_partials(zero(a), zero(b))
     try:
         q, k, v, t_q, t_k, t_v, w = tensors
+        if variant == "primal":
+            t_q = t_k = t_v = None
         shard = token_shard(S)
-        loc = [shard.shard(x) for x in (q, k, v, t_q, t_k, t_v, w)]
+        loc = [None if x is None else shard.shard(x) for x in (q, k, v, t_q, t_k, t_v, w)]
         q_l, k_l, v_l = (x.clone().requires_grad_(True) for x in loc[:3])
-        attn = cp_attention.ContextParallelAttention(comm_type, world, q.shape[2], "torch")
+        backend = "triton" if variant == "triton" else "torch"
+        attn = cp_attention.ContextParallelAttention(comm_type, world, q.shape[2], backend)
         o, t_o = attn(q_l, k_l, v_l, *loc[3:6], shard)
         (o * loc[6]).sum().backward()
     finally:
         cp_attention.merge_partials = merge_partials
     gathered = []
     for x in (o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad):  # full sequences, valid rows only
+        if x is None:
+            gathered.append(None)
+            continue
         parts = [torch.empty_like(x) for _ in range(world)]
         torch.distributed.all_gather(parts, x.contiguous())
         gathered.append(torch.cat(parts)[:S])
@@ -107,42 +116,47 @@ def _cp_worker(rank, world, cases):
     """All cases of one CP size in one process group (process start-up dominates the test time)."""
     initialize_parallel(context_parallel=world)
     try:
-        return [_cp_case(rank, world, c, S, t, drop) for c, S, t, drop in cases]
+        return [_cp_case(rank, world, c, S, t, variant) for c, S, t, variant in cases]
     finally:
         destroy_parallel()
 
 
-CASES = {  # (comm_type, S, drop the dLSE merge terms); S = 21, 23: padded last shard; 5 at CP=4: a padding-only rank
-    2: [("p2p", 24, False), ("a2a", 24, False), ("a2a", 23, False), ("p2p", 23, False), ("p2p", 24, True)],
-    4: [("p2p", 24, False), ("a2a", 24, False), ("p2p", 21, False), ("p2p", 5, False)],
+# (comm_type, S, variant); S = 21, 23: padded last shard; S = 5 at CP=4: a rank holding only padding
+CASES = {
+    2: [("p2p", 24, "jvp"), ("a2a", 24, "jvp"), ("a2a", 23, "jvp"), ("p2p", 23, "jvp"), ("p2p", 23, "primal"),
+        ("a2a", 23, "primal"), ("p2p", 23, "triton"), ("p2p", 24, "no-dlse")],
+    4: [("p2p", 24, "jvp"), ("a2a", 24, "jvp"), ("p2p", 21, "jvp"), ("p2p", 5, "jvp"), ("p2p", 21, "primal")],
 }
 
 
 @pytest.fixture(scope="module")
 def cp_results():
-    """{(cp, comm_type, S, drop): {name: relative error vs one process}}"""
+    """{(cp, comm_type, S, variant): {name: relative error vs one process}}"""
     out = {}
     for cp, cases in CASES.items():
-        inputs = [(c, S, _qkv(S, seed=S) + [torch.randn(S, 2, 4, 16)], drop) for c, S, drop in cases]
+        inputs = [(c, S, _qkv(S, seed=S) + [torch.randn(S, 2, 4, 16)], variant) for c, S, variant in cases]
         got = spawn(_cp_worker, cp, inputs)
-        for (c, S, tensors, drop), g in zip(inputs, got):
+        for (c, S, tensors, variant), g in zip(inputs, got):
             ref = _reference(*tensors, S)
-            out[(cp, c, S, drop)] = {n: rel_err(a, b) for n, a, b in zip(("o", "t_o", "dq", "dk", "dv"), g, ref)}
+            out[(cp, c, S, variant)] = {
+                n: rel_err(a, b) for n, a, b in zip(("o", "t_o", "dq", "dk", "dv"), g, ref) if a is not None
+            }
     return out
 
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_attention_matches_single_process(cp_results, cp):
-    """Outputs, tangents and gradients of every case of CASES against one process."""
-    for comm_type, S, drop in CASES[cp]:
-        errs = cp_results[(cp, comm_type, S, drop)]
-        if not drop:
-            assert max(errs.values()) <= TOL, (cp, comm_type, S, errs)
+    """Outputs, tangents (except "primal") and gradients of every case of CASES against one process."""
+    for comm_type, S, variant in CASES[cp]:
+        errs = cp_results[(cp, comm_type, S, variant)]
+        if variant != "no-dlse":
+            assert len(errs) == (4 if variant == "primal" else 5)
+            assert max(errs.values()) <= TOL, (cp, comm_type, S, variant, errs)
 
 
 def test_ring_without_the_lse_tangent_merge_fails(cp_results):
     """Negative: the same comparison with the dLSE terms of the merge dropped must fail on the tangent."""
-    errs = cp_results[(2, "p2p", 24, True)]
+    errs = cp_results[(2, "p2p", 24, "no-dlse")]
     assert errs["o"] <= TOL and errs["dq"] <= TOL  # the primal does not use dLSE
     assert errs["t_o"] > 1e-2, errs
 
