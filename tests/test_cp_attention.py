@@ -79,8 +79,8 @@ def test_chunk_backward_with_global_lse_matches_autograd(ops):
 
 
 def _cp_case(rank, world, comm_type, S, tensors, variant):
-    """variant: "jvp" (tangents, PyTorch chunks), "primal" (no tangents), "triton" (tangents, the kernel
-    chunks under the Triton interpreter: the CUDA path's forward with LSE and its backward), "no-dlse" (the
+    """variant: "jvp" (tangents, PyTorch chunks), "primal" (no tangents), "triton" / "triton-primal" (the
+    kernel chunks under the Triton interpreter: the CUDA path's forward with LSE and its backward), "no-dlse" (the
     negative: the merge without its dLSE terms, t_lse of both partials set to 0)."""
     from megatron_rcm.parallel import cp_attention
     from megatron_rcm.parallel.context import token_shard
@@ -90,12 +90,12 @@ def _cp_case(rank, world, comm_type, S, tensors, variant):
         cp_attention.merge_partials = lambda a, b: merge_partials(zero(a), zero(b))
     try:
         q, k, v, t_q, t_k, t_v, w = tensors
-        if variant == "primal":
+        if variant.endswith("primal"):
             t_q = t_k = t_v = None
         shard = token_shard(S)
         loc = [None if x is None else shard.shard(x) for x in (q, k, v, t_q, t_k, t_v, w)]
         q_l, k_l, v_l = (x.clone().requires_grad_(True) for x in loc[:3])
-        backend = "triton" if variant == "triton" else "torch"
+        backend = "triton" if variant.startswith("triton") else "torch"
         attn = cp_attention.ContextParallelAttention(comm_type, world, q.shape[2], backend)
         o, t_o = attn(q_l, k_l, v_l, *loc[3:6], shard)
         (o * loc[6]).sum().backward()
@@ -124,7 +124,7 @@ def _cp_worker(rank, world, cases):
 # (comm_type, S, variant); S = 21, 23: padded last shard; S = 5 at CP=4: a rank holding only padding
 CASES = {
     2: [("p2p", 24, "jvp"), ("a2a", 24, "jvp"), ("a2a", 23, "jvp"), ("p2p", 23, "jvp"), ("p2p", 23, "primal"),
-        ("a2a", 23, "primal"), ("p2p", 23, "triton"), ("p2p", 24, "no-dlse")],
+        ("a2a", 23, "primal"), ("p2p", 23, "triton"), ("p2p", 23, "triton-primal"), ("p2p", 24, "no-dlse")],
     4: [("p2p", 24, "jvp"), ("a2a", 24, "jvp"), ("p2p", 21, "jvp"), ("p2p", 5, "jvp"), ("p2p", 21, "primal")],
 }
 
@@ -150,7 +150,7 @@ def test_cp_attention_matches_single_process(cp_results, cp):
     for comm_type, S, variant in CASES[cp]:
         errs = cp_results[(cp, comm_type, S, variant)]
         if variant != "no-dlse":
-            assert len(errs) == (4 if variant == "primal" else 5)
+            assert len(errs) == (4 if variant.endswith("primal") else 5)
             assert max(errs.values()) <= TOL, (cp, comm_type, S, variant, errs)
 
 
