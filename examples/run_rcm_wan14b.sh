@@ -5,7 +5,10 @@
 #       model.teacher_checkpoint=/ckpt/wan2.1_t2v_14b_mcore data.path=/data/wan_shards
 #
 # Extra arguments are config overrides (dotted keys, YAML values) on top of
-# examples/configs/wan2.1_t2v_14b.yaml. Convert the teacher first:
+# examples/configs/wan2.1_t2v_14b.yaml (480p, TP=8), or of $CONFIG; for 720p with context parallelism
+# (TP=4 x CP=2 per node):
+#   CONFIG=examples/configs/wan2.1_t2v_14b_720p.yaml sbatch --nodes 16 examples/run_rcm_wan14b.sh ...
+# Convert the teacher first:
 #   python tools/convert.py import /hf/Wan2.1-T2V-14B-Diffusers /ckpt/wan2.1_t2v_14b_mcore
 #SBATCH --job-name=rcm-wan14b
 #SBATCH --ntasks-per-node=8

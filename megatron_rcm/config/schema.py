@@ -183,7 +183,12 @@ class ParallelConfig:
     """Tensor-parallel size (Megatron TP)."""
 
     context_parallel: int = 1
-    """Context-parallel size; the parallelism issue wires it into the trainer (only 1 is accepted now)."""
+    """Context-parallel size: the patchified token sequence of each sample is split over this many ranks
+    (docs/parallelism.md). World size = TP x CP x DP."""
+
+    cp_comm_type: str = "p2p"
+    """Context-parallel attention (Megatron's names): ``p2p`` ring (any CP size), ``a2a`` Ulysses (CP must
+    divide the heads per TP rank), ``a2a+p2p`` (not implemented)."""
 
     pipeline_parallel: int = 1
     """Pipeline-parallel size (only 1 is accepted now)."""
@@ -195,6 +200,8 @@ class ParallelConfig:
     def validate(self) -> None:
         _check(self.tensor_parallel >= 1, "parallel.tensor_parallel", self.tensor_parallel, ">= 1")
         _check(self.context_parallel >= 1, "parallel.context_parallel", self.context_parallel, ">= 1")
+        _check(self.cp_comm_type in ("p2p", "a2a", "a2a+p2p"), "parallel.cp_comm_type", self.cp_comm_type,
+               "one of p2p, a2a, a2a+p2p")
         _check(self.pipeline_parallel >= 1, "parallel.pipeline_parallel", self.pipeline_parallel, ">= 1")
 
 

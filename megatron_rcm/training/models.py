@@ -26,16 +26,18 @@ def is_cosmos_preset(preset: str) -> bool:
     return preset in PRESETS
 
 
-def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None):
+def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp_comm_type: str | None = None):
     """A ``WanConfig`` (or, for a ``cosmos-*`` preset, a ``CosmosConfig``) from ``model.preset`` +
-    ``model.overrides`` + ``model.params_dtype``; checks that the data shapes fit the model (clear errors
-    naming the keys)."""
+    ``model.overrides`` + ``model.params_dtype`` (+ the context-parallel attention ``parallel.cp_comm_type``);
+    checks that the data shapes fit the model (clear errors naming the keys)."""
     from megatron_rcm.models.cosmos import cosmos_config
     from megatron_rcm.models.wan import wan_config
 
     cosmos = is_cosmos_preset(model_cfg.preset)
 
     overrides = dict(model_cfg.overrides)
+    if cp_comm_type is not None:
+        overrides["cp_comm_type"] = cp_comm_type
     overrides["params_dtype"] = DTYPES[model_cfg.params_dtype]
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"

@@ -6,10 +6,14 @@ One ``train_step``:
     finalize_model_grads (DP all-reduce, sequence-parallel norm grads) -> optimizer step (clip, AdamW)
     student steps also update the power EMA.
 
-Parallelism: the process groups come from ``megatron_rcm.parallel.state``; batches are split over
-data-parallel ranks by the data source; the engine's generator is seeded per DP rank (so CP/TP ranks of
-one DP replica draw the same t and eps). CP/PP plug into ``_build_networks`` (model chunks) and the data
-split without changing the step logic.
+Parallelism (docs/parallelism.md): world = TP x CP x DP, validated before anything is built. The process
+groups come from ``megatron_rcm.parallel.state``; batches are split over the pure data-parallel ranks by
+the data source (the CP and TP ranks of one replica read the same sample); the engine's generator is
+seeded per DP rank (so CP/TP ranks of one DP replica draw the same t and eps). Under context parallelism
+the model shards the token sequence inside and returns the full latent, so the engine's losses are the
+CP=1 numbers on every CP rank; each CP rank's gradients hold its tokens' share, and Megatron's DDP
+averages them over the data-parallel-with-context group (DP x CP ranks): the loss is multiplied by CP
+before the backward, as Megatron's GPT does, so that the average is the DP mean of the full gradient.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from megatron_rcm.training.models import (
     build_model,
     build_wan_config,
     check_timestep_scale,
+    is_cosmos_preset,
     load_weights,
 )
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
@@ -69,10 +74,10 @@ class Trainer:
         self.cfg = cfg
         preflight(cfg, check_teacher=teacher is None)  # data.path, negative prompt, teacher: before any network
         pcfg = cfg.parallel
-        if pcfg.pipeline_parallel != 1 or pcfg.context_parallel != 1:
-            raise NotImplementedError("the trainer runs TP x DP today; pipeline and context parallelism are "
-                                      "added by the parallelism issue (parallel.pipeline_parallel / "
-                                      "context_parallel must be 1)")
+        if pcfg.pipeline_parallel != 1:
+            raise NotImplementedError("the trainer runs TP x CP x DP; pipeline parallelism is not implemented "
+                                      "(parallel.pipeline_parallel must be 1)")
+        self._check_layout(cfg)
         if cfg.training.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("training.device='cuda' but no CUDA device is available")
         if cfg.training.device == "cpu" and torch.cuda.is_available():
@@ -87,6 +92,7 @@ class Trainer:
             torch.device("cpu")
         self.rank = dist.get_rank()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.cp_size = ps.get_context_parallel_world_size()
         self.use_megatron_optimizer = torch.cuda.is_available()
         if self.device.type == "cpu":
             # AdamW's second moments of tiny gradients become denormal floats, which x86 CPUs process
@@ -105,8 +111,11 @@ class Trainer:
             check_resume_config(resume_path, to_dict(cfg), self.rank)
 
         # -- networks -------------------------------------------------------------------------------
-        self.wan_cfg = build_wan_config(cfg.model, cfg.data)
+        self.wan_cfg = build_wan_config(cfg.model, cfg.data, cp_comm_type=pcfg.cp_comm_type)
         check_timestep_scale(cfg.model, cfg.distill)
+        if pcfg.context_parallel > 1 and is_cosmos_preset(cfg.model.preset):
+            raise NotImplementedError(f"model.preset={cfg.model.preset!r}: the Cosmos model has no context "
+                                      "parallelism yet (Wan has); set parallel.context_parallel=1")
         self.teacher = teacher if teacher is not None else self._build_teacher()
         self.teacher.requires_grad_(False).eval()
         self.student = self._wrap(self._copy_of_teacher())
@@ -134,6 +143,22 @@ class Trainer:
             self.load_checkpoint(resume_path)
             self.resumed_from, self.saved_step = resume_path, self.step
         self._sample_batch = None
+
+    @staticmethod
+    def _check_layout(cfg) -> None:
+        """world = TP x CP x DP and the CP attention's constraints, checked before any network is built."""
+        import os
+
+        from megatron_rcm.parallel.context import check_parallel_layout
+
+        pcfg = cfg.parallel
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+        heads = build_wan_config(cfg.model).num_attention_heads
+        try:
+            check_parallel_layout(world, pcfg.tensor_parallel, pcfg.context_parallel, pcfg.pipeline_parallel,
+                                  heads, pcfg.cp_comm_type)
+        except ValueError as err:
+            raise ConfigError(f"invalid 'parallel' section: {err}") from err
 
     # ------------------------------------------------------------------------------------------------
     def _build_teacher(self):
@@ -198,8 +223,9 @@ class Trainer:
                                                       self.generator)
             else:
                 loss, logs = self.engine.critic_loss(self.student, self.critic, dbatch, step, self.generator)
+            # x CP: DDP averages over the DP x CP ranks, whose gradients are per-CP-rank shares (module docstring)
             with self.timers("backward"):
-                (loss / self.accum).backward()
+                (loss * self.cp_size / self.accum).backward()
             for k, v in logs.items():
                 v = float(v)
                 if k.endswith("nonfinite"):
@@ -256,7 +282,7 @@ class Trainer:
                 if on_step is not None:
                     on_step(self, metrics)
                 every = cfg.logging.sample_every
-                if every and self.step % every == 0 and self.rank == 0:
+                if every and self.step % every == 0:  # every rank samples (TP/CP collectives), rank 0 writes
                     path = self.save_samples(self.output_dir / "samples" / f"step_{self.step:08d}.png")
                     log.info(f"samples -> {path}")
                 if self.ckpt is not None:
@@ -294,6 +320,7 @@ class Trainer:
         return self.engine.sample(module, noise, cond, num_steps, g)
 
     def save_samples(self, path) -> Path:
+        """Collective under TP/CP (every rank runs the student); rank 0 writes the grid."""
         from megatron_rcm.training.samples import save_grid
 
         n = self.cfg.logging.num_samples
@@ -302,14 +329,21 @@ class Trainer:
         for k in self.cfg.logging.sample_steps:
             rows[f"student {k}-step"] = self.sample(k, batch)[:n]
         value_range = (-1.0, 1.0) if self.cfg.data.source in ("digits", "shapes") else None
+        if self.rank != 0:
+            return Path(path)
         return save_grid(rows, path, value_range=value_range)
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def sharded_state_dict(self, is_loading: bool = False) -> dict:
+        from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing.mapping import ShardedObject
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
-        world, rank = dist.get_world_size(), dist.get_rank()
+        # the TP/CP ranks of one data-parallel replica hold the same generator and data state: one shard per
+        # DP rank, the others replicas of it, so a checkpoint resumes at any TP/CP size
+        dp, dp_rank = self.dp_size, self.dp_rank
+        replica = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                   ps.get_context_parallel_rank())
         s_sd = self.student.module.sharded_state_dict(prefix="student.")
         sd = {"student": s_sd, "step": self.step, "scheduler_student": self.sched_student.state_dict()}
         sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student", is_loading)
@@ -321,9 +355,9 @@ class Trainer:
             sd["critic"] = c_sd
             sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic", is_loading)
             sd["scheduler_critic"] = self.sched_critic.state_dict()
-        # per-rank states: one shard per global rank
-        sd["rng"] = ShardedObject("rng_state", capture_rng_state(self.generator), (world,), (rank,))
-        sd["data"] = ShardedObject("data_state", self.data.state_dict(), (world,), (rank,))
+        # per-replica states
+        sd["rng"] = ShardedObject("rng_state", capture_rng_state(self.generator), (dp,), (dp_rank,), replica_id=replica)
+        sd["data"] = ShardedObject("data_state", self.data.state_dict(), (dp,), (dp_rank,), replica_id=replica)
         return sd
 
     def save_checkpoint(self) -> Path:

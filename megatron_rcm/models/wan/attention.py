@@ -1,10 +1,13 @@
 """Wan self- and cross-attention on Megatron tensor-parallel linears, with a tangent path.
 
-Legend: S full tokens, s = S/tp this rank's tokens (sequence parallel), L context tokens, B batch,
-N_tp heads on this rank, d head dim, D hidden, D_tp = N_tp * d.
+Legend: S full tokens (this CP rank's tokens under context parallelism), s = S/tp this rank's tokens
+(sequence parallel), L context tokens, B batch, N_tp heads on this rank, d head dim, D hidden, D_tp = N_tp * d.
 Tensor parallel: q/k/v are column-parallel (heads split), the output projection row-parallel; under
 sequence parallelism the column linears all-gather [s, B, D] -> [S, B, D_tp] and the row linear
 reduce-scatters back to [s, B, D].
+Context parallel (``config.context_parallel_size`` > 1): self-attention runs over the CP group with the
+flavour of ``config.cp_comm_type`` (``megatron_rcm.parallel.cp_attention``), picked at construction;
+cross-attention needs nothing (local queries, replicated text K/V).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from megatron_rcm.models.wan.layers import TPRMSNorm
 from megatron_rcm.models.wan.rope import apply_rope
 from megatron_rcm.ops.attention import attention_jvp
 from megatron_rcm.parallel.collectives import tp_world_size
+from megatron_rcm.parallel.cp_attention import ContextParallelAttention
 
 
 def _column(spec, config, in_dim, out_dim):
@@ -84,8 +88,15 @@ class WanSelfAttention(_WanAttentionBase):
         self.linear_v = _column(spec, config, D, D)
         self.k_norm = TPRMSNorm(config, D)
         self.backend = config.attention_backend_name
+        cp = config.context_parallel_size
+        self.cp_attention = (
+            ContextParallelAttention(config.cp_comm_type or "p2p", cp, self.heads_per_rank, self.backend)
+            if cp > 1
+            else None
+        )
 
-    def forward(self, x_sBD, t_x, rope_cos, rope_sin):
+    def forward(self, x_sBD, t_x, rope_cos, rope_sin, shard=None):
+        """``shard`` (a ``TokenShard``) is required under context parallelism: which tokens this rank holds."""
         q, t_q = self._query(x_sBD, t_x)
         k, t_k = linear_jvp(self.linear_k, x_sBD, t_x)
         k, t_k = self.k_norm(k, t_k)
@@ -94,7 +105,10 @@ class WanSelfAttention(_WanAttentionBase):
         q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
         if t_x is not None:
             t_q, t_k = apply_rope(t_q, rope_cos, rope_sin), apply_rope(t_k, rope_cos, rope_sin)
-        o, t_o = attention_jvp(q, k, v, t_q, t_k, t_v, backend=self.backend)
+        if self.cp_attention is not None:
+            o, t_o = self.cp_attention(q, k, v, t_q, t_k, t_v, shard)
+        else:
+            o, t_o = attention_jvp(q, k, v, t_q, t_k, t_v, backend=self.backend)
         return self._out(o, t_o)
 
 

@@ -4,7 +4,8 @@
     x = x + self_attn(LN(x) * (1 + scale_msa) + shift_msa) * gate_msa
     x = x + cross_attn(norm3(x), context)     (affine LayerNorm, no gate)
     x = x + ffn(LN(x) * (1 + scale_mlp) + shift_mlp) * gate_mlp,   ffn = fc2(GELU_tanh(fc1(.)))
-Activations [s, B, D] (s = this rank's tokens under sequence parallelism); e0 [B, 6, D] in float32.
+Activations [s, B, D] (s = this rank's tokens under context and sequence parallelism; ``shard``, a
+``TokenShard``, says which under CP); e0 [B, 6, D] in float32.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class WanBlock(MegatronModule):
         self.norm2 = LayerNorm(config, D, affine=False)
         self.ffn = WanMLP(config, spec)
 
-    def forward(self, x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin):
+    def forward(self, x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard=None):
         dtype, cdt = x.dtype, compute_dtype(x)
         e = (self.modulation.to(cdt) + e0.to(cdt)).unbind(1)  # 6 x [B, D]
         t_e = t_e0.unbind(1) if t_e0 is not None else (None,) * 6
@@ -62,7 +63,7 @@ class WanBlock(MegatronModule):
         # self-attention
         h, t_h = self.norm1(x, t_x)
         h, t_h = modulate_jvp(h, t_h, shift_msa, t_shift_msa, scale_msa, t_scale_msa)
-        y, t_y = self.self_attn(h.to(dtype), _cast(t_h, dtype), rope_cos, rope_sin)
+        y, t_y = self.self_attn(h.to(dtype), _cast(t_h, dtype), rope_cos, rope_sin, shard)
         y, t_y = mul_jvp(y.to(cdt), _cast(t_y, cdt), gate_msa[None], _bcast(t_gate_msa))
         x, t_x = (x.to(cdt) + y).to(dtype), _cast(add_tangents(t_x, t_y), dtype)
 

@@ -120,7 +120,8 @@ PRESETS = tuple(_PRESETS)
 def wan_config(preset: str, **overrides) -> WanConfig:
     """Build a ``WanConfig`` from a preset name plus field overrides.
 
-    Parallel sizes default to what ``parallel_state`` was initialized with; sequence parallelism is on
+    Parallel sizes (TP, CP) default to what ``parallel_state`` was initialized with; ``cp_comm_type``
+    (Megatron's field: "p2p" ring, "a2a" Ulysses) picks the context-parallel attention; sequence parallelism is on
     whenever TP > 1 (Megatron's recommended setting).
     """
     if preset not in _PRESETS:
@@ -135,8 +136,18 @@ def wan_config(preset: str, **overrides) -> WanConfig:
             if parallel_state.model_parallel_is_initialized()
             else 1
         )
+    cp = overrides.pop("context_parallel_size", None)
+    if cp is None:
+        from megatron.core import parallel_state
+
+        cp = (
+            parallel_state.get_context_parallel_world_size()
+            if parallel_state.model_parallel_is_initialized()
+            else 1
+        )
     kwargs.update(
         tensor_model_parallel_size=tp,
+        context_parallel_size=cp,
         sequence_parallel=tp > 1,
         use_cpu_initialization=True,
         params_dtype=torch.float32,

@@ -1,7 +1,16 @@
 """The Wan2.1 diffusion transformer (T2V and I2V) on Megatron-Core, with a forward-mode tangent path.
 
 Legend: B batch, C channels, F/H/W latent frames/rows/cols, f/h/w after patching, S = f*h*w tokens,
-s = S / tp tokens on this rank (sequence parallel), D hidden, L context tokens, P = C_out * prod(patch).
+S_pad = S padded to a multiple of CP x TP under context parallelism, s_cp = S_pad / CP tokens on this CP
+rank, s = s_cp / tp tokens on this rank (sequence parallel), D hidden, L context tokens,
+P = C_out * prod(patch).
+
+Context parallelism (``context_parallel_size`` > 1, ``megatron_rcm.parallel.context``): the model takes and
+returns the full latent on every CP rank (the CP ranks of one replica hold the same sample); inside,
+the patchified tokens are padded and each CP rank keeps its contiguous shard, RoPE uses each token's global
+position, text context, time embedding and modulation stay replicated, and the output is all-gathered
+over the CP group at the head (backward: each rank keeps its slice of the gradient, so the parameter
+gradients of the CP ranks sum to the full gradient).
 
     forward(x, timestep, context)                      -> v            (RF velocity, [B, C_out, F, H, W])
     forward_jvp(x, t_x, timestep, t_timestep, context) -> (v, t_v)
@@ -32,6 +41,7 @@ from megatron_rcm.models.wan.layers import (
 from megatron_rcm.models.wan.rope import rope_cos_sin
 from megatron_rcm.models.wan.spec import get_wan_block_spec
 from megatron_rcm.parallel.collectives import gather_sequence, scatter_sequence, tp_world_size
+from megatron_rcm.parallel.context import gather_from_cp, token_shard
 
 
 def patchify(x_BCFHW: torch.Tensor, patch) -> torch.Tensor:
@@ -132,7 +142,7 @@ class WanModel(MegatronModule):
             )
         S = (F // pt) * (H // ph) * (W // pw)
         tp = tp_world_size()
-        if cfg.sequence_parallel and S % tp:
+        if cfg.sequence_parallel and S % tp and cfg.context_parallel_size == 1:
             raise ValueError(
                 f"{S} tokens (F*H*W / patch = {F}*{H}*{W} / {pt * ph * pw}) are not divisible by the "
                 f"sequence-parallel size {tp}; change the latent size or the TP size"
@@ -176,11 +186,13 @@ class WanModel(MegatronModule):
         pt, ph, pw = cfg.patch_size
         grid = (F // pt, H // ph, W // pw)
 
-        # patch embedding, then this rank's sequence shard
+        # this CP rank's tokens [s_cp, B, P] (padded at the end), patch embedding, this TP rank's shard
+        S = grid[0] * grid[1] * grid[2]
+        shard = token_shard(S, tp_world_size() if cfg.sequence_parallel else 1, cfg.context_parallel_size)
         x, t_x = linear_jvp(
             self.patch_embedding,
-            patchify(x_BCFHW.to(dtype), cfg.patch_size),
-            patchify(t_x_BCFHW.to(dtype), cfg.patch_size) if with_tangent else None,
+            shard.shard(patchify(x_BCFHW.to(dtype), cfg.patch_size)),
+            shard.shard(patchify(t_x_BCFHW.to(dtype), cfg.patch_size)) if with_tangent else None,
         )
         x = scatter_sequence(x)
         t_x = scatter_sequence(t_x) if with_tangent else None
@@ -199,19 +211,21 @@ class WanModel(MegatronModule):
         context_img = None
         if self.img_emb is not None:
             context_img = self.img_emb(clip_fea_BND.to(dtype)).transpose(0, 1)
-        rope_cos, rope_sin = rope_cos_sin(grid, cfg.rope_dims, cfg.rope_theta, x.device, cdt)
+        # RoPE at each token's global position (padding rows get cos = sin = 0; their outputs are dropped)
+        rope = rope_cos_sin(grid, cfg.rope_dims, cfg.rope_theta, x.device, cdt)
+        rope_cos, rope_sin = shard.shard(rope[0]), shard.shard(rope[1])
 
         for block in self.blocks:
-            args = (x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin)
+            args = (x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard)
             if cfg.recompute_blocks and torch.is_grad_enabled():
                 x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x, t_x = block(*args)
 
         out, t_out = self.head(x, t_x, e, t_e)
-        out = gather_sequence(out)
+        out = gather_from_cp(gather_sequence(out), shard)
         v = unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
         if not with_tangent:
             return v, None
-        t_v = unpatchify(gather_sequence(t_out), grid, cfg.patch_size, cfg.out_channels)
+        t_v = unpatchify(gather_from_cp(gather_sequence(t_out), shard), grid, cfg.patch_size, cfg.out_channels)
         return v, t_v

@@ -1,0 +1,183 @@
+"""Attention over one chunk of keys, with the log-sum-exp, its tangent and an explicit backward: the pieces
+that ring context parallelism (``megatron_rcm.parallel.cp_attention``) assembles.
+
+Legend (Megatron layout): q, t_q [Sq, B, N, d]; k, v, t_k, t_v [Skv, B, N, d]; o, t_o [Sq, B, N, d];
+lse, t_lse [B, N, Sq] float32 (float64 for float64 inputs).
+
+    forward(q, k, v, t_q, t_k, t_v) -> (o, t_o, lse, t_lse)     no autograd graph (t_* None: no tangent)
+    backward(q, k, v, o, lse, do)   -> (dq, dk, dv)             FlashAttention-2 backward given O and LSE
+    merge_partials(a, b)            -> partial result over the union of two disjoint key sets
+
+Two implementations, chosen once from the attention backend (``chunk_ops``): the PyTorch one (float-exact,
+materializes the Sq x Skv matrix; CPU and checks) and the kernel one (``megatron_rcm.kernels``: the
+Triton/Gluon attention JVP forward, the Triton or cuDNN backward; CUDA, or the Triton interpreter on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["ChunkOps", "Partial", "chunk_ops", "merge_partials"]
+
+
+class Partial(NamedTuple):
+    """Attention of the queries over a subset of the keys, normalized over that subset (float32)."""
+
+    o: torch.Tensor
+    t_o: torch.Tensor | None
+    lse: torch.Tensor
+    t_lse: torch.Tensor | None
+
+
+def _bhsd(x):
+    return x.permute(1, 2, 0, 3)
+
+
+def _sbhd(x):
+    return x.permute(2, 0, 1, 3)
+
+
+def _cdt(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def merge_partials(a: Partial, b: Partial) -> Partial:
+    """Attention over the union of two disjoint key sets from the partial results over each (float32).
+
+        lse = log(e^lse_a + e^lse_b),  w_a = e^(lse_a - lse),  w_b = e^(lse_b - lse)
+        o   = w_a o_a + w_b o_b
+    and their tangents (d w_a = w_a (t_lse_a - t_lse), since d lse = w_a t_lse_a + w_b t_lse_b):
+        t_lse = w_a t_lse_a + w_b t_lse_b
+        t_o   = w_a (t_o_a + (t_lse_a - t_lse) o_a) + w_b (t_o_b + (t_lse_b - t_lse) o_b)
+    o, t_o are [Sq, B, N, d]; lse, t_lse [B, N, Sq].
+    """
+    lse = torch.logaddexp(a.lse, b.lse)
+    w_a = _sbhd(torch.exp(a.lse - lse)[..., None])  # [Sq, B, N, 1]
+    w_b = _sbhd(torch.exp(b.lse - lse)[..., None])
+    o = w_a * a.o + w_b * b.o
+    if a.t_o is None:
+        return Partial(o, None, lse, None)
+    t_lse = _bhsd(w_a)[..., 0] * a.t_lse + _bhsd(w_b)[..., 0] * b.t_lse
+    d_a = _sbhd((a.t_lse - t_lse)[..., None])
+    d_b = _sbhd((b.t_lse - t_lse)[..., None])
+    t_o = w_a * (a.t_o + d_a * a.o) + w_b * (b.t_o + d_b * b.o)
+    return Partial(o, t_o, lse, t_lse)
+
+
+class ChunkOps:
+    """Interface: ``forward`` and ``backward`` of attention over one key chunk (see the module docstring)."""
+
+    name = "abstract"
+
+    def forward(self, q, k, v, t_q, t_k, t_v, scale: float) -> Partial:
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, q, k, v, o, lse, do, scale: float):
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+
+class TorchChunkOps(ChunkOps):
+    """Float-exact PyTorch chunks (float32; float64 for float64 inputs)."""
+
+    name = "torch"
+
+    @torch.no_grad()
+    def forward(self, q, k, v, t_q, t_k, t_v, scale):
+        cdt = _cdt(q)
+        qb, kb, vb = (_bhsd(x).to(cdt) for x in (q, k, v))
+        s = qb @ kb.transpose(-1, -2) * scale  # S = Q K^T scale
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None])
+        o = _sbhd(p @ vb)
+        if t_q is None:
+            return Partial(o, None, lse, None)
+        # dS = (dQ K^T + Q dK^T) scale, dLSE = sum_j P_j dS_j, dO = P (dS - dLSE) V + P dV (sec. 9)
+        t_s = (_bhsd(t_q).to(cdt) @ kb.transpose(-1, -2) + qb @ _bhsd(t_k).to(cdt).transpose(-1, -2)) * scale
+        t_lse = (p * t_s).sum(-1)
+        t_o = _sbhd((p * (t_s - t_lse[..., None])) @ vb + p @ _bhsd(t_v).to(cdt))
+        return Partial(o, t_o, lse, t_lse)
+
+    @torch.no_grad()
+    def backward(self, q, k, v, o, lse, do, scale):
+        """FlashAttention-2 backward with the *global* O and LSE of the rows of q:
+        P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o)), dQ = dS K scale,
+        dK = dS^T Q scale."""
+        cdt = _cdt(q)
+        qb, kb, vb, ob, dob = (_bhsd(x).to(cdt) for x in (q, k, v, o, do))
+        p = torch.exp(qb @ kb.transpose(-1, -2) * scale - lse.to(cdt)[..., None])
+        dv = p.transpose(-1, -2) @ dob
+        dp = dob @ vb.transpose(-1, -2)
+        ds = p * (dp - (dob * ob).sum(-1, keepdim=True))
+        dq = ds @ kb * scale
+        dk = ds.transpose(-1, -2) @ qb * scale
+        return _sbhd(dq), _sbhd(dk), _sbhd(dv)
+
+
+@functools.cache
+def _kernel_module():
+    from megatron_rcm.kernels import attention_jvp as module
+
+    return module
+
+
+class KernelChunkOps(ChunkOps):
+    """The attention-JVP kernels (CUDA; the Triton interpreter on CPU for checks).
+
+    Forward with tangents: the JVP kernel with ``return_lse`` (O, dO, LSE, dLSE in one pass). Forward
+    without: FlashAttention's forward from torch (``aten._scaled_dot_product_flash_attention``, which returns
+    the LSE) on CUDA for 16-bit inputs, else the JVP kernel with a zero query tangent and constant K/V.
+    Backward: cuDNN's fused attention backward where it applies, else the Triton FlashAttention-2 backward;
+    both take the global O and LSE.
+    """
+
+    name = "kernel"
+
+    @torch.no_grad()
+    def forward(self, q, k, v, t_q, t_k, t_v, scale):
+        m = _kernel_module()
+        if t_q is None:
+            if _flash_applies(q):
+                out = torch.ops.aten._scaled_dot_product_flash_attention(
+                    _bhsd(q), _bhsd(k), _bhsd(v), 0.0, False, False, scale=scale
+                )
+                return Partial(_sbhd(out[0]).float(), None, out[1].float(), None)
+            o, _, lse, _ = m.attention_jvp(q, k, v, torch.zeros_like(q), softmax_scale=scale, return_lse=True)
+            return Partial(o.float(), None, lse, None)
+        o, t_o, lse, t_lse = m.attention_jvp(q, k, v, t_q, t_k, t_v, softmax_scale=scale, return_lse=True)
+        return Partial(o.float(), t_o.float(), lse, t_lse)
+
+    @torch.no_grad()
+    def backward(self, q, k, v, o, lse, do, scale):
+        from megatron_rcm.kernels.attention_jvp_reference import check_inputs
+
+        m = _kernel_module()
+        o, do = o.to(q.dtype), do.to(q.dtype)
+        dims = check_inputs(q, k, v, q, None, None, scale, "sbhd")
+        lse = lse.float().contiguous()
+        if m.cudnn_bwd_supported(q, dims, False):
+            return m.cudnn_attn_bwd(q, k, v, o, do, lse, dims, "sbhd")
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        tensors = {"q": q, "k": k, "v": v, "o": o, "do": do, "dq": dq, "dk": dk, "dv": dv}
+        strides = {name: m._strides(x, "sbhd") for name, x in tensors.items()}
+        m.attn_bwd_launch(q, k, v, o, do, lse, None, dq, dk, dv, dims, strides)
+        return dq, dk, dv
+
+
+def _flash_applies(q) -> bool:
+    d = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+
+
+def chunk_ops(backend: str, device: torch.device) -> ChunkOps:
+    """The chunk implementation for an attention backend name: "torch"/"torch_reference" -> PyTorch,
+    "triton" -> kernels, "auto" -> kernels on CUDA, PyTorch elsewhere."""
+    if backend in ("torch", "torch_reference"):
+        return TorchChunkOps()
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        return KernelChunkOps()
+    if backend == "auto":
+        return TorchChunkOps()
+    raise ValueError(f"unknown attention backend {backend!r}; expected 'auto', 'torch' or 'triton'")

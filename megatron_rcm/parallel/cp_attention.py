@@ -1,0 +1,298 @@
+"""Self-attention and its tangent over a context-parallel token sequence: ring (p2p) and Ulysses (a2a).
+
+Legend: s tokens on this CP rank (of S_pad = CP * s; the first S are valid), B batch, N heads on this TP
+rank, N_c = N / CP, d head dim. In and out: q, k, v, t_q, t_k, t_v, o, t_o [s, B, N, d] (Megatron layout).
+
+Ulysses (``cp_comm_type: a2a``): one all-to-all over the CP group moves q, k, v and t_q, t_k, t_v stacked
+together from [s, B, N, d] (sequence-sharded, all heads) to [S_pad, B, N_c, d] (whole sequence, this rank's
+heads); attention runs on the valid keys [:S]; one all-to-all moves (o, t_o) back. The all-to-all's
+backward is the inverse all-to-all; the tangents carry no gradient. Needs CP | N.
+
+Ring (``cp_comm_type: p2p``): each rank keeps its queries while (k, v, t_k, t_v) travel around the ring,
+the next chunk's send/recv started before the current chunk's kernel. Partial results are merged through
+the log-sum-exp and its tangent (``attention_chunks.merge_partials``). Backward: the ring in reverse; each
+chunk's FlashAttention-2 backward with the global (o, lse) gives this rank's share of dq and the chunk's
+dk, dv, which travel with the chunk back to its owner. Any CP size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+
+from megatron_rcm.ops.attention import attention_jvp
+from megatron_rcm.ops.attention_chunks import ChunkOps, Partial, chunk_ops, merge_partials
+from megatron_rcm.parallel.context import CP_COMM_TYPES, TokenShard, cp_global_ranks, cp_group
+
+__all__ = ["ContextParallelAttention", "PhaseTimes", "check_cp_layout", "record_phases"]
+
+
+class PhaseTimes:
+    """Seconds spent per phase of the CP attention, for benchmarks (``record_phases``).
+
+    Phases: ``ring_fwd/compute``, ``ring_fwd/wait``, ``ring_bwd/compute``, ``ring_bwd/wait``,
+    ``a2a/all_to_all``, ``a2a/attention``. On CUDA each phase is bracketed by CUDA events on the compute
+    stream, so a ``wait`` phase is the time the stream stalls on communication that the previous compute
+    did not hide (0 when the ring fully overlaps); on CPU (blocking gloo) wall-clock time.
+    """
+
+    def __init__(self):
+        self.totals: dict[str, float] = defaultdict(float)
+        self._pending = []
+
+    @contextlib.contextmanager
+    def phase(self, name: str, device: torch.device):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pending.append((name, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.totals[name] += time.perf_counter() - t0
+
+    def summary(self) -> dict[str, float]:
+        """{phase: seconds} so far (synchronizes CUDA)."""
+        if self._pending:
+            torch.cuda.synchronize()
+            for name, start, end in self._pending:
+                self.totals[name] += start.elapsed_time(end) / 1000.0
+            self._pending.clear()
+        return dict(self.totals)
+
+
+_PHASES: PhaseTimes | None = None
+
+
+@contextlib.contextmanager
+def record_phases(times: PhaseTimes):
+    """Within the block, the CP attention adds its per-phase times to ``times``."""
+    global _PHASES
+    previous, _PHASES = _PHASES, times
+    try:
+        yield times
+    finally:
+        _PHASES = previous
+
+
+def _phase(name: str, device: torch.device):
+    return contextlib.nullcontext() if _PHASES is None else _PHASES.phase(name, device)
+
+
+def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int) -> None:
+    """Raise ValueError (naming the numbers) for a CP layout the attention cannot run."""
+    if comm_type not in CP_COMM_TYPES:
+        raise ValueError(f"cp_comm_type must be one of {CP_COMM_TYPES}, got {comm_type!r}")
+    if comm_type == "a2a" and heads_per_tp_rank % cp:
+        raise ValueError(
+            f"cp_comm_type 'a2a' (Ulysses) splits the heads over the CP group: {heads_per_tp_rank} heads per "
+            f"tensor-parallel rank are not divisible by context_parallel {cp}; use cp_comm_type 'p2p' (ring), "
+            "which works for any CP size"
+        )
+    if comm_type == "a2a+p2p":
+        raise NotImplementedError(
+            "cp_comm_type 'a2a+p2p' (Ulysses inside a sub-group, ring across) is not implemented; use 'p2p' "
+            "(any CP size) or 'a2a' (CP divides the heads per TP rank)"
+        )
+
+
+# -------------------------------------------------------------------------------------------------
+# Ulysses
+# -------------------------------------------------------------------------------------------------
+
+
+def _seq_to_heads(x_XsBNd: torch.Tensor, cp: int, group) -> torch.Tensor:
+    """[X, s, B, N, d] -> [X, cp*s, B, N/cp, d]: rank j receives heads [j N_c, (j+1) N_c) of every rank."""
+    X, s, B, N, d = x_XsBNd.shape
+    send = x_XsBNd.reshape(X, s, B, cp, N // cp, d).permute(3, 0, 1, 2, 4, 5).contiguous()
+    recv = torch.empty_like(send)  # [cp (source rank), X, s, B, N_c, d]
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 0, 2, 3, 4, 5).reshape(X, cp * s, B, N // cp, d)
+
+
+def _heads_to_seq(y_XSBNd: torch.Tensor, cp: int, group) -> torch.Tensor:
+    """Inverse of ``_seq_to_heads``: [X, cp*s, B, N_c, d] -> [X, s, B, cp*N_c, d]."""
+    X, S, B, Nc, d = y_XSBNd.shape
+    send = y_XSBNd.reshape(X, cp, S // cp, B, Nc, d).permute(1, 0, 2, 3, 4, 5).contiguous()
+    recv = torch.empty_like(send)  # [cp (source rank = head group), X, s, B, N_c, d]
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 2, 3, 0, 4, 5).reshape(X, S // cp, B, cp * Nc, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cp, group):
+        ctx.cp, ctx.group = cp, group
+        return _seq_to_heads(x, cp, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _heads_to_seq(grad, ctx.cp, ctx.group), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, cp, group):
+        ctx.cp, ctx.group = cp, group
+        return _heads_to_seq(y, cp, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _seq_to_heads(grad, ctx.cp, ctx.group), None, None
+
+
+def _a2a(fn, x, cp, group):
+    if torch.is_grad_enabled() and x.requires_grad:
+        return fn.apply(x, cp, group)
+    return (_seq_to_heads if fn is _SeqToHeads else _heads_to_seq)(x, cp, group)
+
+
+def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, backend: str, scale=None):
+    cp, group = shard.size, cp_group()
+    with_tangent = t_q is not None
+    parts = [q, k, v] + ([t_q.detach(), t_k.detach(), t_v.detach()] if with_tangent else [])
+    with _phase("a2a/all_to_all", q.device):
+        full = _a2a(_SeqToHeads, torch.stack(parts), cp, group)  # [3 or 6, S_pad, B, N_c, d]
+    S = shard.seq_len
+    q, k, v = full[0], full[1, :S], full[2, :S]  # padded keys sliced off: exact, no mask
+    t = (full[3].detach(), full[4, :S].detach(), full[5, :S].detach()) if with_tangent else (None,) * 3
+    with _phase("a2a/attention", q.device):
+        o, t_o = attention_jvp(q, k, v, *t, softmax_scale=scale, backend=backend)
+    with _phase("a2a/all_to_all", q.device):
+        if not with_tangent:
+            return _a2a(_HeadsToSeq, o[None], cp, group)[0], None
+        out = _a2a(_HeadsToSeq, torch.stack([o, t_o.to(o.dtype)]), cp, group)
+    return out[0], out[1].detach()
+
+
+# -------------------------------------------------------------------------------------------------
+# Ring
+# -------------------------------------------------------------------------------------------------
+
+
+class _Ring:
+    """Send to the next CP rank, receive from the previous one (asynchronously)."""
+
+    def __init__(self):
+        ranks = cp_global_ranks()
+        me = ranks.index(dist.get_rank())
+        self.group = cp_group()
+        self.next, self.prev = ranks[(me + 1) % len(ranks)], ranks[(me - 1) % len(ranks)]
+
+    def start(self, send: torch.Tensor):
+        recv = torch.empty_like(send)
+        ops = [
+            dist.P2POp(dist.isend, send, self.next, self.group),
+            dist.P2POp(dist.irecv, recv, self.prev, self.group),
+        ]
+        return recv, dist.batch_isend_irecv(ops)
+
+    @staticmethod
+    def wait(reqs):
+        for r in reqs:
+            r.wait()
+
+
+def _merge(acc: Partial | None, part: Partial) -> Partial:
+    return part if acc is None else merge_partials(acc, part)
+
+
+class _RingAttention(torch.autograd.Function):
+    """(o, t_o) of this rank's queries over every rank's keys; gradients to q, k, v (see module docstring)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, t_q, t_k, t_v, shard: TokenShard, ops: ChunkOps, scale: float):
+        cp, rank = shard.size, shard.rank
+        ring = _Ring()
+        with_tangent = t_q is not None
+        kv = torch.stack([k, v, t_k, t_v] if with_tangent else [k, v]).contiguous()
+        acc = None
+        for i in range(cp):
+            owner = (rank - i) % cp  # the chunk held at step i came from rank - i
+            if i < cp - 1:
+                nxt, reqs = ring.start(kv)  # overlap: the next chunk travels while this one is computed
+            n = shard.valid_len(owner)
+            if n > 0:
+                c = kv[:, :n]  # padded keys sliced off: exact, no mask
+                with _phase("ring_fwd/compute", q.device):
+                    part = ops.forward(q, c[0], c[1], t_q, c[2] if with_tangent else None,
+                                       c[3] if with_tangent else None, scale)
+                    acc = _merge(acc, part)
+            if i < cp - 1:
+                with _phase("ring_fwd/wait", q.device):
+                    _Ring.wait(reqs)
+                kv = nxt
+        o = acc.o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, o, acc.lse)
+        ctx.shard, ctx.ops, ctx.scale = shard, ops, scale
+        t_o = acc.t_o.to(q.dtype) if with_tangent else None
+        if with_tangent:
+            ctx.mark_non_differentiable(t_o)
+        return o, t_o
+
+    @staticmethod
+    def backward(ctx, do, _grad_t_o):
+        q, k, v, o, lse = ctx.saved_tensors
+        shard, ops, scale = ctx.shard, ctx.ops, ctx.scale
+        cp, rank = shard.size, shard.rank
+        ring = _Ring()
+        do = do.contiguous()
+        kv = torch.stack([k, v]).contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
+        dkv = None
+        dkv_reqs = None
+        for i in range(cp):
+            owner = (rank - i) % cp
+            if i < cp - 1:
+                kv_next, kv_reqs = ring.start(kv)
+            part = torch.zeros((2, *k.shape), dtype=dq.dtype, device=q.device)
+            n = shard.valid_len(owner)
+            if n > 0:
+                with _phase("ring_bwd/compute", q.device):
+                    dq_j, dk_j, dv_j = ops.backward(q, kv[0, :n], kv[1, :n], o, lse, do, scale)
+                    dq += dq_j
+                    part[0, :n], part[1, :n] = dk_j, dv_j
+            if dkv_reqs is not None:  # the accumulated dk, dv of this chunk from the ranks before us
+                with _phase("ring_bwd/wait", q.device):
+                    _Ring.wait(dkv_reqs)
+                part += dkv
+            dkv, dkv_reqs = ring.start(part)  # after the last step this returns the chunk to its owner
+            if i < cp - 1:
+                with _phase("ring_bwd/wait", q.device):
+                    _Ring.wait(kv_reqs)
+                kv = kv_next
+        with _phase("ring_bwd/wait", q.device):
+            _Ring.wait(dkv_reqs)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+
+
+def ring_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, backend: str, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    ops = chunk_ops(backend, q.device)
+    t = (t_q, t_k, t_v) if t_q is None else (t_q.detach(), t_k.detach(), t_v.detach())
+    return _RingAttention.apply(q, k, v, *t, shard, ops, scale)
+
+
+class ContextParallelAttention:
+    """Self-attention over a CP-sharded sequence with the flavour picked once (``cp_comm_type``)."""
+
+    def __init__(self, comm_type: str, cp: int, heads_per_tp_rank: int, backend: str):
+        check_cp_layout(comm_type, cp, heads_per_tp_rank)
+        self.comm_type, self.backend = comm_type, backend
+        self._fn = ring_attention if comm_type == "p2p" else ulysses_attention
+
+    def __call__(self, q, k, v, t_q, t_k, t_v, shard: TokenShard):
+        if (t_q is None) != (t_k is None) or (t_k is None) != (t_v is None):
+            raise ValueError("context-parallel self-attention needs all of t_q, t_k, t_v or none of them")
+        if shard is None or shard.local_len != q.shape[0]:
+            raise ValueError(
+                f"context-parallel self-attention needs the TokenShard of this rank's {q.shape[0]} tokens "
+                f"(got {shard})"
+            )
+        return self._fn(q, k, v, t_q, t_k, t_v, shard, self.backend)
