@@ -109,7 +109,7 @@ class Trainer:
         check_timestep_scale(cfg.model, cfg.distill)
         self.teacher = teacher if teacher is not None else self._build_teacher()
         self.teacher.requires_grad_(False).eval()
-        self.student = self._wrap(self._copy_of_teacher())
+        self.student = self._wrap(self._build_student())
         self.critic = self._wrap(self._copy_of_teacher()) if self.engine.has_critic else None
         self.ema = PowerEMA(self.student.module, std=0.1)
 
@@ -146,6 +146,14 @@ class Trainer:
         elif self.rank == 0:
             logger.warning("model.teacher_checkpoint is not set: the teacher has random weights (tests and "
                            "throughput runs only)")
+        return model
+
+    def _build_student(self):
+        """A copy of the teacher, or ``model.student_checkpoint``'s weights (the EMA starts from them too)."""
+        if not self.cfg.model.student_checkpoint:
+            return self._copy_of_teacher()
+        model = build_model(self.wan_cfg, self.cfg.training.seed).to(self.device)
+        load_weights(model, self.cfg.model.student_checkpoint, self.cfg.model.preset, "model.student_checkpoint")
         return model
 
     def _copy_of_teacher(self):
