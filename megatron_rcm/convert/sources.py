@@ -150,6 +150,12 @@ def open_source(src: str | Path) -> Source:
     if src.is_dir() and (src / "transformer").is_dir():
         has_weights = any(p.suffix in WEIGHT_SUFFIXES for p in src.iterdir() if p.is_file())
         if (src / "model_index.json").exists() or not has_weights:
+            if (src / "transformer_2").is_dir():
+                raise UnknownLayoutError(
+                    f"{src}: a two-expert pipeline (Wan2.2 A14B): transformer/ is the high-noise expert, "
+                    "transformer_2/ the low-noise one; import each folder on its own "
+                    f"({src / 'transformer'} and {src / 'transformer_2'})"
+                )
             pipeline_root, src = src, src / "transformer"
     index = None
     if src.is_dir():

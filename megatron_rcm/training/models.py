@@ -65,6 +65,19 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None):
     return cfg
 
 
+def refuse_two_expert_preset(preset: str) -> None:
+    """Wan2.2 A14B is two experts switched by time: one teacher network over all times would be wrong."""
+    from megatron_rcm.models.wan.config import WAN22_BOUNDARY
+
+    if preset in WAN22_BOUNDARY:
+        raise NotImplementedError(
+            f"model.preset={preset!r} is a two-expert model (high-noise expert for timesteps >= "
+            f"{WAN22_BOUNDARY[preset]} * 1000, low-noise expert below): distilling each expert with its own "
+            "student (the teacher expert chosen by time) and sampling with the switch are not implemented; "
+            "its experts convert (tools/convert.py import, one folder per expert) and load as single models"
+        )
+
+
 def check_timestep_scale(model_cfg, distill_cfg) -> None:
     """``distill.timestep_scale`` is the teacher's T_scale (rcm_math.md sec. 1): Cosmos-Predict2 is fed
     s_rf itself (T_scale = 1). Wan presets are not checked (the released Wan2.1 uses 1000, the default;

@@ -33,6 +33,7 @@ from megatron_rcm.training.models import (
     build_wan_config,
     check_timestep_scale,
     load_weights,
+    refuse_two_expert_preset,
 )
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
 from megatron_rcm.training.phases import PhaseTimers
@@ -105,6 +106,7 @@ class Trainer:
             check_resume_config(resume_path, to_dict(cfg), self.rank)
 
         # -- networks -------------------------------------------------------------------------------
+        refuse_two_expert_preset(cfg.model.preset)
         self.wan_cfg = build_wan_config(cfg.model, cfg.data)
         check_timestep_scale(cfg.model, cfg.distill)
         self.teacher = teacher if teacher is not None else self._build_teacher()
