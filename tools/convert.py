@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Convert Wan2.1 weights between the public layouts and Megatron-Core distributed checkpoints.
 
-  import  Wan2.1 T2V/I2V weights (original ``WanModel`` keys or diffusers ``WanTransformer3DModel``;
-          .safetensors or .pth, single or sharded with an index; a diffusers pipeline root or its
-          transformer/ folder) -> a Megatron ``dist_checkpointing`` checkpoint that loads at any TP size.
+  import  Wan2.1 T2V/I2V weights (original ``WanModel`` keys, diffusers ``WanTransformer3DModel``, or an
+          rCM / TurboDiffusion student: a .pt/.pth of ``net.``/``net_ema.`` keys; .safetensors or .pth,
+          single or sharded with an index; a diffusers pipeline root or its transformer/ folder) -> a
+          Megatron ``dist_checkpointing`` checkpoint that loads at any TP size.
   export  a Megatron checkpoint (the converter's, or a training run's raw student or its EMA) ->
-          diffusers (``WanTransformer3DModel.from_pretrained``) or the original layout.
+          diffusers (``WanTransformer3DModel.from_pretrained``), the original layout, or rcm (OUT/model.pt).
 
 Both stream: one tensor (import) or a 512 MB window (export) in memory at a time. Details and the on-disk
 contract: docs/conversion.md.
@@ -28,6 +29,8 @@ EPILOG = """examples:
   python tools/convert.py export outputs/tiny/checkpoints/latest /out/tiny --format diffusers \
       --config my_run.yaml --set model.overrides.num_layers=4
   python tools/convert.py export /ckpt/wan1.3b /out/wan1.3b-original --format original
+  python tools/convert.py import /models/rCM_Wan2.1_T2V_1.3B_480p.pt /ckpt/rcm-student
+  python tools/convert.py export /runs/rcm/checkpoints /out/student-rcm --format rcm --ema
 """
 
 
@@ -78,14 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="--verify's tolerance on max|ours - source| / max|source| (default 1e-4)",
     )
 
-    exp = sub.add_parser("export", help="Megatron checkpoint -> diffusers or original layout")
+    exp = sub.add_parser("export", help="Megatron checkpoint -> diffusers, original or rcm layout")
     exp.add_argument(
         "ckpt",
         help="checkpoint folder (converter output or a training step_*), a run's checkpoint root, or its "
         "'latest' pointer file",
     )
     exp.add_argument("out", help="output folder (must not hold a model, unless --overwrite)")
-    exp.add_argument("--format", required=True, choices=("diffusers", "original"), dest="fmt")
+    exp.add_argument(
+        "--format",
+        required=True,
+        choices=("diffusers", "original", "rcm"),
+        dest="fmt",
+        help="rcm: the rCM release's / TurboDiffusion's student layout, OUT/model.pt (torch.save of net.* keys, "
+        "linear patch embedding), held in memory whole",
+    )
     exp.add_argument("--ema", action="store_true", help="export the EMA weights instead of the raw model")
     exp.add_argument("--prefix", help="checkpoint key prefix of the model to export (overrides --ema)")
     exp.add_argument(

@@ -2,7 +2,7 @@
 
 ``load_config`` checks keys, types and ranges only (a config can be printed or edited on a machine without
 the data); ``preflight`` checks that ``data.path`` is a complete, indexed shard folder that can feed the
-configured CFG, and that ``model.teacher_checkpoint`` exists and looks like one of the formats
+configured CFG, and that ``model.teacher_checkpoint`` (and ``model.student_checkpoint``) exists and looks like one of the formats
 ``megatron_rcm.training.models.load_weights`` reads. Cheap: ``index.json``, file sizes and headers only.
 """
 
@@ -29,12 +29,14 @@ def preflight(cfg, check_teacher: bool = True) -> None:
         raise ConfigError(f"data.path={cfg.data.path}: {err}") from err
     if check_teacher and cfg.model.teacher_checkpoint:
         check_teacher_checkpoint(Path(cfg.model.teacher_checkpoint))
+    if check_teacher and cfg.model.student_checkpoint:
+        check_teacher_checkpoint(Path(cfg.model.student_checkpoint), "model.student_checkpoint")
 
 
-def check_teacher_checkpoint(path: Path) -> None:
+def check_teacher_checkpoint(path: Path, name: str = "model.teacher_checkpoint") -> None:
     """A ``dist_checkpointing`` folder (``metadata.json``), a ``.safetensors`` file with a readable header,
-    or a ``torch.save`` file (zip archive or legacy pickle)."""
-    key = f"model.teacher_checkpoint={str(path)!r}"
+    or a ``torch.save`` file (zip archive or legacy pickle). ``name`` is the config key errors cite."""
+    key = f"{name}={str(path)!r}"
     if not path.exists():
         raise ConfigError(f"{key} does not exist")
     if path.is_dir():

@@ -33,6 +33,13 @@ class ModelConfig:
     """Teacher weights: a ``dist_checkpointing`` directory written by this package (``model`` entry of a
     checkpoint, or a teacher export), or None to start from random weights (tests, throughput runs)."""
 
+    student_checkpoint: str | None = None
+    """Student initialization: None (the rCM default) starts the student as a copy of the teacher; a path
+    (any format ``model.teacher_checkpoint`` takes, e.g. an rCM / TurboDiffusion student ``.pt`` of
+    ``net.``/``net_ema.`` keys, or its ``tools/convert.py import`` output) starts the student and its EMA
+    from those weights instead, to continue distilling a released student. The critic still starts from
+    the teacher; a resumed run takes all three from its own checkpoint."""
+
     recompute: bool = False
     """Activation recompute (Megatron ``recompute_granularity=full``, uniform, one layer per chunk) for the
     trained networks: trades one extra forward for activation memory."""

@@ -363,8 +363,9 @@ def from_shapes(
     # The head count is in no shape. Guessing hidden / 128 silently gave a 4-head 128-wide model 1 head:
     # take it from the one preset with these exact shapes (every Wan2.1 release is one), else ask.
     matches = presets_with_shapes(arch)
-    if len(matches) == 1:
-        return dataclasses.replace(arch, num_attention_heads=preset_arch(matches[0]).num_attention_heads)
+    heads = {preset_arch(m).num_attention_heads for m in matches}
+    if len(heads) == 1:  # one preset, or several of one shape (Wan2.1-T2V-14B and a Wan2.2-T2V-A14B expert)
+        return dataclasses.replace(arch, num_attention_heads=heads.pop())
     a = arch
     raise ConversionError(
         f"the attention head count is stored in no tensor shape, and these shapes ({a.model_type}, "

@@ -1,4 +1,4 @@
-"""Export a Wan model from a Megatron ``dist_checkpointing`` checkpoint to the diffusers or original layout.
+"""Export a Wan model from a Megatron ``dist_checkpointing`` checkpoint to the diffusers, original or rcm layout.
 
 Which checkpoints (the contract, also in docs/conversion.md):
 
@@ -18,7 +18,9 @@ Which checkpoints (the contract, also in docs/conversion.md):
 * OUT may not be, contain or lie inside CKPT or the checkpoint it designates.
 
 Tensors are read from the checkpoint a few hundred MB at a time and written straight to safetensors
-shards: memory stays at that window, whatever the model size.
+shards: memory stays at that window, whatever the model size. The ``rcm`` layout (the rCM release's and
+TurboDiffusion's students) is one ``torch.save`` dict, ``OUT/model.pt``, of the original names under
+``net.`` with the linear patch embedding; ``torch.save`` needs the whole dict, so it is held in memory.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ from megatron_rcm.convert.output_dir import (
 from megatron_rcm.convert.safetensors_io import TensorSpec, write_sharded
 from megatron_rcm.convert.wan_keys import external_shape, from_ours
 
-FORMATS = ("diffusers", "original")
+FORMATS = ("diffusers", "original", "rcm")
 WEIGHTS_STEM = "diffusion_pytorch_model"  # both releases name their DiT weights this way
+RCM_FILE = "model.pt"
 _ANCHOR = "patch_embedding.weight"
 _NOT_THE_STUDENT = ("ema", "critic", "fake", "teacher", "optimizer")
 
@@ -253,7 +256,7 @@ def run_export(
         name = from_ours(key, fmt)
         out_dtype = stored_dtype if dtype == "keep" else DTYPES[dtype]
         specs.append(
-            TensorSpec(name, external_shape(key, shape, arch.in_channels, arch.patch_size), out_dtype)
+            TensorSpec(name, external_shape(key, shape, arch.in_channels, arch.patch_size, fmt), out_dtype)
         )
         source_of[name] = pfx + key
         order.append((pfx + key, shape, stored_dtype))
@@ -271,9 +274,17 @@ def run_export(
     with atomic_output_dir(out, overwrite) as tmp:
         dit_dir = tmp if pipeline_from is None else tmp / "transformer"  # a pipeline: the student's folder
         dit_dir.mkdir(exist_ok=True)
-        files = write_sharded(
-            dit_dir, WEIGHTS_STEM, specs, produce, max_shard_bytes, on_tensor=lambda s: bar.update(1)
-        )
+        if fmt == "rcm":
+            state = {}
+            for spec in specs:
+                state[spec.name] = produce(spec.name).contiguous()
+                bar.update(1)
+            torch.save(state, dit_dir / RCM_FILE)
+            files = [RCM_FILE]
+        else:
+            files = write_sharded(
+                dit_dir, WEIGHTS_STEM, specs, produce, max_shard_bytes, on_tensor=lambda s: bar.update(1)
+            )
         bar.close()
         (dit_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         files.append("config.json")

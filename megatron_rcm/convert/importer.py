@@ -1,4 +1,4 @@
-"""Import Wan2.1 weights (original or diffusers layout) into a Megatron ``dist_checkpointing`` checkpoint.
+"""Import Wan2.1 weights (original, diffusers, or rCM/TurboDiffusion student layout) into a Megatron ``dist_checkpointing`` checkpoint.
 
     plan_import(SRC)  -> ImportPlan: files, layout, architecture, preset; every key and shape checked
     run_import(SRC, OUT, ...) -> ImportReport: the checkpoint written (streaming), optionally verified
@@ -45,7 +45,25 @@ from megatron_rcm.convert.output_dir import (
     sweep_leftovers,
 )
 from megatron_rcm.convert.sources import Source, detect_layout, open_source
-from megatron_rcm.convert.wan_keys import external_shape, from_ours, map_key, patch_weight_to_ours
+from megatron_rcm.convert.wan_keys import (
+    RCM_PREFIXES,
+    external_shape,
+    from_ours,
+    map_key,
+    patch_weight_to_ours,
+    rcm_prefix,
+)
+
+_LAYOUT_NAMES = {
+    "diffusers": "WanTransformer3DModel keys",
+    "original": "original WanModel keys",
+    "rcm": "rCM/TurboDiffusion student: original WanModel keys under {prefix}, linear patch embedding",
+}
+
+
+def config_layout(layout: str) -> str:
+    """The layout of a ``config.json`` beside weights in ``layout`` (an rCM student uses WanModel's)."""
+    return "original" if layout == "rcm" else layout
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ("keep", *DTYPES)
@@ -106,6 +124,10 @@ class ImportPlan:
     """source key -> our key"""
     shapes: dict[str, tuple] = field(default_factory=dict)
     """our key -> global shape in the checkpoint"""
+    rcm_prefix: str | None = None
+    """rcm layout: the prefix read (``net_ema.`` when the file has it, else ``net.``)."""
+    skipped: list[str] = field(default_factory=list)
+    """rcm layout: the keys under the other prefix (not read)."""
 
     def describe(self) -> str:
         s = self.source
@@ -116,7 +138,8 @@ class ImportPlan:
         return "\n".join(
             [
                 f"source:  {where}: {len(s.files)} file(s), {len(self.ours_of)} tensors, {s.total_bytes() / 1e9:.2f} GB",
-                f"layout:  {self.layout} ({'WanTransformer3DModel' if self.layout == 'diffusers' else 'original WanModel'} keys)",
+                f"layout:  {self.layout} ({_LAYOUT_NAMES[self.layout].format(prefix=self.rcm_prefix)})"
+                + (f"; {len(self.skipped)} tensors under {self.skipped[0].split('.')[0]}. not read" if self.skipped else ""),
                 f"preset:  {self.preset or 'none (architecture taken from ' + self.arch_from + ')'}",
                 f"arch:    {a.model_type}, {a.num_layers} layers, hidden {a.hidden_size}, ffn {a.ffn_hidden_size}, "
                 f"{a.num_attention_heads} heads, in/out channels {a.in_channels}/{a.out_channels}, patch "
@@ -147,7 +170,7 @@ def check_preset_fits(
     heads = []
     if source.config is not None:
         try:
-            cfg_heads = from_config_json(source.config, layout).num_attention_heads
+            cfg_heads = from_config_json(source.config, config_layout(layout)).num_attention_heads
         except ConversionError:
             cfg_heads = None
         if cfg_heads is not None and cfg_heads != arch.num_attention_heads:
@@ -171,8 +194,12 @@ def plan_import(src, preset: str | None = None, num_heads: int | None = None) ->
     source = open_source(src)
     try:
         layout = detect_layout(source.keys(), source.config)
-        ours_of, unexpected, seen = {}, [], {}
+        prefix = rcm_prefix(source.keys()) if layout == "rcm" else None
+        ours_of, unexpected, seen, skipped = {}, [], {}, []
         for key in source.keys():
+            if prefix is not None and key.startswith(RCM_PREFIXES) and not key.startswith(prefix):
+                skipped.append(key)  # the other copy (raw student beside its EMA): the EMA is read
+                continue
             try:
                 ours = map_key(key, layout)
             except KeyError:
@@ -186,9 +213,12 @@ def plan_import(src, preset: str | None = None, num_heads: int | None = None) ->
             arch, arch_from = preset_arch(preset), f"--preset {preset}"
             check_preset_fits(src, source, layout, seen, preset, arch)
         elif source.config is not None:
-            arch, arch_from = from_config_json(source.config, layout), f"{source.root / 'config.json'}"
+            arch, arch_from = (
+                from_config_json(source.config, config_layout(layout)),
+                f"{source.root / 'config.json'}",
+            )
             clip_norm = seen.get("img_emb.norm1.weight")
-            if layout == "original" and arch.model_type == "i2v" and clip_norm is not None:
+            if layout in ("original", "rcm") and arch.model_type == "i2v" and clip_norm is not None:
                 # the original config has no CLIP width (WanModel hard-codes 1280): the tensor says it
                 arch = dataclasses.replace(arch, image_dim=source.shape(clip_norm)[0])
         else:
@@ -212,12 +242,14 @@ def plan_import(src, preset: str | None = None, num_heads: int | None = None) ->
             raise KeyMismatchError(what, missing, sorted(unexpected))
         mismatches = []
         for key, ours in ours_of.items():
-            want = external_shape(ours, expected[ours], arch.in_channels, arch.patch_size)
-            if source.shape(key) != want:
+            want = external_shape(ours, expected[ours], arch.in_channels, arch.patch_size, layout)
+            # TurboDiffusion's un-prefixed files keep original names with the linear patch embedding
+            flat_ok = layout == "original" and ours == "patch_embedding.weight"
+            if source.shape(key) != want and not (flat_ok and source.shape(key) == expected[ours]):
                 mismatches.append((key, source.shape(key), want))
         if mismatches:
             raise ShapeMismatchError(what, mismatches)
-        return ImportPlan(source, layout, arch, arch_from, matched, ours_of, expected)
+        return ImportPlan(source, layout, arch, arch_from, matched, ours_of, expected, prefix, sorted(skipped))
     except BaseException:
         source.close()
         raise

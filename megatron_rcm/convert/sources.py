@@ -21,7 +21,11 @@ from megatron_rcm.convert.wan_keys import TABLES, map_key
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _SHARD = re.compile(r"(.+)-(\d+)-of-(\d+)\.(safetensors|pth|pt|bin)$")
-_EXAMPLE_KEYS = {"diffusers": "blocks.0.attn1.to_q.weight", "original": "blocks.0.self_attn.q.weight"}
+_EXAMPLE_KEYS = {
+    "diffusers": "blocks.0.attn1.to_q.weight",
+    "original": "blocks.0.self_attn.q.weight",
+    "rcm": "net.blocks.0.self_attn.q.weight",
+}
 
 
 class PthFile:
@@ -146,6 +150,12 @@ def open_source(src: str | Path) -> Source:
     if src.is_dir() and (src / "transformer").is_dir():
         has_weights = any(p.suffix in WEIGHT_SUFFIXES for p in src.iterdir() if p.is_file())
         if (src / "model_index.json").exists() or not has_weights:
+            if (src / "transformer_2").is_dir():
+                raise UnknownLayoutError(
+                    f"{src}: a two-expert pipeline (Wan2.2 A14B): transformer/ is the high-noise expert, "
+                    "transformer_2/ the low-noise one; import each folder on its own "
+                    f"({src / 'transformer'} and {src / 'transformer_2'})"
+                )
             pipeline_root, src = src, src / "transformer"
     index = None
     if src.is_dir():
@@ -202,8 +212,9 @@ def _open_indexed(index: Path, where: dict) -> list[Path]:
 
 
 def detect_layout(keys: list[str], config: dict | None = None) -> str:
-    """The layout whose key table maps the most keys ("diffusers" or "original"); config.json's
-    ``_class_name`` breaks a tie. Raises UnknownLayoutError when neither fits."""
+    """The layout whose key table maps the most keys ("diffusers", "original", or "rcm": original names
+    under ``net.``/``net_ema.``); config.json's ``_class_name`` breaks a tie. Raises UnknownLayoutError
+    when none fits."""
     scores = {}
     for layout in TABLES:
         n = 0
@@ -219,12 +230,13 @@ def detect_layout(keys: list[str], config: dict | None = None) -> str:
     if len(winners) > 1 and config is not None:
         hint = {"WanTransformer3DModel": "diffusers", "WanModel": "original"}.get(config.get("_class_name"))
         winners = [hint] if hint in winners else winners
-    has_blocks = any(key.startswith("blocks.") for key in keys)
+    has_blocks = any(re.match(r"(net_ema\.|net\.)?blocks\.", key) for key in keys)
     if best == 0 or best < len(keys) / 2 or len(winners) > 1 or not has_blocks:
         sample = sorted(keys)[:8]
         raise UnknownLayoutError(
             f"no Wan2.1 layout recognized in {len(keys)} tensors (diffusers matched {scores['diffusers']}, "
-            f"original {scores['original']}); first keys: {sample}. Expected diffusers keys like "
-            f"{_EXAMPLE_KEYS['diffusers']!r} or original keys like {_EXAMPLE_KEYS['original']!r}"
+            f"original {scores['original']}, rcm {scores['rcm']}); first keys: {sample}. Expected diffusers "
+            f"keys like {_EXAMPLE_KEYS['diffusers']!r}, original keys like {_EXAMPLE_KEYS['original']!r} or "
+            f"rCM/TurboDiffusion student keys like {_EXAMPLE_KEYS['rcm']!r}"
         )
     return winners[0]

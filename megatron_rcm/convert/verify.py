@@ -43,7 +43,7 @@ def reference_model(plan, stored_dtype: dict | None = None):
     from diffusers import WanTransformer3DModel
 
     source = plan.source
-    if plan.layout == "original":
+    if plan.layout in ("original", "rcm"):
         from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
     if plan.layout == "diffusers" and source.config is not None:
         config = source.config
@@ -58,8 +58,12 @@ def reference_model(plan, stored_dtype: dict | None = None):
             value = source.read(key)
             if stored_dtype is not None:
                 value = value.to(stored_dtype[ours])
-            if plan.layout == "original":
+            if plan.layout == "rcm":
+                key = key.removeprefix(plan.rcm_prefix)
+            if plan.layout in ("original", "rcm"):
                 ((key, value),) = convert_wan_transformer_to_diffusers({key: value}).items()
+            if key == "patch_embedding.weight" and value.ndim == 2 and key in params:
+                value = value.reshape(params[key].shape)  # the linear patch embedding: Conv3d's, flattened
             if key not in params or params[key].shape != value.shape:
                 raise ConversionError(
                     f"--verify: diffusers has no tensor {key!r} of shape {tuple(value.shape)}"

@@ -1,7 +1,11 @@
-"""Key tables between megatron_rcm's Wan model and the two public layouts.
+"""Key tables between megatron_rcm's Wan model and the three public layouts.
 
 * ``original``: the Wan2.1 release (``WanModel``: ``blocks.N.self_attn.q``, ``modulation``, ``head.head``).
 * ``diffusers``: ``WanTransformer3DModel`` (``blocks.N.attn1.to_q``, ``scale_shift_table``, ``proj_out``).
+* ``rcm``: the students the rCM release and TurboDiffusion publish (``rcm/networks/wan2pt1.py``): a
+  ``torch.save`` dict of the original names under ``net.`` (the EMA: ``net_ema.``), the patch embedding a
+  Linear ``[D, C*pt*ph*pw]`` fed by ``rearrange("b c (t kt) (h kh) (w kw) -> b (t h w) (c kt kh kw)")``:
+  the row-major flattening of the Conv3d weight ``[D, C, pt, ph, pw]``, i.e. our linear as it is.
 
 Each table maps an external regex to our key template. Tensors keep their values; the only reshape is
 the patch embedding (Conv3d weight [D, C, pt, ph, pw] <-> our linear [D, C*pt*ph*pw]).
@@ -64,7 +68,14 @@ ORIGINAL_TO_OURS: list[tuple[str, str]] = [
     (r"head\.modulation", r"head.modulation"),
 ]
 
-TABLES = {"diffusers": DIFFUSERS_TO_OURS, "original": ORIGINAL_TO_OURS}
+RCM_PREFIXES = ("net_ema.", "net.")
+"""The prefixes of an rCM / TurboDiffusion student, in the order an import prefers them (the EMA first)."""
+RCM_EXPORT_PREFIX = "net."
+_RCM = r"(?:net_ema|net)\."
+
+RCM_TO_OURS: list[tuple[str, str]] = [(_RCM + pattern, template) for pattern, template in ORIGINAL_TO_OURS]
+
+TABLES = {"diffusers": DIFFUSERS_TO_OURS, "original": ORIGINAL_TO_OURS, "rcm": RCM_TO_OURS}
 
 # The inverse tables, written out (a regex table has no mechanical inverse); tests check that
 # ``from_ours(map_key(k, layout), layout) == k`` for every key of both layouts.
@@ -119,7 +130,18 @@ OURS_TO_ORIGINAL: list[tuple[str, str]] = [
     (r"head\.modulation", r"head.modulation"),
 ]
 
-INVERSE_TABLES = {"diffusers": OURS_TO_DIFFUSERS, "original": OURS_TO_ORIGINAL}
+OURS_TO_RCM: list[tuple[str, str]] = [(p, RCM_EXPORT_PREFIX + t) for p, t in OURS_TO_ORIGINAL]
+
+INVERSE_TABLES = {"diffusers": OURS_TO_DIFFUSERS, "original": OURS_TO_ORIGINAL, "rcm": OURS_TO_RCM}
+
+
+def rcm_prefix(keys) -> str | None:
+    """The prefix an rCM import reads: ``net_ema.`` (the EMA) when any key has it, else ``net.``; None when
+    no key has either."""
+    for prefix in RCM_PREFIXES:
+        if any(k.startswith(prefix) for k in keys):
+            return prefix
+    return None
 
 
 def map_key(key: str, layout: str) -> str:
@@ -156,8 +178,9 @@ def patch_weight_to_ours(value, key: str):
     return value
 
 
-def external_shape(key: str, shape: tuple, in_channels: int, patch_size: tuple) -> tuple:
-    """The shape a tensor of ours has in both external layouts (only the patch embedding differs)."""
-    if key == "patch_embedding.weight":
+def external_shape(key: str, shape: tuple, in_channels: int, patch_size: tuple, layout: str = "original") -> tuple:
+    """The shape a tensor of ours has in ``layout`` (only the patch embedding differs: a Conv3d weight in
+    the original and diffusers layouts, our linear in the rcm one)."""
+    if key == "patch_embedding.weight" and layout != "rcm":
         return (shape[0], in_channels, *patch_size)
     return tuple(shape)

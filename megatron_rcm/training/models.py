@@ -2,7 +2,8 @@
 
 Weights come from a ``dist_checkpointing`` directory (``model.``-prefixed keys, as ``export_model``
 writes them; loads into any TP layout) or a single full state-dict file (``.safetensors``/``.pt``) in this
-package's, the original Wan or the diffusers layout (mapped by ``megatron_rcm.convert.wan_keys``).
+package's, the original Wan, the diffusers or the rCM / TurboDiffusion student layout (``net.``/``net_ema.``
+keys, the EMA read when both are there; mapped by ``megatron_rcm.convert.wan_keys``).
 """
 
 from __future__ import annotations
@@ -63,6 +64,19 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
             raise ConfigError(f"data.text_dim={data_cfg.text_dim} but the model takes text_dim={cfg.text_dim} "
                               f"(set model.overrides.text_dim or data.text_dim)")
     return cfg
+
+
+def refuse_two_expert_preset(preset: str) -> None:
+    """Wan2.2 A14B is two experts switched by time: one teacher network over all times would be wrong."""
+    from megatron_rcm.models.wan.config import WAN22_BOUNDARY
+
+    if preset in WAN22_BOUNDARY:
+        raise NotImplementedError(
+            f"model.preset={preset!r} is a two-expert model (high-noise expert for timesteps >= "
+            f"{WAN22_BOUNDARY[preset]} * 1000, low-noise expert below): distilling each expert with its own "
+            "student (the teacher expert chosen by time) and sampling with the switch are not implemented; "
+            "its experts convert (tools/convert.py import, one folder per expert) and load as single models"
+        )
 
 
 def check_timestep_scale(model_cfg, distill_cfg) -> None:
@@ -127,7 +141,8 @@ def _describe(shapes: dict[str, tuple]) -> str:
             f"outputs {get('head.linear.weight', 0)}, text_dim {get('text_embedding.linear_1.weight', 1)}")
 
 
-def check_architecture(model, found: dict[str, tuple], path, preset: str | None = None) -> None:
+def check_architecture(model, found: dict[str, tuple], path, preset: str | None = None,
+                       what: str = "model.teacher_checkpoint") -> None:
     """ConfigError naming the preset, both architectures and the first mismatching tensors when the
     (global, unsharded) shapes ``found`` in a checkpoint do not fit ``model``, before any tensor is read."""
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -139,36 +154,37 @@ def check_architecture(model, found: dict[str, tuple], path, preset: str | None 
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if not (wrong or missing or unexpected):
         return
-    lines = [f"model.teacher_checkpoint={str(path)!r} does not fit model.preset={preset!r} (with model.overrides):",
+    lines = [f"{what}={str(path)!r} does not fit model.preset={preset!r} (with model.overrides):",
              f"  checkpoint: {_describe(found)}", f"  model:      {_describe(expected)}"]
     for name, items in (("mismatching shapes", wrong), ("missing", missing), ("unexpected", unexpected)):
         if items:
             more = f" ... ({len(items) - 3} more)" if len(items) > 3 else ""
             lines.append(f"  {len(items)} {name}: {', '.join(items[:3])}{more}")
-    lines.append("  choose the preset the teacher was trained with, or convert it with tools/convert.py")
+    lines.append("  choose the preset the checkpoint was trained with, or convert it with tools/convert.py")
     raise ConfigError("\n".join(lines))
 
 
-def load_weights(model, path: str | Path, preset: str | None = None) -> None:
-    """Load teacher weights into ``model`` (see module docstring for the accepted formats); a checkpoint of
-    another architecture is a ``ConfigError`` naming ``preset`` and the shapes (``check_architecture``)."""
+def load_weights(model, path: str | Path, preset: str | None = None, what: str = "model.teacher_checkpoint") -> None:
+    """Load weights into ``model`` (see module docstring for the accepted formats); a checkpoint of another
+    architecture is a ``ConfigError`` naming ``what`` (the config key), ``preset`` and the shapes
+    (``check_architecture``)."""
     path = Path(path)
     if path.is_dir():
         from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing import ShardedTensor
 
         if not (path / "metadata.json").is_file():
-            raise FileNotFoundError(f"model.teacher_checkpoint={str(path)!r}: not a dist_checkpointing directory "
+            raise FileNotFoundError(f"{what}={str(path)!r}: not a dist_checkpointing directory "
                                     f"(no metadata.json)")
         meta = dist_checkpointing.load_tensors_metadata(str(path))
         found = {k[len(EXPORT_PREFIX):]: v.global_shape for k, v in meta.items()
                  if k.startswith(EXPORT_PREFIX) and isinstance(v, ShardedTensor)}
-        check_architecture(model, found, path, preset)
+        check_architecture(model, found, path, preset, what)
         loaded = dist_checkpointing.load(model.sharded_state_dict(prefix=EXPORT_PREFIX), str(path))
         model.load_state_dict(_strip(loaded, EXPORT_PREFIX), strict=True)
         return
     if not path.is_file():
-        raise FileNotFoundError(f"model.teacher_checkpoint={str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what}={str(path)!r} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -187,9 +203,22 @@ def load_weights(model, path: str | Path, preset: str | None = None) -> None:
 
         full = cosmos_to_ours(full, detect_layout_of_keys(list(full)))
     elif not set(full) <= names:
-        layout = "diffusers" if any(k.startswith("condition_embedder") for k in full) else "original"
-        full = to_ours(full, layout)
-    check_architecture(model, {k: v.shape for k, v in full.items()}, path, preset)
+        from megatron_rcm.convert.wan_keys import RCM_PREFIXES, rcm_prefix
+
+        if isinstance(full.get("state_dict"), dict):  # an rCM trainer checkpoint wraps its networks
+            full = full["state_dict"]
+        prefix = rcm_prefix(full)
+        if prefix is not None:  # an rCM / TurboDiffusion student: read the EMA when both copies are there
+            full = {k: v for k, v in full.items() if k.startswith(prefix) or not k.startswith(RCM_PREFIXES)}
+            layout = "rcm"
+        else:
+            layout = "diffusers" if any(k.startswith("condition_embedder") for k in full) else "original"
+        try:
+            full = to_ours(full, layout)
+        except KeyError as e:
+            raise ConfigError(f"{what}={str(path)!r}: {e.args[0]} (read as the {layout} layout); convert it "
+                              "with tools/convert.py to see every unknown key") from None
+    check_architecture(model, {k: v.shape for k, v in full.items()}, path, preset, what)
     load_full_state_dict(model, full, strict=True)
 
 

@@ -38,6 +38,7 @@ from megatron_rcm.training.models import (
     check_timestep_scale,
     is_cosmos_preset,
     load_weights,
+    refuse_two_expert_preset,
 )
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
 from megatron_rcm.training.phases import PhaseTimers
@@ -111,6 +112,7 @@ class Trainer:
             check_resume_config(resume_path, to_dict(cfg), self.rank)
 
         # -- networks -------------------------------------------------------------------------------
+        refuse_two_expert_preset(cfg.model.preset)
         self.wan_cfg = build_wan_config(cfg.model, cfg.data, cp_comm_type=pcfg.cp_comm_type)
         check_timestep_scale(cfg.model, cfg.distill)
         if pcfg.context_parallel > 1 and is_cosmos_preset(cfg.model.preset):
@@ -118,7 +120,7 @@ class Trainer:
                                       "parallelism yet (Wan has); set parallel.context_parallel=1")
         self.teacher = teacher if teacher is not None else self._build_teacher()
         self.teacher.requires_grad_(False).eval()
-        self.student = self._wrap(self._copy_of_teacher())
+        self.student = self._wrap(self._build_student())
         self.critic = self._wrap(self._copy_of_teacher()) if self.engine.has_critic else None
         self.ema = PowerEMA(self.student.module, std=0.1)
 
@@ -171,6 +173,14 @@ class Trainer:
         elif self.rank == 0:
             logger.warning("model.teacher_checkpoint is not set: the teacher has random weights (tests and "
                            "throughput runs only)")
+        return model
+
+    def _build_student(self):
+        """A copy of the teacher, or ``model.student_checkpoint``'s weights (the EMA starts from them too)."""
+        if not self.cfg.model.student_checkpoint:
+            return self._copy_of_teacher()
+        model = build_model(self.wan_cfg, self.cfg.training.seed).to(self.device)
+        load_weights(model, self.cfg.model.student_checkpoint, self.cfg.model.preset, "model.student_checkpoint")
         return model
 
     def _copy_of_teacher(self):

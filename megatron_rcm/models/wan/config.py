@@ -1,7 +1,20 @@
-"""Wan2.1 DiT configuration: a Megatron ``TransformerConfig`` plus the Wan-specific fields, and presets.
+"""Wan2.1 / Wan2.2 DiT configuration: a Megatron ``TransformerConfig`` plus the Wan-specific fields, and presets.
 
 Presets follow the released Wan2.1 configs (``config.json`` of Wan-AI/Wan2.1-*-Diffusers); the ``tiny``
 presets are debug sizes that exercise every code path (RoPE split, I2V image branch) in seconds on CPU.
+
+Wan2.2 (values from diffusers' ``scripts/convert_wan_to_diffusers.py``, ``get_transformer_config``, and the
+Wan team's ``wan/configs/wan_{ti2v_5B,t2v_A14B,i2v_A14B}.py``):
+
+* ``wan2.2-ti2v-5b``: the Wan2.1 DiT at 30 layers, 3072 wide (24 heads of 128), FFN 14336, on the
+  48-channel latents of the Wan2.2 VAE (stride (4, 16, 16), against Wan2.1's (4, 8, 8)); patch (1, 2, 2).
+  diffusers' ``WanTransformer3DModel`` runs it with the Wan2.1 math for a timestep per sample; its TI2V
+  pipeline (``expand_timesteps``) passes a timestep per token instead (image-conditioned first-frame
+  tokens at t = 0), which this model refuses with ``NotImplementedError``.
+* ``wan2.2-t2v-a14b`` / ``wan2.2-i2v-a14b``: two experts of the Wan2.1-14B shape each, the high-noise one
+  used for timesteps t >= boundary * 1000, the low-noise one below (``WAN22_BOUNDARY``). The I2V experts
+  take 36 input channels (16 noisy + 4 mask + 16 image latents) and have no CLIP branch (diffusers'
+  config: ``added_kv_proj_dim=None``, no ``image_dim``), so they are ``model_type="t2v"`` here.
 """
 
 from __future__ import annotations
@@ -90,6 +103,16 @@ _PRESETS: dict[str, dict] = {
         in_channels=36,
         model_type="i2v",
     ),
+    "wan2.2-ti2v-5b": dict(
+        num_layers=30, hidden_size=3072, ffn_hidden_size=14336, num_attention_heads=24, in_channels=48,
+        out_channels=48,
+    ),
+    "wan2.2-t2v-a14b": dict(
+        num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40, in_channels=16
+    ),
+    "wan2.2-i2v-a14b": dict(
+        num_layers=40, hidden_size=5120, ffn_hidden_size=13824, num_attention_heads=40, in_channels=36
+    ),
     "wan-tiny-t2v": dict(
         num_layers=2,
         hidden_size=128,
@@ -115,6 +138,13 @@ _PRESETS: dict[str, dict] = {
 }
 
 PRESETS = tuple(_PRESETS)
+
+WAN22_BOUNDARY: dict[str, float] = {"wan2.2-t2v-a14b": 0.875, "wan2.2-i2v-a14b": 0.900}
+"""Two-expert presets -> boundary ratio: the high-noise expert serves timesteps t >= ratio * 1000 (the Wan
+team's ``boundary`` in ``wan_t2v_A14B.py`` / ``wan_i2v_A14B.py``; diffusers' ``boundary_ratio``)."""
+
+WAN22_VAE_STRIDE: dict[str, tuple[int, int, int]] = {"wan2.2-ti2v-5b": (4, 16, 16)}
+"""(frames, rows, cols) pixels per latent of the VAE a preset's latents come from; Wan2.1's is (4, 8, 8)."""
 
 
 def wan_config(preset: str, **overrides) -> WanConfig:

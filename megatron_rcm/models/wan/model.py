@@ -151,6 +151,12 @@ class WanModel(MegatronModule):
             raise ValueError(
                 f"patched grid {(F // pt, H // ph, W // pw)} exceeds rope_max_seq_len {cfg.rope_max_seq_len}"
             )
+        if timestep.ndim == 2 and timestep.shape[0] == B:
+            raise NotImplementedError(
+                f"timestep of shape {tuple(timestep.shape)}: one timestep per token (Wan2.2 TI2V's expand_timesteps) "
+                "needs per-token modulation in every block and the head, which this model does not implement; "
+                "pass one timestep per sample, shape [B]"
+            )
         if timestep.shape != (B,):
             raise ValueError(f"timestep must be [B={B}], got shape {tuple(timestep.shape)}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
