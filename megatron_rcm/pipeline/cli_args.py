@@ -111,6 +111,14 @@ def _ranks():
     return dist.get_rank(), dist.get_world_size(), dist.barrier, device
 
 
+def _tensor_parallel_ranks() -> None:
+    """Under torchrun, ``sample`` builds one tensor-parallel model over all ranks (TP = world size): the
+    14B student does not fit one GPU with the VAE and text encoder beside it."""
+    from megatron_rcm.parallel.state import initialize_parallel
+
+    initialize_parallel(tensor_parallel=int(os.environ["WORLD_SIZE"]))
+
+
 def run_pipeline_command(args) -> int:
     from megatron_rcm.convert.errors import ConversionError
     from megatron_rcm.data.format import ShardError
@@ -150,7 +158,7 @@ def run_pipeline_command(args) -> int:
         prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
         teacher = None if args.teacher is None else (args.teacher or args.weights)
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-            raise NotImplementedError("sample runs as one process (TP = 1); run it without torchrun")
+            _tensor_parallel_ranks()
         opts = SampleOptions(args.student, args.weights, args.out, prompts, args.steps, args.num_frames, args.height,
                              args.width, args.fps, args.seed, args.sigma_max, teacher=teacher,
                              teacher_steps=args.teacher_steps, guidance=args.guidance, shift=args.shift,

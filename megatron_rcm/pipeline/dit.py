@@ -8,8 +8,10 @@
 * weights in the diffusers or original layout (``megatron_rcm.convert.importer.plan_import``): a
   ``tools/convert.py export`` folder, a diffusers pipeline root (its ``transformer/``), a weight file.
 
-TP = 1: one process (``ensure_single_process_parallel``), or each rank of a torchrun job its own full copy
-(``encode``/``synthesize`` slices; the parallel state is then initialized by the command, TP = 1).
+One process (``ensure_single_process_parallel``, TP = 1), or the ranks of a torchrun job whose parallel state
+the command initialized: each rank its own full copy for ``encode``/``synthesize`` slices (TP = 1), or one
+tensor-parallel model over all ranks for ``sample`` (TP = world size: the full weights are read on every
+rank and each keeps its shard, ``load_full_state_dict``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def _is_dist_ckpt_path(path: Path) -> bool:
     return path.name == "latest"
 
 
-def _ensure_parallel_state() -> None:
+def _ensure_parallel_state() -> int:
+    """Initialize the parallel state if nobody did; return the TP size the model is built with."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -41,8 +44,7 @@ def _ensure_parallel_state() -> None:
         from megatron_rcm.parallel.state import initialize_parallel
 
         initialize_parallel(tensor_parallel=1)
-    elif parallel_state.get_tensor_model_parallel_world_size() != 1:
-        raise NotImplementedError("sampling with tensor parallelism is not implemented: run with TP = 1 per rank")
+    return parallel_state.get_tensor_model_parallel_world_size()
 
 
 def load_dit(path: str | Path, *, ema: bool | None = None, prefix: str | None = None,
@@ -55,7 +57,7 @@ def load_dit(path: str | Path, *, ema: bool | None = None, prefix: str | None = 
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file or directory (expected a checkpoint, an export or a weight file)")
-    _ensure_parallel_state()
+    tp = _ensure_parallel_state()
     if _is_dist_ckpt_path(path):
         from megatron_rcm.convert.dist_ckpt import load_full_tensors, resolve_checkpoint, tensor_metadata
         from megatron_rcm.convert.exporter import checkpoint_arch, model_prefixes, select_prefix
@@ -69,7 +71,7 @@ def load_dit(path: str | Path, *, ema: bool | None = None, prefix: str | None = 
         use_config = train_config is not None or bool(train_set)
         arch, arch_from = checkpoint_arch(ckpt, shapes, num_heads,
                                           (train_config, tuple(train_set)) if use_config else None)
-        model = WanModel(arch.wan_config(tensor_model_parallel_size=1))
+        model = WanModel(arch.wan_config(tensor_model_parallel_size=tp))
         names = [n for n, _ in model.named_parameters()]
         missing = [pfx + n for n in names if n not in shapes]
         if missing:
@@ -83,7 +85,7 @@ def load_dit(path: str | Path, *, ema: bool | None = None, prefix: str | None = 
 
         plan = plan_import(path, num_heads=num_heads)
         try:
-            model = WanModel(plan.arch.wan_config(tensor_model_parallel_size=1))
+            model = WanModel(plan.arch.wan_config(tensor_model_parallel_size=tp))
             full = {ours: patch_weight_to_ours(plan.source.read(key), ours) for key, ours in plan.ours_of.items()}
         finally:
             plan.source.close()

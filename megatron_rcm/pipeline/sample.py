@@ -143,7 +143,12 @@ def _run(model, sampler, noises, conds, device) -> tuple[list[torch.Tensor], flo
 
 
 def run_sample(opts: SampleOptions, device=None, log=print) -> dict:
-    """Sample, decode and write the output folder; returns the summary (also written as summary.json)."""
+    """Sample, decode and write the output folder; returns the summary (also written as summary.json).
+
+    Under torchrun with tensor parallelism every rank runs the same steps (same noise, same prompts: the
+    model is collective) and rank 0 alone writes the folder and logs."""
+    import torch.distributed as dist
+
     from megatron_rcm.convert.output_dir import atomic_output_dir, check_not_source, check_output_dir
     from megatron_rcm.data.batch import pad_text
     from megatron_rcm.pipeline.components import TEXT_LEN, TextEncoder, VideoVAE, default_device
@@ -155,6 +160,8 @@ def run_sample(opts: SampleOptions, device=None, log=print) -> dict:
     from megatron_rcm.rcm.trigflow import WAN_TIMESTEP_SCALE
 
     opts.validate()
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    log = log if rank0 else (lambda *_: None)
     weights = check_weights_folder(opts.weights)
     sources = [opts.student, opts.weights] + ([opts.teacher] if opts.teacher else [])
     check_not_source(opts.out, sources, "model it samples")
@@ -205,6 +212,19 @@ def run_sample(opts: SampleOptions, device=None, log=print) -> dict:
 
     labels = {"student": f"student {opts.steps}-step",
               "teacher": f"teacher {opts.teacher_steps}-step cfg {opts.guidance:g}"}
+    summary = {
+        "prompts": list(opts.prompts),
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("prompts", "negative_prompt")},
+        "student": student_what,
+        "teacher": teacher_what,
+        "latent_shape": [C, F, H, W],
+        "student_seconds": rows["student"][1],
+    }
+    if "teacher" in rows:
+        summary["teacher_seconds"] = rows["teacher"][1]
+        summary["speedup"] = rows["teacher"][1] / max(rows["student"][1], 1e-9)
+    if not rank0:
+        return summary
     sheet = []
     with atomic_output_dir(opts.out, opts.overwrite) as tmp:
         clips = {}
@@ -215,17 +235,6 @@ def run_sample(opts: SampleOptions, device=None, log=print) -> dict:
         for i, prompt in enumerate(opts.prompts):
             sheet += [(f"{labels[name]}: {prompt}", clips[name][i]) for name in rows]
         contact_sheet(sheet, tmp / "contact_sheet.png")
-        summary = {
-            "prompts": list(opts.prompts),
-            "options": {k: v for k, v in asdict(opts).items() if k not in ("prompts", "negative_prompt")},
-            "student": student_what,
-            "teacher": teacher_what,
-            "latent_shape": [C, F, H, W],
-            "student_seconds": rows["student"][1],
-        }
-        if "teacher" in rows:
-            summary["teacher_seconds"] = rows["teacher"][1]
-            summary["speedup"] = rows["teacher"][1] / max(rows["student"][1], 1e-9)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     n = len(opts.prompts)
     log(f"student {opts.steps}-step: {summary['student_seconds']:.2f} s for {n} video(s)")
