@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.transformer import TransformerConfig
 
+from megatron_rcm.ops.attention import check_attention_backend
+
 
 @dataclass
 class CosmosConfig(TransformerConfig):
@@ -65,7 +67,8 @@ class CosmosConfig(TransformerConfig):
     qk_norm_eps: float = 1e-6
     """Epsilon of the per-head q/k RMSNorms (original Cosmos: 1e-6; diffusers: 1e-5)."""
     attention_backend_name: str = "auto"
-    """Attention implementation: "auto" (Triton JVP kernel on CUDA, PyTorch reference on CPU), "torch", "triton"."""
+    """Attention implementation (``megatron_rcm.ops.attention.attention_op``, picked at construction): "auto"
+    (Triton JVP kernel on CUDA, PyTorch on CPU), "torch" (SDPA, PyTorch reference for the JVP), "triton"."""
     use_te: bool = False
     """Transformer Engine linears (not implemented for the tangent path: raises)."""
     recompute_blocks: bool = False
@@ -75,6 +78,7 @@ class CosmosConfig(TransformerConfig):
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        check_attention_backend(self.attention_backend_name, f"{type(self).__name__}.attention_backend_name")
         self.max_size = tuple(int(m) for m in self.max_size)
         self.rope_scale = tuple(float(s) for s in self.rope_scale)
         if self.model_type not in ("t2i", "v2w"):

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.transformer import TransformerConfig
 
+from megatron_rcm.ops.attention import check_attention_backend
+
 
 @dataclass
 class WanConfig(TransformerConfig):
@@ -55,7 +57,8 @@ class WanConfig(TransformerConfig):
     rope_max_seq_len: int = 1024
     """Largest frame/row/column index the RoPE tables cover."""
     attention_backend_name: str = "auto"
-    """Attention implementation: "auto" (Triton JVP kernel on CUDA, PyTorch reference on CPU), "torch", "triton"."""
+    """Attention implementation (``megatron_rcm.ops.attention.attention_op``, picked at construction): "auto"
+    (Triton JVP kernel on CUDA, PyTorch on CPU), "torch" (SDPA, PyTorch reference for the JVP), "triton"."""
     use_te: bool = False
     """Build linears from Transformer Engine (FP8/BF16) instead of Megatron's local tensor-parallel layers."""
     recompute_blocks: bool = False
@@ -65,6 +68,7 @@ class WanConfig(TransformerConfig):
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        check_attention_backend(self.attention_backend_name, f"{type(self).__name__}.attention_backend_name")
         if self.model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.hidden_size % self.num_attention_heads != 0:
