@@ -4,8 +4,10 @@ Shape legend (layout "sbhd", Megatron's order; "bshd" swaps the first two axes):
     q, t_q: [Sq, B, H, Dqk]    k, t_k: [Skv, B, H, Dqk]    v, t_v: [Skv, B, H, Dv]
     o, t_o: [Sq, B, H, Dv]     lse, t_lse: [B, H, Sq] float32
 
-This module needs no Triton: the model's CPU path calls ``attention_jvp_torch``, and the Triton
-path (``attention_jvp.py``) shares its checks.
+This module needs no Triton: it is the one PyTorch reference attention. The model's PyTorch path
+(``megatron_rcm/ops/attention.py``) calls ``attention_jvp_torch``, ring attention's PyTorch chunks
+(``megatron_rcm/ops/attention_chunks.py``) call ``attention_jvp_bhsd``, and the Triton path
+(``attention_jvp.py``) shares its checks.
 """
 
 from __future__ import annotations
@@ -100,37 +102,55 @@ def _from_bhsd(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.permute(2, 0, 1, 3) if layout == "sbhd" else x.permute(0, 2, 1, 3)
 
 
+def attention_jvp_bhsd(q, k, v, t_q, t_k, t_v, scale: float):
+    """The reference math on [B, H, S, d] tensors already in the compute dtype (rcm_math.md section 9).
+
+    Returns (o, t_o, lse, t_lse) in that dtype and layout: o and lse with autograd (differentiable w.r.t.
+    q, k, v), t_o and t_lse with no graph; t_q None: no tangent (t_o = t_lse = None). t_k = t_v = None
+    with t_q given: constant keys and values.
+    """
+    # Primal with a graph: S = Q K^T * scale, P = softmax(S), O = P V.
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p, v)
+    lse = torch.logsumexp(s, dim=-1)
+    if t_q is None:
+        return o, None, lse, None
+
+    # Tangent with no graph: dS = (dQ K^T + Q dK^T) * scale, dLSE = sum_j p_j dS_j.
+    with torch.no_grad():
+        p_ = p.detach()
+        t_s = torch.matmul(t_q, k.detach().transpose(-1, -2))
+        if t_k is not None:
+            t_s = t_s + torch.matmul(q.detach(), t_k.transpose(-1, -2))
+        t_s = t_s * scale
+        t_lse = (p_ * t_s).sum(-1)
+        t_o = torch.matmul(p_ * (t_s - t_lse[..., None]), v.detach())
+        if t_v is not None:
+            t_o = t_o + torch.matmul(p_, t_v)
+    return o, t_o, lse, t_lse
+
+
 def attention_jvp_torch(q, k, v, t_q, t_k=None, t_v=None, softmax_scale=None, layout="sbhd", return_lse=False):
     """Reference attention JVP in PyTorch, materializing the softmax (O(Sq * Skv) memory).
 
     Same signature and outputs as ``attention_jvp``. Computes in float32 for 16-bit inputs (float64
     stays float64), O with autograd (differentiable w.r.t. q, k, v), the tangent t_o, lse and t_lse
     with no graph (rcm_math.md section 9: dO = sum_j p_j (dS_j - dLSE) v_j + sum_j p_j dv_j).
+    ``t_q=None`` (with ``t_k = t_v = None``) computes the primal only: t_o and t_lse are None.
     """
-    scale = check_inputs(q, k, v, t_q, t_k, t_v, softmax_scale, layout, DTYPES + (torch.float64,)).softmax_scale
+    # The checks need a query tangent; with none, q stands in for it (no tangent is computed).
+    t_q_checked = q if t_q is None else t_q
+    if t_q is None and t_k is not None:
+        raise ValueError("attention_jvp_torch: t_k and t_v need t_q (no query tangent means no tangent at all)")
+    scale = check_inputs(
+        q, k, v, t_q_checked, t_k, t_v, softmax_scale, layout, DTYPES + (torch.float64,)
+    ).softmax_scale
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_, k_, v_ = (_to_bhsd(x, layout).to(cdt) for x in (q, k, v))
-
-    # Primal with a graph: S = Q K^T * scale, P = softmax(S), O = P V.
-    s = torch.matmul(q_, k_.transpose(-1, -2)) * scale
-    p = torch.softmax(s, dim=-1)
-    o = torch.matmul(p, v_)
-    lse = torch.logsumexp(s, dim=-1)
-
-    # Tangent with no graph: dS = (dQ K^T + Q dK^T) * scale, dLSE = sum_j p_j dS_j.
-    with torch.no_grad():
-        p_ = p.detach()
-        t_s = torch.matmul(_to_bhsd(t_q, layout).to(cdt), k_.detach().transpose(-1, -2))
-        if t_k is not None:
-            t_s = t_s + torch.matmul(q_.detach(), _to_bhsd(t_k, layout).to(cdt).transpose(-1, -2))
-        t_s = t_s * scale
-        t_lse = (p_ * t_s).sum(-1)
-        t_o = torch.matmul(p_ * (t_s - t_lse[..., None]), v_.detach())
-        if t_v is not None:
-            t_o = t_o + torch.matmul(p_, _to_bhsd(t_v, layout).to(cdt))
-
+    to_c = lambda x: None if x is None else _to_bhsd(x, layout).to(cdt)
+    o, t_o, lse, t_lse = attention_jvp_bhsd(to_c(q), to_c(k), to_c(v), to_c(t_q), to_c(t_k), to_c(t_v), scale)
     o = _from_bhsd(o, layout).to(q.dtype)
-    t_o = _from_bhsd(t_o, layout).to(q.dtype)
+    t_o = None if t_o is None else _from_bhsd(t_o, layout).to(q.dtype)
     if return_lse:
         return o, t_o, lse, t_lse  # float32 (float64 for float64 inputs)
     return o, t_o

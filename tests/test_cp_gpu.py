@@ -36,7 +36,7 @@ def _attention_case(rank, S, N, d, with_tangent):
     """Errors of p2p and a2a vs one GPU for attention over S tokens (S odd: a padded shard)."""
     import torch.distributed as dist
 
-    from megatron_rcm.ops.attention import attention_jvp
+    from megatron_rcm.ops.attention import attention_op
     from megatron_rcm.parallel.context import token_shard
     from megatron_rcm.parallel.cp_attention import ContextParallelAttention
 
@@ -48,7 +48,7 @@ def _attention_case(rank, S, N, d, with_tangent):
     ref = None
     if rank == 0:
         qa, ka, va = (x.clone().requires_grad_(True) for x in (q, k, v))
-        o, t_o = attention_jvp(qa, ka, va, t_q, t_k, t_v, backend="auto")
+        o, t_o = attention_op("auto", "cuda")(qa, ka, va, t_q, t_k, t_v)
         (o.float() * w.float()).sum().backward()
         ref = [o.detach(), t_o, qa.grad, ka.grad, va.grad]
     errs = {}

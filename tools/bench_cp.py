@@ -75,11 +75,12 @@ class Setup:
         self.tokens = F * (H // 2) * (W // 2)
 
     def networks(self, cp: int, comm: str):
+        from megatron_rcm.models.config_fields import recompute_fields
         from megatron_rcm.models.wan import WanModel, wan_config
 
         def build(recompute: bool):
             cfg = wan_config(self.args.preset, context_parallel_size=cp, cp_comm_type=comm,
-                             perform_initialization=False, recompute_blocks=recompute, **self.overrides)
+                             perform_initialization=False, **recompute_fields(recompute), **self.overrides)
             model = WanModel(cfg)
             model.load_state_dict(self.weights, strict=True)
             return model.to(self.device)

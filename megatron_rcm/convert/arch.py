@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megatron_rcm.convert.errors import ConversionError
+from megatron_rcm.models.config_fields import FIELD_ALIASES
 from megatron_rcm.models.wan import PRESETS, WanConfig, wan_config
 
 ORIGINAL_IMAGE_DIM = 1280  # the original WanModel hard-codes the CLIP width of MLPProj
@@ -65,11 +66,16 @@ class WanArch:
         return wan_config(_BASE_PRESET[self.model_type], **fields, **overrides)
 
 
+def arch_of_config(cfg: WanConfig) -> WanArch:
+    """The architecture fields of a ``WanConfig`` (``norm_eps`` is Megatron's ``layernorm_epsilon``)."""
+    return WanArch(**{f.name: getattr(cfg, FIELD_ALIASES.get(f.name, f.name)) for f in dataclasses.fields(WanArch)})
+
+
 def match_preset(arch: WanArch) -> str | None:
     """The preset whose architecture equals ``arch`` (every field), or None."""
     for name in PRESETS:
         cfg = wan_config(name, tensor_model_parallel_size=1)
-        preset = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)}
+        preset = dataclasses.asdict(arch_of_config(cfg))
         preset["patch_size"] = tuple(preset["patch_size"])
         if preset["model_type"] == "t2v":  # the CLIP width does not exist in a T2V model
             preset["image_dim"] = arch.image_dim
@@ -105,7 +111,7 @@ def presets_with_shapes(arch: WanArch) -> list[str]:
 
 def preset_arch(name: str) -> WanArch:
     cfg = wan_config(name, tensor_model_parallel_size=1)
-    return WanArch(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)})
+    return arch_of_config(cfg)
 
 
 def from_training_config(path: str | None, sets=()) -> WanArch:
@@ -151,7 +157,7 @@ def from_training_config(path: str | None, sets=()) -> WanArch:
 def _arch_of_model_config(model) -> WanArch:
     model.validate()
     cfg = wan_config(model.preset, **(dict(model.overrides) | {"tensor_model_parallel_size": 1}))
-    return WanArch(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(WanArch)})
+    return arch_of_config(cfg)
 
 
 def from_run_meta(ckpt_dir: Path) -> WanArch | None:

@@ -20,7 +20,6 @@ its bytes are written -- fetches that one tensor from the source.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import queue
@@ -44,7 +43,7 @@ from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.planner import WriteItemType
 
-from megatron_rcm.convert.arch import WanArch
+from megatron_rcm.convert.arch import WanArch, arch_of_config
 from megatron_rcm.convert.errors import ConversionError
 
 CONFIG_FILE = "wan_config.json"
@@ -128,7 +127,7 @@ def read_wan_config(ckpt_dir: str | Path) -> dict | None:
 
 def arch_of(config) -> WanArch:
     """The ``WanArch`` of a ``WanConfig`` (to record beside a checkpoint the trainer writes)."""
-    return WanArch(**{f.name: getattr(config, f.name) for f in dataclasses.fields(WanArch)})
+    return arch_of_config(config)
 
 
 def load_wan_config(ckpt_dir: str | Path, **overrides):

@@ -20,6 +20,9 @@ from typing import NamedTuple
 
 import torch
 
+from megatron_rcm.kernels.attention_jvp_reference import attention_jvp_bhsd
+from megatron_rcm.ops.attention import check_attention_backend
+
 __all__ = ["ChunkOps", "Partial", "chunk_ops", "merge_partials"]
 
 
@@ -86,19 +89,11 @@ class TorchChunkOps(ChunkOps):
 
     @torch.no_grad()
     def forward(self, q, k, v, t_q, t_k, t_v, scale):
+        # The one PyTorch reference (rcm_math.md sec. 9), kept in the compute dtype for the merges.
         cdt = _cdt(q)
-        qb, kb, vb = (_bhsd(x).to(cdt) for x in (q, k, v))
-        s = qb @ kb.transpose(-1, -2) * scale  # S = Q K^T scale
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[..., None])
-        o = _sbhd(p @ vb)
-        if t_q is None:
-            return Partial(o, None, lse, None)
-        # dS = (dQ K^T + Q dK^T) scale, dLSE = sum_j P_j dS_j, dO = P (dS - dLSE) V + P dV (sec. 9)
-        t_s = (_bhsd(t_q).to(cdt) @ kb.transpose(-1, -2) + qb @ _bhsd(t_k).to(cdt).transpose(-1, -2)) * scale
-        t_lse = (p * t_s).sum(-1)
-        t_o = _sbhd((p * (t_s - t_lse[..., None])) @ vb + p @ _bhsd(t_v).to(cdt))
-        return Partial(o, t_o, lse, t_lse)
+        to_c = lambda x: None if x is None else _bhsd(x).to(cdt)
+        o, t_o, lse, t_lse = attention_jvp_bhsd(to_c(q), to_c(k), to_c(v), to_c(t_q), to_c(t_k), to_c(t_v), scale)
+        return Partial(_sbhd(o), None if t_o is None else _sbhd(t_o), lse, t_lse)
 
     @torch.no_grad()
     def backward(self, q, k, v, o, lse, do, scale):
@@ -172,12 +167,9 @@ def _flash_applies(q) -> bool:
 
 
 def chunk_ops(backend: str, device: torch.device) -> ChunkOps:
-    """The chunk implementation for an attention backend name: "torch"/"torch_reference" -> PyTorch,
-    "triton" -> kernels, "auto" -> kernels on CUDA, PyTorch elsewhere."""
-    if backend in ("torch", "torch_reference"):
-        return TorchChunkOps()
+    """The chunk implementation for an attention backend name (``ops.attention.ATTENTION_BACKENDS``):
+    "torch" -> PyTorch, "triton" -> kernels, "auto" -> kernels on CUDA, PyTorch elsewhere."""
+    check_attention_backend(backend)
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         return KernelChunkOps()
-    if backend == "auto":
-        return TorchChunkOps()
-    raise ValueError(f"unknown attention backend {backend!r}; expected 'auto', 'torch' or 'triton'")
+    return TorchChunkOps()

@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from megatron_rcm.ops.attention import attention_jvp
+from megatron_rcm.ops.attention import AttentionOp, attention_op, check_attention_backend
 from megatron_rcm.ops.attention_chunks import ChunkOps, Partial, chunk_ops, merge_partials
 from megatron_rcm.parallel.context import CP_COMM_TYPES, TokenShard, cp_global_ranks, cp_group
 
@@ -153,7 +153,7 @@ def _a2a(fn, x, cp, group):
     return (_seq_to_heads if fn is _SeqToHeads else _heads_to_seq)(x, cp, group)
 
 
-def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, backend: str, scale=None):
+def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, attn: AttentionOp, scale=None):
     cp, group = shard.size, cp_group()
     with_tangent = t_q is not None
     parts = [q, k, v] + ([t_q.detach(), t_k.detach(), t_v.detach()] if with_tangent else [])
@@ -163,7 +163,7 @@ def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, backend: str, s
     q, k, v = full[0], full[1, :S], full[2, :S]  # padded keys sliced off: exact, no mask
     t = (full[3].detach(), full[4, :S].detach(), full[5, :S].detach()) if with_tangent else (None,) * 3
     with _phase("a2a/attention", q.device):
-        o, t_o = attention_jvp(q, k, v, *t, softmax_scale=scale, backend=backend)
+        o, t_o = attn(q, k, v, *t, softmax_scale=scale)
     with _phase("a2a/all_to_all", q.device):
         if not with_tangent:
             return _a2a(_HeadsToSeq, o[None], cp, group)[0], None
@@ -284,8 +284,13 @@ class ContextParallelAttention:
 
     def __init__(self, comm_type: str, cp: int, heads_per_tp_rank: int, backend: str):
         check_cp_layout(comm_type, cp, heads_per_tp_rank)
-        self.comm_type, self.backend = comm_type, backend
-        self._fn = ring_attention if comm_type == "p2p" else ulysses_attention
+        self.comm_type, self.backend = comm_type, check_attention_backend(backend)
+        # Ring: the chunk implementation follows the tensors' device (``chunk_ops``); Ulysses: one
+        # attention op over the whole sequence, picked here.
+        if comm_type == "p2p":
+            self._fn, self._impl = ring_attention, backend
+        else:
+            self._fn, self._impl = ulysses_attention, attention_op(backend)
 
     def __call__(self, q, k, v, t_q, t_k, t_v, shard: TokenShard):
         if (t_q is None) != (t_k is None) or (t_k is None) != (t_v is None):
@@ -295,4 +300,4 @@ class ContextParallelAttention:
                 f"context-parallel self-attention needs the TokenShard of this rank's {q.shape[0]} tokens "
                 f"(got {shard})"
             )
-        return self._fn(q, k, v, t_q, t_k, t_v, shard, self.backend)
+        return self._fn(q, k, v, t_q, t_k, t_v, shard, self._impl)

@@ -16,15 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from megatron_rcm.rcm.batch import per_sample
 from megatron_rcm.rcm.scm import bcast_mask, finite_mask
 from megatron_rcm.rcm.time_sampling import shift_rf
 from megatron_rcm.rcm.trigflow import Conditioning, TrigFlowDenoiser, rf_to_trig, trig_to_rf
 
 __all__ = ["dcm_grid", "dcm_loss", "teacher_euler_step"]
-
-
-def _b(c_B: Tensor, like: Tensor) -> Tensor:
-    return c_B.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def dcm_grid(num_steps: int, shift: float, device: torch.device | str | None = None) -> Tensor:
@@ -43,10 +40,10 @@ def teacher_euler_step(
 ) -> Tensor:
     """One RF Euler step of the (guided) teacher from TrigFlow time t to t_next, in TrigFlow coordinates."""
     s_B, s_next_B = trig_to_rf(t_B), trig_to_rf(t_next_B)
-    x_s = x_t / _b(torch.cos(t_B) + torch.sin(t_B), x_t)
+    x_s = x_t / per_sample(torch.cos(t_B) + torch.sin(t_B), x_t)
     v = teacher.velocity(x_s, s_B, cond, guidance)
-    x_s_next = x_s + _b(s_next_B - s_B, x_s) * v
-    return x_s_next * _b(torch.cos(t_next_B) + torch.sin(t_next_B), x_s_next)
+    x_s_next = x_s + per_sample(s_next_B - s_B, x_s) * v
+    return x_s_next * per_sample(torch.cos(t_next_B) + torch.sin(t_next_B), x_s_next)
 
 
 def dcm_loss(x0_theta: Tensor, target: Tensor, loss_scale: float) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from megatron_rcm.rcm.batch import add_noise, per_sample
 from megatron_rcm.rcm.scm import bcast_mask, finite_mask
 from megatron_rcm.rcm.time_sampling import TimeDistribution
 from megatron_rcm.rcm.trigflow import Conditioning, TrigFlowDenoiser
@@ -35,10 +36,6 @@ __all__ = [
     "rollout_steps",
     "student_rollout",
 ]
-
-
-def _b(c_B: Tensor, like: Tensor) -> Tensor:
-    return c_B.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
 
 def rollout_steps(count: int, N_max: int) -> int:
@@ -92,7 +89,7 @@ def student_rollout(
         with torch.no_grad():
             x0 = student(x, rollout.times[i], cond).x0
         t_next = rollout.times[i + 1]
-        x = _b(torch.cos(t_next), x0) * x0 + _b(torch.sin(t_next), x0) * rollout.noises[i + 1]
+        x = add_noise(x0, rollout.noises[i + 1], t_next)
     with torch.set_grad_enabled(grad_last and torch.is_grad_enabled()):
         return student(x, rollout.times[n - 1], cond).x0
 
@@ -121,7 +118,7 @@ def dmd_loss(
     with torch.no_grad():
         weight_B = (G64 - x_real).abs().flatten(1).mean(dim=1).clamp_min(weight_min)
         weight_B = torch.where(ok_B, weight_B, 1.0)
-        grad = (x_fake - x_real) / _b(weight_B, G64)
+        grad = (x_fake - x_real) / per_sample(weight_B, G64)
     diff = torch.where(bcast_mask(ok_B, G64), G64 - (G64 - grad).detach(), 0.0)
     loss = loss_scale * diff.square().flatten(1).sum(dim=1).sum() / B
     n_ok = ok_B.sum()
@@ -137,7 +134,7 @@ def critic_loss(G: Tensor, x_fake_hat: Tensor, t_D: Tensor, loss_scale: float = 
     B = G.shape[0]
     G64, xf64 = G.detach().to(torch.float64), x_fake_hat.to(torch.float64)
     ok_B = finite_mask(G64, xf64.detach())
-    sin2 = _b(torch.sin(t_D.to(torch.float64)) ** 2, G64)
+    sin2 = per_sample(torch.sin(t_D.to(torch.float64)) ** 2, G64)
     # mask before squaring: d(x^2) at a masked inf would be inf * 0 = nan
     diff = torch.where(bcast_mask(ok_B, G64), G64 - xf64, 0.0)
     loss = loss_scale * (diff.square() / sin2).flatten(1).sum(dim=1).sum() / B

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from megatron_rcm.rcm.batch import add_noise
 from megatron_rcm.rcm.dcm import dcm_grid, dcm_loss, teacher_euler_step
 from megatron_rcm.rcm.dmd import critic_loss as fake_score_loss
 from megatron_rcm.rcm.dmd import dmd_loss, draw_rollout, rollout_steps, student_rollout
@@ -174,10 +175,6 @@ def _as_denoiser(net, cfg: DistillConfig) -> TrigFlowDenoiser | None:
     return TrigFlowDenoiser(net, cfg.timestep_scale, batch_cfg=cfg.batch_cfg)
 
 
-def _b(c_B: Tensor, like: Tensor) -> Tensor:
-    return c_B.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
 class RCMEngine:
     """Losses of one distillation algorithm (``DistillConfig.algorithm``) for a given step.
 
@@ -259,7 +256,7 @@ class RCMEngine:
         B = x0.shape[0]
         t_B = cfg.student_time.sample(B, generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = _b(torch.cos(t_B), x0) * x0 + _b(torch.sin(t_B), x0) * eps
+        x_t = add_noise(x0, eps, t_B)
         with torch.no_grad():
             F_T = teacher(x_t, t_B, cond, cfg.guidance).F
         if use_fd:
@@ -286,7 +283,7 @@ class RCMEngine:
         k_B = torch.randint(1, cfg.dcm_num_steps + 1, (B,), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         t_B, t_prev_B = grid[k_B], grid[k_B - 1]
-        x_t = _b(torch.cos(t_B), x0) * x0 + _b(torch.sin(t_B), x0) * eps
+        x_t = add_noise(x0, eps, t_B)
         with torch.no_grad():
             x_prev = teacher_euler_step(teacher, x_t, t_B, t_prev_B, cond, cfg.guidance)
             target = student(x_prev, t_prev_B, cond).x0
@@ -303,7 +300,7 @@ class RCMEngine:
     def _noised_for_critic(self, G, generator) -> tuple[Tensor, Tensor]:
         t_D = self.config.critic_time.sample(G.shape[0], generator=generator, device=G.device)
         eps = torch.randn(G.shape, generator=generator, device=G.device, dtype=G.dtype)
-        return _b(torch.cos(t_D), G) * G.detach() + _b(torch.sin(t_D), G) * eps, t_D
+        return add_noise(G.detach(), eps, t_D), t_D
 
     def _dmd_term(self, student, critic, teacher, x0, cond, step, generator, logs) -> Tensor:
         """Sec. 4: rollout G (last step with graph), x_D, critic and guided teacher under no grad."""

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from megatron_rcm.rcm.batch import add_noise
 from megatron_rcm.rcm.time_sampling import shift_rf
 from megatron_rcm.rcm.trigflow import Conditioning, TrigFlowDenoiser
 
@@ -68,7 +69,7 @@ def student_sample(
         if t_next == 0.0:
             return x0
         eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = math.cos(t_next) * x0 + math.sin(t_next) * eps
+        x = add_noise(x0, eps, t_next)
     raise AssertionError("unreachable: the time list ends at 0")
 
 

@@ -36,6 +36,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from megatron_rcm.rcm.batch import per_sample
+
 __all__ = [
     "SCMLoss",
     "TANGENT_WARMUP_FORMS",
@@ -52,11 +54,6 @@ __all__ = [
 
 TANGENT_WARMUP_FORMS = ("release", "paper")
 """Where the warm-up ratio r enters g (module docstring): "release" (default) or "paper" (sCM)."""
-
-
-def _b(c_B: Tensor, like: Tensor) -> Tensor:
-    """[B] -> [B, 1, 1, ...] matching ``like`` (float64 stays float64)."""
-    return c_B.to(torch.promote_types(c_B.dtype, like.dtype)).view(-1, *([1] * (like.dim() - 1)))
 
 
 def bcast_mask(mask_B: Tensor, like: Tensor) -> Tensor:
@@ -84,7 +81,7 @@ def scm_tangents(t_B: Tensor, F_T: Tensor) -> tuple[Tensor, Tensor]:
     """Tangents of the JVP (sCM Sec. 5.1 rearrangement): dx_t = cos t sin t F_T, dt = cos t sin t."""
     t_B = t_B.to(torch.float64)
     cs_B = torch.cos(t_B) * torch.sin(t_B)
-    return _b(cs_B, F_T).to(F_T.dtype) * F_T, cs_B
+    return per_sample(cs_B, F_T, promote=True).to(F_T.dtype) * F_T, cs_B
 
 
 def scm_target(
@@ -99,7 +96,7 @@ def scm_target(
         raise ValueError(f"tangent warm-up form must be one of {TANGENT_WARMUP_FORMS}, got {form!r}")
     x_t, F_sg, F_T, dF = (x.to(torch.float64) for x in (x_t, F_sg, F_T, dF))
     t_B = t_B.to(torch.float64)
-    cos_t, sin_t = _b(torch.cos(t_B), x_t), _b(torch.sin(t_B), x_t)
+    cos_t, sin_t = per_sample(torch.cos(t_B), x_t, promote=True), per_sample(torch.sin(t_B), x_t, promote=True)
     first = -cos_t * torch.sqrt(1.0 - r**2 * sin_t**2) * (F_sg - F_T)
     if form == "release":
         return first - (r * cos_t * sin_t * x_t + dF)
@@ -110,7 +107,7 @@ def normalize_per_sample(g: Tensor, eps: float = 0.1) -> tuple[Tensor, Tensor]:
     """(g / (||g||_2 + eps), ||g||_2) per sample, in float64 (sec. 3)."""
     g = g.to(torch.float64)
     norm_B = torch.linalg.vector_norm(g.flatten(1), dim=1)
-    return g / _b(norm_B + eps, g), norm_B
+    return g / per_sample(norm_B + eps, g, promote=True), norm_B
 
 
 class SCMLoss(NamedTuple):
@@ -157,8 +154,9 @@ def finite_difference_dF(
     t_B = t_B.to(torch.float64)
     h_B = torch.clamp(t_B / 2, max=h)
     x64, F_T64 = x_t.to(torch.float64), F_T.to(torch.float64)
-    x_prev = (_b(torch.cos(h_B), x64) * x64 - _b(torch.sin(h_B), x64) * F_T64).to(x_t.dtype)
+    cos_h, sin_h = per_sample(torch.cos(h_B), x64, promote=True), per_sample(torch.sin(h_B), x64, promote=True)
+    x_prev = (cos_h * x64 - sin_h * F_T64).to(x_t.dtype)
     with torch.no_grad():
         F_prev = F_fn(x_prev, t_B - h_B).to(torch.float64)
-    dF_dt = (_b(torch.cos(h_B), x64) * F_sg.detach().to(torch.float64) - F_prev) / _b(torch.sin(h_B), x64)
-    return _b(torch.cos(t_B) * torch.sin(t_B), x64) * dF_dt
+    dF_dt = (cos_h * F_sg.detach().to(torch.float64) - F_prev) / sin_h
+    return per_sample(torch.cos(t_B) * torch.sin(t_B), x64, promote=True) * dF_dt

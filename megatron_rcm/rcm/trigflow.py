@@ -27,6 +27,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from megatron_rcm.rcm.batch import per_sample
+
 __all__ = [
     "Conditioning",
     "Preconditioners",
@@ -211,11 +213,6 @@ class TrigFlowOutput(NamedTuple):
     """F_hat, the TrigFlow velocity [B, C, F, H, W]; x0_hat = cos t x_t - sin t F_hat."""
 
 
-def _bcast(c_B: Tensor, like: Tensor) -> Tensor:
-    """[B] float64 coefficient -> [B, 1, 1, 1, 1] in the dtype of ``like`` (never below float32)."""
-    return c_B.to(like.dtype).view(-1, *([1] * (like.dim() - 1)))
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
@@ -317,9 +314,9 @@ class TrigFlowDenoiser:
         x_t = x_t.to(_compute_dtype(x_t))
         t_B = torch.as_tensor(t_B, dtype=torch.float64, device=x_t.device).expand(x_t.shape[0])
         pc = preconditioners(t_B, self.timestep_scale)
-        v = self.raw_velocity(_bcast(pc.c_in, x_t) * x_t, pc.c_noise, cond, guidance)
-        x0 = _bcast(pc.c_skip, x_t) * x_t + _bcast(pc.c_out, x_t) * v
-        F = _bcast(pc.c_skip_F, x_t) * x_t + _bcast(pc.c_out_F, x_t) * v
+        v = self.raw_velocity(per_sample(pc.c_in, x_t) * x_t, pc.c_noise, cond, guidance)
+        x0 = per_sample(pc.c_skip, x_t) * x_t + per_sample(pc.c_out, x_t) * v
+        F = per_sample(pc.c_skip_F, x_t) * x_t + per_sample(pc.c_out_F, x_t) * v
         return TrigFlowOutput(x0=x0, F=F)
 
     def F_jvp(
@@ -341,8 +338,8 @@ class TrigFlowDenoiser:
         pc = preconditioners(t_B, self.timestep_scale)
         dpc = preconditioner_tangents(t_B, self.timestep_scale)
 
-        x_in = _bcast(pc.c_in, x_t) * x_t
-        dx_in = _bcast(pc.c_in, x_t) * dx_t + _bcast(dpc.c_in * dt_B, x_t) * x_t
+        x_in = per_sample(pc.c_in, x_t) * x_t
+        dx_in = per_sample(pc.c_in, x_t) * dx_t + per_sample(dpc.c_in * dt_B, x_t) * x_t
         dc_noise = dpc.c_noise * dt_B
 
         p_dtype, ts_dtype = self._dtypes(x_t)
@@ -358,11 +355,11 @@ class TrigFlowDenoiser:
         )
         v, dv = v.to(cdt), dv.detach().to(cdt)
 
-        F = _bcast(pc.c_skip_F, x_t) * x_t + _bcast(pc.c_out_F, x_t) * v
+        F = per_sample(pc.c_skip_F, x_t) * x_t + per_sample(pc.c_out_F, x_t) * v
         dF = (
-            _bcast(pc.c_skip_F, x_t) * dx_t
-            + _bcast(dpc.c_skip_F * dt_B, x_t) * x_t
-            + _bcast(pc.c_out_F, x_t) * dv
-            + _bcast(dpc.c_out_F * dt_B, x_t) * v.detach()
+            per_sample(pc.c_skip_F, x_t) * dx_t
+            + per_sample(dpc.c_skip_F * dt_B, x_t) * x_t
+            + per_sample(pc.c_out_F, x_t) * dv
+            + per_sample(dpc.c_out_F * dt_B, x_t) * v.detach()
         )
         return F, dF

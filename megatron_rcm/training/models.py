@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from megatron_rcm.config.schema import ConfigError
+from megatron_rcm.models.config_fields import recompute_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPORT_PREFIX = "model."
@@ -42,7 +43,7 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     overrides["params_dtype"] = DTYPES[model_cfg.params_dtype]
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"
-    overrides["recompute_blocks"] = model_cfg.recompute if recompute is None else recompute
+    overrides.update(recompute_fields(model_cfg.recompute if recompute is None else recompute))
     try:
         cfg = (cosmos_config if cosmos else wan_config)(model_cfg.preset, **overrides)
     except (ValueError, TypeError) as err:

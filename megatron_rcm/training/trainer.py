@@ -166,7 +166,9 @@ class Trainer:
     def _build_teacher(self):
         import dataclasses
 
-        teacher_cfg = dataclasses.replace(self.wan_cfg, recompute_blocks=False)
+        from megatron_rcm.models.config_fields import recompute_fields
+
+        teacher_cfg = dataclasses.replace(self.wan_cfg, **recompute_fields(False))
         model = build_model(teacher_cfg, self.cfg.training.seed).to(self.device)
         if self.cfg.model.teacher_checkpoint:
             load_weights(model, self.cfg.model.teacher_checkpoint, self.cfg.model.preset)

@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_rcm.models.cosmos.layers import HeadRMSNorm
 from megatron_rcm.models.cosmos.rope import apply_rope_half
 from megatron_rcm.models.jvp import linear_jvp
-from megatron_rcm.ops.attention import attention_jvp
+from megatron_rcm.ops.attention import attention_op
 from megatron_rcm.parallel.collectives import tp_world_size
 
 
@@ -71,7 +71,7 @@ class CosmosAttention(MegatronModule):
         self.q_norm = HeadRMSNorm(config, self.head_dim)
         self.k_norm = HeadRMSNorm(config, self.head_dim)
         self.linear_proj = row(spec, config, D, D)
-        self.backend = config.attention_backend_name
+        self.attention = attention_op(config.attention_backend_name)
 
     def _heads(self, x):
         return None if x is None else x.unflatten(-1, (self.heads_per_rank, self.head_dim))
@@ -88,7 +88,7 @@ class CosmosAttention(MegatronModule):
             q, k = apply_rope_half(q, rope_cos, rope_sin), apply_rope_half(k, rope_cos, rope_sin)
             if t_x is not None:
                 t_q, t_k = apply_rope_half(t_q, rope_cos, rope_sin), apply_rope_half(t_k, rope_cos, rope_sin)
-        o, t_o = attention_jvp(q, k, v, t_q, t_k, t_v, backend=self.backend)
+        o, t_o = self.attention(q, k, v, t_q, t_k, t_v)
         o = o.flatten(-2)
         t_o = None if t_o is None else t_o.flatten(-2)
         return linear_jvp(self.linear_proj, o, t_o)

@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.transformer import TransformerConfig
 
+from megatron_rcm.models.config_fields import check_recompute, map_field_aliases
+from megatron_rcm.ops.attention import check_attention_backend
+
 
 @dataclass
 class CosmosConfig(TransformerConfig):
@@ -60,21 +63,20 @@ class CosmosConfig(TransformerConfig):
     """Append the padding-mask channel (zeros unless given) to the input before the patch embedding."""
     pos_embedding: str = "none"
     """"none" or "learnable" (per-axis absolute tables, summed and RMS-normalized, added in every block)."""
-    norm_eps: float = 1e-6
-    """Epsilon of the LayerNorms and of the time-embedding RMSNorm."""
     qk_norm_eps: float = 1e-6
     """Epsilon of the per-head q/k RMSNorms (original Cosmos: 1e-6; diffusers: 1e-5)."""
     attention_backend_name: str = "auto"
-    """Attention implementation: "auto" (Triton JVP kernel on CUDA, PyTorch reference on CPU), "torch", "triton"."""
+    """Attention implementation (``megatron_rcm.ops.attention.attention_op``, picked at construction): "auto"
+    (Triton JVP kernel on CUDA, PyTorch on CPU), "torch" (SDPA, PyTorch reference for the JVP), "triton"."""
     use_te: bool = False
     """Transformer Engine linears (not implemented for the tangent path: raises)."""
-    recompute_blocks: bool = False
-    """Activation recompute: re-run each transformer block in the backward instead of storing activations."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (e.g. the source checkpoint a converted model came from)."""
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        check_attention_backend(self.attention_backend_name, f"{type(self).__name__}.attention_backend_name")
+        check_recompute(self)
         self.max_size = tuple(int(m) for m in self.max_size)
         self.rope_scale = tuple(float(s) for s in self.rope_scale)
         if self.model_type not in ("t2i", "v2w"):
@@ -158,6 +160,7 @@ PRESETS = tuple(_PRESETS)
 def cosmos_config(preset: str, **overrides) -> CosmosConfig:
     """Build a ``CosmosConfig`` from a preset name plus field overrides (parallel sizes as ``wan_config``:
     TP from ``parallel_state`` unless given, sequence parallelism on whenever TP > 1)."""
+    overrides = map_field_aliases(overrides, "CosmosConfig")
     if preset not in _PRESETS:
         raise ValueError(f"unknown Cosmos preset {preset!r}; known presets: {', '.join(PRESETS)}")
     kwargs = dict(_PRESETS[preset])

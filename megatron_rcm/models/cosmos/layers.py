@@ -56,7 +56,7 @@ class CosmosTimeEmbedding(MegatronModule):
         super().__init__(config)
         D = config.hidden_size
         self.dim = D
-        self.eps = config.norm_eps
+        self.eps = config.layernorm_epsilon
         self.linear_1 = _linear(config, D, D)
         self.linear_2 = _linear(config, D, 3 * D)
         self.norm_weight = nn.Parameter(torch.ones(D, dtype=config.params_dtype))

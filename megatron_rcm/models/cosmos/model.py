@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
+from megatron_rcm.models.config_fields import recompute_blocks
 from megatron_rcm.models.cosmos.block import CosmosBlock
 from megatron_rcm.models.cosmos.config import CosmosConfig
 from megatron_rcm.models.cosmos.layers import AdaLNLoRA, CosmosTimeEmbedding, LearnablePosEmbedding
@@ -206,7 +207,7 @@ class CosmosModel(MegatronModule):
         )
         for block in self.blocks:
             args = (x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin)
-            if cfg.recompute_blocks and torch.is_grad_enabled():
+            if recompute_blocks(cfg) and torch.is_grad_enabled():
                 x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x, t_x = block(*args)

@@ -7,6 +7,8 @@ sequence parallelism the column linears all-gather [s, B, D] -> [S, B, D_tp] and
 reduce-scatters back to [s, B, D].
 Context parallel (``config.context_parallel_size`` > 1): self-attention runs over the CP group with the
 flavour of ``config.cp_comm_type`` (``megatron_rcm.parallel.cp_attention``), picked at construction;
+the attention implementation (``megatron_rcm.ops.attention.attention_op``) is picked at construction too,
+from ``config.attention_backend_name``;
 cross-attention needs nothing (local queries, replicated text K/V).
 """
 
@@ -19,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_rcm.models.jvp import add_tangents, linear_jvp
 from megatron_rcm.models.wan.layers import TPRMSNorm
 from megatron_rcm.models.wan.rope import apply_rope
-from megatron_rcm.ops.attention import attention_jvp
+from megatron_rcm.ops.attention import attention_op
 from megatron_rcm.parallel.collectives import tp_world_size
 from megatron_rcm.parallel.cp_attention import ContextParallelAttention
 
@@ -87,10 +89,12 @@ class WanSelfAttention(_WanAttentionBase):
         self.linear_k = _column(spec, config, D, D)
         self.linear_v = _column(spec, config, D, D)
         self.k_norm = TPRMSNorm(config, D)
-        self.backend = config.attention_backend_name
+        self.attention = attention_op(config.attention_backend_name)
         cp = config.context_parallel_size
         self.cp_attention = (
-            ContextParallelAttention(config.cp_comm_type or "p2p", cp, self.heads_per_rank, self.backend)
+            ContextParallelAttention(
+                config.cp_comm_type or "p2p", cp, self.heads_per_rank, config.attention_backend_name
+            )
             if cp > 1
             else None
         )
@@ -108,7 +112,7 @@ class WanSelfAttention(_WanAttentionBase):
         if self.cp_attention is not None:
             o, t_o = self.cp_attention(q, k, v, t_q, t_k, t_v, shard)
         else:
-            o, t_o = attention_jvp(q, k, v, t_q, t_k, t_v, backend=self.backend)
+            o, t_o = self.attention(q, k, v, t_q, t_k, t_v)
         return self._out(o, t_o)
 
 
@@ -129,12 +133,12 @@ class WanCrossAttention(_WanAttentionBase):
             self.linear_k_img = _column(spec, ctx_config, D, D)
             self.linear_v_img = _column(spec, ctx_config, D, D)
             self.k_img_norm = TPRMSNorm(config, D)
-        self.backend = config.attention_backend_name
+        self.attention = attention_op(config.attention_backend_name)
 
     def _attend(self, q, t_q, ctx_LBD, linear_k, linear_v, k_norm):
         k, _ = k_norm(linear_jvp(linear_k, ctx_LBD, None)[0])
         v, _ = linear_jvp(linear_v, ctx_LBD, None)
-        return attention_jvp(q, self._heads(k), self._heads(v), t_q, None, None, backend=self.backend)
+        return self.attention(q, self._heads(k), self._heads(v), t_q, None, None)
 
     def forward(self, x_sBD, t_x, context_LBD, context_img_LBD=None):
         q, t_q = self._query(x_sBD, t_x)

@@ -25,10 +25,17 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core.transformer import TransformerConfig
 
+from megatron_rcm.models.config_fields import check_recompute, map_field_aliases
+from megatron_rcm.ops.attention import check_attention_backend
+
 
 @dataclass
 class WanConfig(TransformerConfig):
-    """Wan2.1 model hyper-parameters. ``hidden_size`` is Wan's ``dim``, ``ffn_hidden_size`` its ``ffn_dim``."""
+    """Wan2.1 model hyper-parameters. ``hidden_size`` is Wan's ``dim``, ``ffn_hidden_size`` its ``ffn_dim``.
+
+    Megatron's fields used as they are (``models/config_fields.py``): ``layernorm_epsilon`` is the epsilon of
+    every LayerNorm / RMSNorm (override name ``norm_eps`` maps onto it); activation recompute of each block
+    is ``recompute_granularity="full"``, ``recompute_method="uniform"``, ``recompute_num_layers=1``."""
 
     model_type: str = "t2v"
     """"t2v" or "i2v" (I2V adds the CLIP-feature projection and the image cross-attention)."""
@@ -48,23 +55,22 @@ class WanConfig(TransformerConfig):
     """Width of the CLIP image features (I2V only)."""
     image_len: int = 257
     """CLIP tokens ahead of the text tokens (I2V only)."""
-    norm_eps: float = 1e-6
-    """Epsilon of every LayerNorm / RMSNorm in the model."""
     rope_theta: float = 10000.0
     """RoPE base."""
     rope_max_seq_len: int = 1024
     """Largest frame/row/column index the RoPE tables cover."""
     attention_backend_name: str = "auto"
-    """Attention implementation: "auto" (Triton JVP kernel on CUDA, PyTorch reference on CPU), "torch", "triton"."""
+    """Attention implementation (``megatron_rcm.ops.attention.attention_op``, picked at construction): "auto"
+    (Triton JVP kernel on CUDA, PyTorch on CPU), "torch" (SDPA, PyTorch reference for the JVP), "triton"."""
     use_te: bool = False
     """Build linears from Transformer Engine (FP8/BF16) instead of Megatron's local tensor-parallel layers."""
-    recompute_blocks: bool = False
-    """Activation recompute: re-run each transformer block in the backward instead of storing activations."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (e.g. the source checkpoint a converted model came from)."""
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        check_attention_backend(self.attention_backend_name, f"{type(self).__name__}.attention_backend_name")
+        check_recompute(self)
         if self.model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.hidden_size % self.num_attention_heads != 0:
@@ -154,6 +160,7 @@ def wan_config(preset: str, **overrides) -> WanConfig:
     (Megatron's field: "p2p" ring, "a2a" Ulysses) picks the context-parallel attention; sequence parallelism is on
     whenever TP > 1 (Megatron's recommended setting).
     """
+    overrides = map_field_aliases(overrides, "WanConfig")
     if preset not in _PRESETS:
         raise ValueError(f"unknown Wan preset {preset!r}; known presets: {', '.join(PRESETS)}")
     kwargs = dict(_PRESETS[preset])

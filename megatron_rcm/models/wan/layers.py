@@ -36,7 +36,7 @@ class LayerNorm(MegatronModule):
 
     def __init__(self, config, hidden_size: int, affine: bool, sequence_parallel: bool = False, eps=None):
         super().__init__(config)
-        self.eps = config.norm_eps if eps is None else eps
+        self.eps = config.layernorm_epsilon if eps is None else eps
         if affine:
             self.weight = nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
             self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype))
@@ -60,7 +60,7 @@ class TPRMSNorm(MegatronModule):
         super().__init__(config)
         tp = tp_world_size()
         self.hidden_size = hidden_size
-        self.eps = config.norm_eps
+        self.eps = config.layernorm_epsilon
         self.weight = nn.Parameter(torch.ones(hidden_size // tp, dtype=config.params_dtype))
         self.weight.tensor_model_parallel = True
         self.weight.partition_dim = 0

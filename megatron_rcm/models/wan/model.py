@@ -28,6 +28,7 @@ from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
+from megatron_rcm.models.config_fields import recompute_blocks
 from megatron_rcm.models.jvp import compute_dtype, linear_jvp, silu_jvp
 from megatron_rcm.models.wan.block import WanBlock, modulate_jvp
 from megatron_rcm.models.wan.config import WanConfig
@@ -223,7 +224,7 @@ class WanModel(MegatronModule):
 
         for block in self.blocks:
             args = (x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard)
-            if cfg.recompute_blocks and torch.is_grad_enabled():
+            if recompute_blocks(cfg) and torch.is_grad_enabled():
                 x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x, t_x = block(*args)

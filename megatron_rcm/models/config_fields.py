@@ -1,0 +1,60 @@
+"""Model-config fields that Megatron's ``TransformerConfig`` already has, shared by Wan and Cosmos.
+
+* Norm epsilon: ``layernorm_epsilon`` (every LayerNorm / RMSNorm of the model that has no epsilon of its
+  own). The name ``norm_eps`` (the converters' architecture records, ``model.overrides``) maps onto it.
+* Activation recompute: Megatron's ``recompute_granularity="full"``, ``recompute_method="uniform"``,
+  ``recompute_num_layers=1`` (re-run each transformer block in the backward); the models implement that
+  setting only, and refuse others.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FIELD_ALIASES", "check_recompute", "map_field_aliases", "recompute_blocks", "recompute_fields"]
+
+FIELD_ALIASES = {"norm_eps": "layernorm_epsilon"}
+"""Override names users write -> the ``TransformerConfig`` field they set."""
+
+_REMOVED = {
+    "recompute_blocks": "use recompute_granularity='full' (with recompute_method='uniform', "
+    "recompute_num_layers=1), or model.recompute in a training config",
+}
+
+
+def recompute_fields(on: bool) -> dict:
+    """The ``TransformerConfig`` recompute fields for block recompute on or off."""
+    if on:
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    return dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+
+
+def map_field_aliases(overrides: dict, config_name: str) -> dict:
+    """``overrides`` with alias names mapped to Megatron's fields; a clear error for removed names or an
+    alias given together with its field."""
+    out = dict(overrides)
+    for old, hint in _REMOVED.items():
+        if old in out:
+            raise ValueError(f"{config_name}: field {old!r} was removed; {hint}")
+    for alias, name in FIELD_ALIASES.items():
+        if alias in out:
+            if name in out:
+                raise ValueError(f"{config_name}: give {alias!r} or {name!r}, not both (the same field)")
+            out[name] = out.pop(alias)
+    return out
+
+
+def check_recompute(cfg) -> None:
+    """Refuse recompute settings the models do not implement (they recompute whole blocks, one at a time)."""
+    if cfg.recompute_granularity is None:
+        return
+    got = (cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers)
+    if got != ("full", "uniform", 1):
+        raise NotImplementedError(
+            f"{type(cfg).__name__}: recompute_granularity={got[0]!r}, recompute_method={got[1]!r}, "
+            f"recompute_num_layers={got[2]!r} is not implemented; block recompute is "
+            "('full', 'uniform', 1), or recompute_granularity=None for none"
+        )
+
+
+def recompute_blocks(cfg) -> bool:
+    """Whether each transformer block is re-run in the backward (Megatron's full, uniform, 1 layer)."""
+    return cfg.recompute_granularity == "full"
