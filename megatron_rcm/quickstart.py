@@ -281,9 +281,6 @@ def _run(opts: QuickstartOptions, base, work: Path, out: Path, say) -> dict:
     t_start = time.time()
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormal AdamW moments slow CPU steps ~30x (see Trainer)
-    from megatron_rcm.training.trainer import use_free_port_if_single_process
-
-    use_free_port_if_single_process()
     initialize_parallel(1, seed=base.training.seed)
     device = _device()
     say(f"megatron-rcm quickstart on {device}: teacher {opts.teacher_steps} steps, "

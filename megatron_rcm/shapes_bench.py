@@ -224,7 +224,6 @@ def run_shapes_bench(opts: ShapesBenchOptions) -> dict:
     from megatron_rcm.eval.video_evaluator import HEADS, evaluate_clips, train_evaluator
     from megatron_rcm.eval.video_metrics import format_spread_table, mean_and_spread
     from megatron_rcm.parallel.state import initialize_parallel
-    from megatron_rcm.training.trainer import use_free_port_if_single_process
 
     t_start = time.time()
     _check_options(opts)
@@ -235,7 +234,6 @@ def run_shapes_bench(opts: ShapesBenchOptions) -> dict:
     say = lambda msg: print(msg, flush=True)
     if not torch.cuda.is_available():
         torch.set_flush_denormal(True)  # denormal AdamW moments slow CPU steps ~30x (see Trainer)
-    use_free_port_if_single_process()
     initialize_parallel(1, seed=base.training.seed)
     say(f"megatron-rcm shapes benchmark on {_device()}: clips [3, {F}, {H}, {W}], seeds {list(opts.seeds)}, "
         f"teacher {opts.teacher_steps} steps, {len(opts.methods)} distillations x {opts.distill_steps} steps -> {out}")

@@ -8,17 +8,12 @@ as ``__main__`` (Megatron's checkpoint writer helper process hangs otherwise).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import torch
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_rcm.parallel.state import free_port
 
 
 def _entry(rank, fn, world_size, port, out_path, args):

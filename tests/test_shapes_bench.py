@@ -136,9 +136,6 @@ def test_the_wan_dit_attends_across_frames_with_temporal_rope():
     and the frame RoPE makes the model not equivariant to permuting frames."""
     from megatron_rcm.parallel.state import initialize_parallel
     from megatron_rcm.training.models import build_model, build_wan_config
-    from megatron_rcm.training.trainer import use_free_port_if_single_process
-
-    use_free_port_if_single_process()
     initialize_parallel(1, seed=0)
     cfg = load_config(None, SHAPES_OVERRIDES)
     model = build_model(build_wan_config(cfg.model, cfg.data, recompute=False), seed=0).eval()

@@ -89,7 +89,7 @@ def test_linear_warmup():
 def test_dealias_steps_restores_one_increment_per_step():
     """The aliasing megatron-core 0.16's DistributedOptimizer.load_state_dict leaves behind (one step tensor in
     every state) makes torch AdamW count N steps per step; dealias_steps undoes it."""
-    from megatron_rcm.training.optim import dealias_steps
+    from megatron_rcm.parallel.mcore_compat import dealias_steps
 
     def run(fix: bool):
         params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]

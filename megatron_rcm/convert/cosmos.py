@@ -153,9 +153,9 @@ def _build(preset: str, dtype: torch.dtype, full: dict | None = None) -> CosmosM
 def _save_dist(model, out_dir: Path) -> None:
     from megatron.core import dist_checkpointing
 
-    from megatron_rcm.training.checkpoint import _patch_megatron_psutil
+    from megatron_rcm.parallel.mcore_compat import patch_psutil
 
-    _patch_megatron_psutil()
+    patch_psutil()
     dist_checkpointing.save(model.sharded_state_dict(prefix=MODEL_PREFIX), str(out_dir))
 
 

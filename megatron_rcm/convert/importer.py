@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -93,18 +92,15 @@ def ensure_single_process_parallel() -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_rcm.parallel.state import initialize_parallel
+    from megatron_rcm.parallel.state import free_port, initialize_parallel
 
     if not dist.is_initialized():
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
             raise ConversionError(
                 "run the converter as a single process (not under torchrun): it writes every shard"
             )
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
         )
         initialize_parallel(tensor_parallel=1)
     elif dist.get_world_size() != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1:

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from megatron_rcm.parallel.cpu_compat import enable_cpu_compat
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this machine now (single-process rendezvous, test process groups)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -41,7 +42,7 @@ def initialize_parallel(
         if "MASTER_PORT" not in os.environ:
             if world > 1:
                 raise ValueError("MASTER_PORT is not set for a multi-process run (torchrun/srun set it)")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())  # concurrent single runs must not collide
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
             torch.cuda.set_device(local)

@@ -37,8 +37,6 @@ import functools
 import json
 import logging
 import os
-import pickle
-import queue
 import re
 import shutil
 import signal
@@ -50,6 +48,7 @@ from typing import Any, NamedTuple
 import torch.distributed as dist
 
 from megatron_rcm.atomic import fsync_dir, fsync_tree, write_atomic
+from megatron_rcm.parallel.mcore_compat import file_results_queue, patch_psutil
 
 _STEP_RE = re.compile(r"^step_(\d{8})$")
 LATEST = "latest"
@@ -61,17 +60,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from (broken, or written by an incompatible run)."""
 
 
-def _patch_megatron_psutil() -> None:
-    """Megatron's async file writer logs process memory through psutil, which is not a dependency of
-    this package: without psutil report 0 (the value is only logged) instead of failing the save."""
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-        filesystem_async._process_memory = lambda: 0
-
-
 # -- writer processes die with the trainer ------------------------------------------------------------
 # megatron-core 0.16.1's torch_dist save (``FileSystemWriterAsync.write_preloaded_data_multiproc`` in
 # ``dist_checkpointing/strategies/filesystem_async.py``) forks one writer process per file bucket, and
@@ -81,10 +69,10 @@ def _patch_megatron_psutil() -> None:
 # all behind for good (a forked writer holds a copy of the trainer's memory: ~2.8 GB RSS each for a
 # 67M-parameter model). While ``CheckpointManager`` saves or schedules a save, (1) every process forked by
 # the saving process asks the kernel for SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``; a
-# writer's own children die with it, and so on), and (2) the results queue is a ``_FileResultsQueue``, a
+# writer's own children die with it, and so on), and (2) the results queue is a ``FileResultsQueue``, a
 # file inside the checkpoint's ``.tmp-`` directory, so no Manager is started (an in-memory pipe would not
 # do: Megatron joins the writer before it reads the queue, and a writer blocks on exit until a full pipe is
-# read). (2) retires when Megatron drops ``_get_write_results_queue``; (1) stays useful for any writer.
+# read; ``megatron_rcm.parallel.mcore_compat``, workaround 5). (1) stays useful for any writer.
 _PR_SET_PDEATHSIG = 1
 _saving_pid: int | None = None  # pid of the process inside CheckpointManager's save / schedule, else None
 
@@ -109,51 +97,18 @@ def _die_with_parent_after_fork() -> None:
 os.register_at_fork(after_in_child=_die_with_parent_after_fork)
 
 
-class _FileResultsQueue:
-    """The one-item queue through which Megatron's writer hands its results (or exception) to the trainer:
-    ``put`` pickles to ``path`` (written beside it, then renamed: the reader never sees half a file),
-    ``get_nowait`` reads and deletes it, ``queue.Empty`` if the writer has not put anything."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def put(self, item) -> None:
-        try:
-            data = pickle.dumps(item)
-        except Exception as err:  # noqa: BLE001 (an exception that does not pickle: keep its text)
-            data = pickle.dumps(RuntimeError(f"{item!r} (not picklable: {err})"))
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path)
-
-    def get_nowait(self):
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            raise queue.Empty from None
-        self.path.unlink()
-        return pickle.loads(data)
-
-
 @contextlib.contextmanager
 def _writers_die_with_trainer(results_dir: Path | None = None):
     """Scope of ``dist_checkpointing.save`` (``results_dir``: where the writers' results file goes) and of
     scheduling or running its request: see the comment above ``_PR_SET_PDEATHSIG``."""
     global _saving_pid
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    patch_queue = results_dir is not None and hasattr(filesystem_async, "_get_write_results_queue")
-    if patch_queue:
-        original = filesystem_async._get_write_results_queue
-        path = Path(results_dir) / f".write_results_rank{_rank()}.pkl"
-        filesystem_async._get_write_results_queue = lambda: _FileResultsQueue(path)
+    path = None if results_dir is None else Path(results_dir) / f".write_results_rank{_rank()}.pkl"
     _saving_pid = os.getpid()
     try:
-        yield
+        with file_results_queue(path):
+            yield
     finally:
         _saving_pid = None
-        if patch_queue:
-            filesystem_async._get_write_results_queue = original
 
 
 def _rank() -> int:
@@ -301,7 +256,7 @@ class CheckpointManager:
         self._calls = None  # Megatron's AsyncCallsQueue, made on the first asynchronous save
         self._pending: _PendingSave | None = None
         self._done: list[SaveResult] = []
-        _patch_megatron_psutil()
+        patch_psutil()
 
     @staticmethod
     def step_dir_name(step: int) -> str:

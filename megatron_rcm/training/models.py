@@ -129,7 +129,8 @@ def build_model(wan_cfg, seed: int):
     return model
 
 
-def _strip(d: dict, prefix: str) -> dict:
+def strip_prefix(d: dict, prefix: str) -> dict:
+    """The entries of ``d`` under ``prefix``, with the prefix removed."""
     return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
 
@@ -182,7 +183,7 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
                  if k.startswith(EXPORT_PREFIX) and isinstance(v, ShardedTensor)}
         check_architecture(model, found, path, preset, what)
         loaded = dist_checkpointing.load(model.sharded_state_dict(prefix=EXPORT_PREFIX), str(path))
-        model.load_state_dict(_strip(loaded, EXPORT_PREFIX), strict=True)
+        model.load_state_dict(strip_prefix(loaded, EXPORT_PREFIX), strict=True)
         return
     if not path.is_file():
         raise FileNotFoundError(f"{what}={str(path)!r} does not exist")
@@ -230,9 +231,9 @@ def export_model(model, path: str | Path) -> Path:
     from megatron.core import dist_checkpointing
 
     from megatron_rcm.atomic import fsync_tree
-    from megatron_rcm.training.checkpoint import _patch_megatron_psutil
+    from megatron_rcm.parallel.mcore_compat import patch_psutil
 
-    _patch_megatron_psutil()
+    patch_psutil()
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
     rank0 = not dist.is_initialized() or dist.get_rank() == 0

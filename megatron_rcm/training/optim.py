@@ -20,6 +20,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_rcm.parallel.mcore_compat import dealias_steps, load_states_around_step, materialize_adamw_state
+
 logger = logging.getLogger(__name__)
 
 
@@ -183,7 +185,7 @@ class MegatronOptimizer:
         self.optimizer = get_megatron_optimizer(cfg, [ddp_model])
         for opt in self._megatron_optimizers():
             if hasattr(opt, "_set_main_param_and_optimizer_states"):
-                _load_states_around_step(opt)
+                load_states_around_step(opt)
 
     @property
     def param_groups(self):
@@ -203,32 +205,13 @@ class MegatronOptimizer:
         ok, norm, _ = self.optimizer.step()
         return bool(ok), float("nan") if norm is None else float(norm)
 
-    @torch.no_grad()
-    def _materialize_state(self) -> None:
-        """Give parameters without AdamW state (never stepped, or skipped because their grad was None) zero
-        moments and the step count of the other parameters of the same optimizer: Megatron's state_dict
-        (torch-optimizer path) asserts one common step. For a never-stepped optimizer that is step 0, exactly
-        AdamW's lazy first-step init; for a parameter skipped while others stepped, zero moments at step k
-        are what AdamW holds for a parameter whose gradients were all zero."""
-        for inner in self._inner_torch_optimizers():
-            params = [p for group in inner.param_groups for p in group["params"]]
-            steps = {float(inner.state[p]["step"]) for p in params if "step" in inner.state[p]}
-            if len(steps) > 1:
-                raise RuntimeError(f"optimizer parameters disagree on the AdamW step: {sorted(steps)}")
-            step = steps.pop() if steps else 0.0
-            for p in params:
-                if len(inner.state[p]) == 0:
-                    inner.state[p]["step"] = torch.tensor(step)
-                    inner.state[p]["exp_avg"] = torch.zeros_like(p)
-                    inner.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-
-
     def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False) -> dict:
         # keys derive from the model's ("student." / "critic.") keys; "fully_reshardable" loads at any DP/TP
         # size (megatron-core 0.16 refuses the flattened-range tensors of "fully_sharded_model_space").
         # Loading too: Megatron builds the load template from state_dict(), which asserts one common step and
         # so fails on a fresh optimizer; step-0 zero state is what the checkpoint then overwrites.
-        self._materialize_state()
+        for inner in self._inner_torch_optimizers():  # megatron-core workaround (1), parallel/mcore_compat.py
+            materialize_adamw_state(inner)
         metadata = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
         out = {prefix: self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
                                                          metadata=metadata)}
@@ -241,50 +224,6 @@ class MegatronOptimizer:
         self.optimizer.load_state_dict(inner)
         for opt in self._inner_torch_optimizers():
             dealias_steps(opt)
-
-
-def _load_states_around_step(dist_opt) -> None:
-    """Let a DistributedOptimizer load "fully_reshardable" state when torch AdamW keeps ``step`` in each state.
-
-    megatron-core 0.16 (torch-optimizer path, no Apex/TE) copies every key of a parameter's optimizer state
-    from the checkpoint's tensors, which never carry ``step`` (it travels in the param groups): KeyError
-    'step' on every resume. The step is set per state beforehand from the param groups, so it is held aside
-    while the tensors are copied.
-    """
-    copy_states = dist_opt._set_main_param_and_optimizer_states
-
-    def copy_states_keep_step(model_param, tensors):
-        group_index, group_order = dist_opt.model_param_group_index_map[model_param]
-        main_param = dist_opt.optimizer.param_groups[group_index]["params"][group_order]
-        state = dist_opt.optimizer.state[main_param]
-        step = state.pop("step") if "step" in state and "step" not in tensors else None
-        try:
-            copy_states(model_param, tensors)
-        finally:
-            if step is not None:
-                state["step"] = step
-
-    dist_opt._set_main_param_and_optimizer_states = copy_states_keep_step
-
-
-@torch.no_grad()
-def dealias_steps(optimizer: torch.optim.Optimizer) -> int:
-    """Give every parameter state its own ``step`` tensor; returns how many were shared.
-
-    megatron-core 0.16's DistributedOptimizer.load_state_dict (torch-optimizer path, no Apex/TE) stores one
-    step tensor object in every parameter's state. torch AdamW then increments that one tensor once per
-    parameter per step (foreach ``_foreach_add_`` over the aliased list), so after a resume the step, and
-    with it Adam's bias correction, runs away: 3 -> 3 + N after one step with N parameters.
-    """
-    seen, shared = set(), 0
-    for state in optimizer.state.values():
-        step = state.get("step")
-        if isinstance(step, torch.Tensor):
-            if id(step) in seen:
-                state["step"] = step.detach().clone()
-                shared += 1
-            seen.add(id(state["step"]))
-    return shared
 
 
 def build_optimizer(ddp_model, lr: float, ocfg, params_dtype: torch.dtype, distributed: bool, name: str):

@@ -39,30 +39,13 @@ from megatron_rcm.training.models import (
     is_cosmos_preset,
     load_weights,
     refuse_two_expert_preset,
+    strip_prefix,
 )
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
 from megatron_rcm.training.phases import PhaseTimers
 from megatron_rcm.training.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger("megatron_rcm.train")
-
-
-def use_free_port_if_single_process() -> None:
-    """A single process started without a launcher would rendezvous on the fixed default port of
-    ``initialize_parallel``; two such runs on one machine (a quickstart next to a test) then collide.
-    Pick a free port instead (torchrun / Slurm set MASTER_PORT and WORLD_SIZE themselves)."""
-    import os
-    import socket
-
-    if dist.is_initialized() or "MASTER_PORT" in os.environ or "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
-
-def _strip(d: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in d.items() if k.startswith(prefix)}
 
 
 class Trainer:
@@ -84,7 +67,6 @@ class Trainer:
         if cfg.training.device == "cpu" and torch.cuda.is_available():
             raise ConfigError("training.device='cpu' on a CUDA machine is not supported (Megatron-Core's CUDA "
                               "paths are active); use training.device=auto")
-        use_free_port_if_single_process()
         initialize_parallel(pcfg.tensor_parallel, pcfg.pipeline_parallel, pcfg.context_parallel,
                             seed=cfg.training.seed)
         from megatron.core import parallel_state as ps
@@ -409,14 +391,14 @@ class Trainer:
             raise CheckpointError(f"resuming from checkpoint {path} failed: {type(err).__name__}: {err}") from err
 
     def _restore(self, loaded: dict, path) -> None:
-        self.student.module.load_state_dict(_strip(loaded["student"], "student."), strict=True)
+        self.student.module.load_state_dict(strip_prefix(loaded["student"], "student."), strict=True)
         self.opt_student.load_state_dict(loaded["optimizer_student"])
         self.sched_student.load_state_dict(loaded["scheduler_student"])
         self.ema.load_state_dict({**loaded["ema_meta"], "shadow": loaded["ema"]})
         if self.critic is not None:
             if "critic" not in loaded:
                 raise KeyError(f"{path} has no critic but distill.algorithm={self.cfg.distill.algorithm!r} needs one")
-            self.critic.module.load_state_dict(_strip(loaded["critic"], "critic."), strict=True)
+            self.critic.module.load_state_dict(strip_prefix(loaded["critic"], "critic."), strict=True)
             self.opt_critic.load_state_dict(loaded["optimizer_critic"])
             self.sched_critic.load_state_dict(loaded["scheduler_critic"])
         restore_rng_state(loaded["rng"], self.generator)
