@@ -205,21 +205,21 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
 
         full = cosmos_to_ours(full, detect_layout_of_keys(list(full)))
     elif not set(full) <= names:
+        from megatron_rcm.convert.errors import ConversionError
+        from megatron_rcm.convert.sources import detect_layout
         from megatron_rcm.convert.wan_keys import RCM_PREFIXES, rcm_prefix
 
         if isinstance(full.get("state_dict"), dict):  # an rCM trainer checkpoint wraps its networks
             full = full["state_dict"]
-        prefix = rcm_prefix(full)
-        if prefix is not None:  # an rCM / TurboDiffusion student: read the EMA when both copies are there
-            full = {k: v for k, v in full.items() if k.startswith(prefix) or not k.startswith(RCM_PREFIXES)}
-            layout = "rcm"
-        else:
-            layout = "diffusers" if any(k.startswith("condition_embedder") for k in full) else "original"
         try:
+            layout = detect_layout(list(full))  # the converter's detection: diffusers, original or rcm
+            if layout == "rcm":  # an rCM / TurboDiffusion student: read the EMA when both copies are there
+                prefix = rcm_prefix(full)
+                full = {k: v for k, v in full.items() if k.startswith(prefix) or not k.startswith(RCM_PREFIXES)}
             full = to_ours(full, layout)
-        except KeyError as e:
-            raise ConfigError(f"{what}={str(path)!r}: {e.args[0]} (read as the {layout} layout); convert it "
-                              "with tools/convert.py to see every unknown key") from None
+        except (ConversionError, KeyError) as e:
+            raise ConfigError(f"{what}={str(path)!r}: {e.args[0]}; convert it with tools/convert.py to see "
+                              "every unknown key") from None
     check_architecture(model, {k: v.shape for k, v in full.items()}, path, preset, what)
     load_full_state_dict(model, full, strict=True)
 
