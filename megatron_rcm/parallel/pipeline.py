@@ -29,6 +29,7 @@ __all__ = [
     "allreduce_replicated_grads",
     "boundary_shape",
     "global_state_dict",
+    "key_on_stage",
     "stage_state_dict",
     "check_pipeline_layout",
     "pack_boundary",
@@ -38,7 +39,9 @@ __all__ = [
     "unpack_boundary",
 ]
 
-REPLICATED_ATTR = "pipeline_replicated"  # parameter attribute: a copy lives on every pipeline stage
+# Megatron's parameter attribute for embedders copied on every stage: its finalize_model_grads sums their
+# main_grad over the pipeline group when the config has ``has_cond_embedder`` (as for its DiT models)
+REPLICATED_ATTR = "pipeline_parallel"
 
 
 def pp_world_size() -> int:
@@ -156,24 +159,29 @@ def allreduce_replicated_grads(model: torch.nn.Module) -> None:
         offset += g.numel()
 
 
+def key_on_stage(key: str, stage: PipelineStage) -> bool:
+    """Whether the full-model (global layer numbering) entry ``key`` lives on ``stage``."""
+    if key.startswith("blocks."):
+        index = int(key[len("blocks.") :].split(".", 1)[0])
+        return stage.layer_offset <= index < stage.layer_offset + stage.num_local_layers
+    if key.startswith("patch_embedding."):
+        return stage.pre_process
+    if key.startswith("head."):
+        return stage.post_process
+    return True
+
+
 def stage_state_dict(full_sd: dict, stage: PipelineStage) -> dict:
     """The entries of a full (PP=1) state dict that a stage holds, blocks renumbered to the stage's local
     indices (``blocks.{global}.`` -> ``blocks.{global - layer_offset}.``)."""
     out = {}
-    lo, hi = stage.layer_offset, stage.layer_offset + stage.num_local_layers
     for key, value in full_sd.items():
+        if not key_on_stage(key, stage):
+            continue
         if key.startswith("blocks."):
             index, rest = key[len("blocks.") :].split(".", 1)
-            if lo <= int(index) < hi:
-                out[f"blocks.{int(index) - lo}.{rest}"] = value
-        elif key.startswith("patch_embedding."):
-            if stage.pre_process:
-                out[key] = value
-        elif key.startswith("head."):
-            if stage.post_process:
-                out[key] = value
-        else:
-            out[key] = value
+            key = f"blocks.{int(index) - stage.layer_offset}.{rest}"
+        out[key] = value
     return out
 
 

@@ -104,13 +104,21 @@ def check_i2v_data(cfg, data_cfg, preset: str) -> None:
 
 def build_model(wan_cfg, seed: int):
     """A WanModel (CosmosModel for a ``CosmosConfig``) with weights drawn from ``seed`` (identical on every
-    rank, whatever the TP size)."""
+    rank, whatever the TP size); under pipeline parallelism this rank's stage of it."""
     from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
     from megatron_rcm.models.wan import WanModel
+    from megatron_rcm.parallel.pipeline import pipeline_stage, pp_world_size, stage_state_dict
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = (CosmosModel if isinstance(wan_cfg, CosmosConfig) else WanModel)(wan_cfg)
+    if pp_world_size() > 1:
+        # this pipeline stage, with the whole model's draws (the same weights as at PP=1; the whole model is
+        # built once on the CPU: random weights are for tests and throughput runs)
+        stage = pipeline_stage(wan_cfg.num_layers)
+        full_sd = model.state_dict()
+        model = WanModel(wan_cfg, **stage.model_kwargs)
+        model.load_state_dict(stage_state_dict(full_sd, stage), strict=True)
     return model
 
 
@@ -135,6 +143,11 @@ def check_architecture(model, found: dict[str, tuple], path, preset: str | None 
     expected = {k[len(EXPORT_PREFIX):]: tuple(v.global_shape)
                 for k, v in model.sharded_state_dict(prefix=EXPORT_PREFIX).items() if isinstance(v, ShardedTensor)}
     found = {k: tuple(v) for k, v in found.items()}
+    stage = getattr(model, "stage", None)
+    if stage is not None:  # a pipeline stage: the checkpoint's other stages' tensors are not expected here
+        from megatron_rcm.parallel.pipeline import key_on_stage
+
+        found = {k: v for k, v in found.items() if key_on_stage(k, stage)}
     wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if not (wrong or missing or unexpected):
@@ -190,6 +203,10 @@ def load_weights(model, path: str | Path, preset: str | None = None) -> None:
         layout = "diffusers" if any(k.startswith("condition_embedder") for k in full) else "original"
         full = to_ours(full, layout)
     check_architecture(model, {k: v.shape for k, v in full.items()}, path, preset)
+    if getattr(model, "stage", None) is not None:  # a pipeline stage: its blocks, local numbering
+        from megatron_rcm.parallel.pipeline import stage_state_dict
+
+        full = stage_state_dict(full, model.stage)
     load_full_state_dict(model, full, strict=True)
 
 

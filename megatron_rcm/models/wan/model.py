@@ -113,6 +113,7 @@ class WanModel(MegatronModule):
         self.config: WanConfig = config
         self.pre_process, self.post_process = pre_process, post_process
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules ask for
+        self.share_embeddings_and_output_weights = False  # finalize_model_grads asks (patch embedding != head)
         self.input_tensor = None  # a later pipeline stage's input, set by set_input_tensor
         spec = get_wan_block_spec(config.use_te)
         D = config.hidden_size
@@ -136,6 +137,12 @@ class WanModel(MegatronModule):
     def _conditioning_modules(self):
         modules = (self.text_embedding, self.time_embedding, self.time_projection, self.img_emb)
         return [m for m in modules if m is not None]
+
+    @property
+    def stage(self) -> pipeline.PipelineStage:
+        """The blocks and ends of the network this model holds (the whole network at PP=1)."""
+        offset = self.blocks[0].layer_number if len(self.blocks) else 0
+        return pipeline.PipelineStage(offset, len(self.blocks), self.pre_process, self.post_process)
 
     def set_input_tensor(self, input_tensor) -> None:
         """Megatron's schedule hands a later stage its input (a list of one tensor)."""
