@@ -130,3 +130,42 @@ def test_stage_layout_errors():
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def _load_worker(rank, world, ckpt_dir, file_path, full_sd):
+    from megatron_rcm.models.wan import WanModel
+    from megatron_rcm.parallel import pipeline
+    from megatron_rcm.training.models import load_weights
+
+    initialize_parallel(pipeline_parallel=world)
+    stage = pipeline.pipeline_stage(NUM_LAYERS)
+    want = pipeline.stage_state_dict(full_sd, stage)
+    errs = {}
+    for name, path in (("dist_checkpointing", ckpt_dir), ("state-dict file", file_path)):
+        model = WanModel(_config("t2v"), **stage.model_kwargs)
+        load_weights(model, path)
+        got = dict(model.named_parameters())
+        assert got.keys() == want.keys()
+        errs[name] = max((got[k] - want[k]).abs().max().item() for k in want)
+    outs = [None] * world
+    dist.all_gather_object(outs, errs)
+    destroy_parallel()
+    return outs
+
+
+def test_exported_weights_load_at_any_pp(tmp_path):
+    """The converter's output format (a dist_checkpointing directory, global layer numbers) and a full state-dict
+    file load into every stage of PP=2 and PP=4 as that stage's part of the whole model."""
+    from megatron_rcm.training.models import export_model
+
+    full_sd, _, _ = _reference("t2v")
+    from megatron_rcm.models.wan import WanModel
+
+    model = WanModel(_config("t2v"))
+    load_full_state_dict(model, full_sd)
+    ckpt = export_model(model, tmp_path / "export")
+    torch.save(full_sd, tmp_path / "full.pt")
+    destroy_parallel()
+    for pp in (2, 4):
+        for errs in spawn(_load_worker, pp, str(ckpt), str(tmp_path / "full.pt"), full_sd):
+            assert errs == {"dist_checkpointing": 0.0, "state-dict file": 0.0}, (pp, errs)

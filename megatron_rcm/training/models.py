@@ -140,8 +140,9 @@ def check_architecture(model, found: dict[str, tuple], path, preset: str | None 
     (global, unsharded) shapes ``found`` in a checkpoint do not fit ``model``, before any tensor is read."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    expected = {k[len(EXPORT_PREFIX):]: tuple(v.global_shape)
-                for k, v in model.sharded_state_dict(prefix=EXPORT_PREFIX).items() if isinstance(v, ShardedTensor)}
+    # checkpoint keys (ShardedTensor.key: global layer numbers on a pipeline stage), not state-dict keys
+    expected = {v.key[len(EXPORT_PREFIX):]: tuple(v.global_shape)
+                for v in model.sharded_state_dict(prefix=EXPORT_PREFIX).values() if isinstance(v, ShardedTensor)}
     found = {k: tuple(v) for k, v in found.items()}
     stage = getattr(model, "stage", None)
     if stage is not None:  # a pipeline stage: the checkpoint's other stages' tensors are not expected here
@@ -192,21 +193,28 @@ def load_weights(model, path: str | Path, preset: str | None = None) -> None:
     from megatron_rcm.parallel.sharding import load_full_state_dict
 
     names = {n for n, _ in model.named_parameters()}
+    found = set(full)
+    stage = getattr(model, "stage", None)
+    if stage is not None:  # a pipeline stage: its tensors under their global names (ours if they fit)
+        from megatron_rcm.parallel.pipeline import global_state_dict, key_on_stage
+
+        names = set(global_state_dict(dict.fromkeys(names), stage))
+        found = {k for k in found if key_on_stage(k, stage)}
     from megatron_rcm.models.cosmos import CosmosModel
 
-    if isinstance(model, CosmosModel) and not set(full) <= names:
+    if isinstance(model, CosmosModel) and not found <= names:
         from megatron_rcm.convert.cosmos_keys import detect_layout_of_keys
         from megatron_rcm.convert.cosmos_keys import to_ours as cosmos_to_ours
 
         full = cosmos_to_ours(full, detect_layout_of_keys(list(full)))
-    elif not set(full) <= names:
+    elif not found <= names:
         layout = "diffusers" if any(k.startswith("condition_embedder") for k in full) else "original"
         full = to_ours(full, layout)
     check_architecture(model, {k: v.shape for k, v in full.items()}, path, preset)
-    if getattr(model, "stage", None) is not None:  # a pipeline stage: its blocks, local numbering
+    if stage is not None:  # a pipeline stage: its blocks, local numbering
         from megatron_rcm.parallel.pipeline import stage_state_dict
 
-        full = stage_state_dict(full, model.stage)
+        full = stage_state_dict(full, stage)
     load_full_state_dict(model, full, strict=True)
 
 
