@@ -130,10 +130,13 @@ def unpack_boundary(h: torch.Tensor, with_tangent: bool):
     return h, None
 
 
-def mark_replicated(module: torch.nn.Module) -> None:
-    """Mark ``module``'s parameters as copied on every stage (see the module docstring)."""
+def mark_replicated(module: torch.nn.Module, first_stage: bool) -> None:
+    """Mark ``module``'s parameters as copied on every stage (see the module docstring). Off the first stage
+    they are also ``shared`` (Megatron's mark for the second copy of tied embeddings), so gradient norms count
+    each copied parameter once."""
     for p in module.parameters():
         setattr(p, REPLICATED_ATTR, True)
+        p.shared = not first_stage
 
 
 @torch.no_grad()

@@ -17,8 +17,10 @@ it needs each network's full output on every rank:
   ``<v, dL/dv>`` per micro-batch, whose parameter gradient is exactly ``dL/dv . dv/dtheta``
   (the chain rule; Megatron divides each micro-batch's loss by m, so the sum is multiplied by m).
   Exact because no recorded output feeds another recorded call with a graph (the engine detaches the
-  inputs: x_t, the rollout's earlier steps, x_D from sg(G)). The replay recomputes the forward (as full
-  activation recompute would): with the tangent stacked at the stage boundaries for the JVP pass.
+  inputs: x_t, the rollout's earlier steps, x_D from sg(G)) and the tangent carries no gradient. The replay
+  recomputes the forward (as full activation recompute would), primal alone: the primal of a JVP pass
+  does not depend on its tangent, so the JVP pass's t_v (stacked with the primal at the stage boundaries)
+  is computed once, forward-only.
 """
 
 from __future__ import annotations
@@ -117,15 +119,17 @@ class PipelinedNet(nn.Module):
     def backward_pending(self) -> None:
         """Replay each recorded call with the gradient its output received (module docstring)."""
         pending, self._pending = self._pending, []
-        for mbs, x_BCFHW, with_tangent, v in pending:
+        for mbs, x_BCFHW, _, v in pending:
             if v.grad is None:
                 continue
             m = len(mbs)
             grads = list(v.grad.chunk(m))
-            index = {id(mb): i for i, mb in enumerate(mbs)}
+            # primal alone: the primal does not depend on the tangent, which dL/dv already accounts for
+            primal = [(x, None, ts, None, ctx, clip) for x, _, ts, _, ctx, clip in mbs]
+            index = {id(mb): i for i, mb in enumerate(primal)}
 
             def loss_of(mb, vt, grads=grads, index=index, m=m):
                 g = grads[index[id(mb)]]
                 return (vt[0].float() * g.float()).sum() * m, {}
 
-            self._schedule(mbs, x_BCFHW, with_tangent, False, loss_of)
+            self._schedule(primal, x_BCFHW, False, False, loss_of)

@@ -132,7 +132,7 @@ class WanModel(MegatronModule):
         self.head = WanHead(config) if post_process else None
         if not (pre_process and post_process):
             for module in self._conditioning_modules():
-                pipeline.mark_replicated(module)
+                pipeline.mark_replicated(module, first_stage=pre_process)
 
     def _conditioning_modules(self):
         modules = (self.text_embedding, self.time_embedding, self.time_projection, self.img_emb)
