@@ -6,7 +6,7 @@ One ``train_step``:
     finalize_model_grads (DP all-reduce, sequence-parallel norm grads) -> optimizer step (clip, AdamW)
     student steps also update the power EMA.
 
-Parallelism (docs/parallelism.md): world = TP x CP x DP, validated before anything is built. The process
+Parallelism (docs/parallelism.md): world = TP x CP x PP x DP, validated before anything is built. The process
 groups come from ``megatron_rcm.parallel.state``; batches are split over the pure data-parallel ranks by
 the data source (the CP and TP ranks of one replica read the same sample); the engine's generator is
 seeded per DP rank (so CP/TP ranks of one DP replica draw the same t and eps). Under context parallelism
@@ -14,6 +14,9 @@ the model shards the token sequence inside and returns the full latent, so the e
 CP=1 numbers on every CP rank; each CP rank's gradients hold its tokens' share, and Megatron's DDP
 averages them over the data-parallel-with-context group (DP x CP ranks): the loss is multiplied by CP
 before the backward, as Megatron's GPT does, so that the average is the DP mean of the full gradient.
+Under pipeline parallelism each network is this rank's stage, seen by the engine through ``PipelinedNet``
+(``training/pipelined_net.py``: Megatron's schedules, whole outputs on every stage); after the backward of
+the engine's loss, the gradient-carrying calls are replayed through the 1F1B schedule.
 """
 
 from __future__ import annotations
