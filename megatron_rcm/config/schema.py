@@ -198,7 +198,16 @@ class ParallelConfig:
     divide the heads per TP rank), ``a2a+p2p`` (not implemented)."""
 
     pipeline_parallel: int = 1
-    """Pipeline-parallel size (only 1 is accepted now)."""
+    """Pipeline-parallel size: the transformer blocks split evenly into this many stages (docs/parallelism.md).
+    World size = TP x CP x PP x DP; PP > 1 with CP > 1 is not implemented."""
+
+    virtual_pipeline: int = 1
+    """Virtual stages per pipeline rank (the interleaved schedule): validated (layers must divide by
+    PP x V); only 1 is implemented."""
+
+    pipeline_microbatches: int = 1
+    """Under pipeline parallelism, the micro-batches each network call's batch is split into for Megatron's
+    schedule (1F1B for the calls that carry a gradient); must divide the batch (CFG calls double it)."""
 
     distributed_optimizer: bool = True
     """Megatron DistributedOptimizer (ZeRO-1 sharded fp32 master weights) on CUDA. On CPU the trainer
@@ -210,6 +219,9 @@ class ParallelConfig:
         _check(self.cp_comm_type in ("p2p", "a2a", "a2a+p2p"), "parallel.cp_comm_type", self.cp_comm_type,
                "one of p2p, a2a, a2a+p2p")
         _check(self.pipeline_parallel >= 1, "parallel.pipeline_parallel", self.pipeline_parallel, ">= 1")
+        _check(self.virtual_pipeline >= 1, "parallel.virtual_pipeline", self.virtual_pipeline, ">= 1")
+        _check(self.pipeline_microbatches >= 1, "parallel.pipeline_microbatches", self.pipeline_microbatches,
+               ">= 1")
 
 
 @dataclass

@@ -5,7 +5,8 @@ Rules (docs/throughput.md, Planner):
     TP divides the attention heads (Megatron splits heads over TP ranks)
     a2a (Ulysses) CP divides the heads per TP rank (each CP rank takes whole heads)
     PP divides the layers
-Pipeline parallelism does not exist in the trainer yet: PP > 1 layouts are kept, marked ``not implemented``.
+Pipeline parallelism with context parallelism (PP > 1 and CP > 1) is not implemented in the trainer: those
+layouts are kept, marked ``not implemented``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["Layout", "Problem", "Rejected", "enumerate_layouts", "latent_grid", "video_tokens"]
 
-NOT_IMPLEMENTED_PP = "not implemented (PP)"
+NOT_IMPLEMENTED_PP = "not implemented (PP x CP)"
 
 
 def latent_grid(frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -135,7 +136,7 @@ def enumerate_layouts(gpus: int, heads: int, layers: int, micro_batches=(1,), pp
                             f"TP{tp} CP{cp} PP{pp}", f"PP={pp} does not divide the {layers} layers"))
                         continue
                     dp = gpus // (tp * cp * pp)
-                    status = "ok" if pp == 1 else NOT_IMPLEMENTED_PP
+                    status = "ok" if pp == 1 or cp == 1 else NOT_IMPLEMENTED_PP
                     for m in ((1,) if pp == 1 else pp_micro_batches):
                         for b in micro_batches:
                             for rc in recompute:

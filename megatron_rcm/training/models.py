@@ -119,13 +119,21 @@ def check_i2v_data(cfg, data_cfg, preset: str) -> None:
 
 def build_model(wan_cfg, seed: int):
     """A WanModel (CosmosModel for a ``CosmosConfig``) with weights drawn from ``seed`` (identical on every
-    rank, whatever the TP size)."""
+    rank, whatever the TP size); under pipeline parallelism this rank's stage of it."""
     from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
     from megatron_rcm.models.wan import WanModel
+    from megatron_rcm.parallel.pipeline import pipeline_stage, pp_world_size, stage_state_dict
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = (CosmosModel if isinstance(wan_cfg, CosmosConfig) else WanModel)(wan_cfg)
+    if pp_world_size() > 1:
+        # this pipeline stage, with the whole model's draws (the same weights as at PP=1; the whole model is
+        # built once on the CPU: random weights are for tests and throughput runs)
+        stage = pipeline_stage(wan_cfg.num_layers)
+        full_sd = model.state_dict()
+        model = WanModel(wan_cfg, **stage.model_kwargs)
+        model.load_state_dict(stage_state_dict(full_sd, stage), strict=True)
     return model
 
 
@@ -149,9 +157,15 @@ def check_architecture(model, found: dict[str, tuple], path, preset: str | None 
     (global, unsharded) shapes ``found`` in a checkpoint do not fit ``model``, before any tensor is read."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    expected = {k[len(EXPORT_PREFIX):]: tuple(v.global_shape)
-                for k, v in model.sharded_state_dict(prefix=EXPORT_PREFIX).items() if isinstance(v, ShardedTensor)}
+    # checkpoint keys (ShardedTensor.key: global layer numbers on a pipeline stage), not state-dict keys
+    expected = {v.key[len(EXPORT_PREFIX):]: tuple(v.global_shape)
+                for v in model.sharded_state_dict(prefix=EXPORT_PREFIX).values() if isinstance(v, ShardedTensor)}
     found = {k: tuple(v) for k, v in found.items()}
+    stage = getattr(model, "stage", None)
+    if stage is not None:  # a pipeline stage: the checkpoint's other stages' tensors are not expected here
+        from megatron_rcm.parallel.pipeline import key_on_stage
+
+        found = {k: v for k, v in found.items() if key_on_stage(k, stage)}
     wrong = [f"{k} {found[k]} (expected {expected[k]})" for k in expected if k in found and found[k] != expected[k]]
     missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if not (wrong or missing or unexpected):
@@ -197,14 +211,21 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
     from megatron_rcm.parallel.sharding import load_full_state_dict
 
     names = {n for n, _ in model.named_parameters()}
+    found = set(full)
+    stage = getattr(model, "stage", None)
+    if stage is not None:  # a pipeline stage: its tensors under their global names (ours if they fit)
+        from megatron_rcm.parallel.pipeline import global_state_dict, key_on_stage
+
+        names = set(global_state_dict(dict.fromkeys(names), stage))
+        found = {k for k in found if key_on_stage(k, stage)}
     from megatron_rcm.models.cosmos import CosmosModel
 
-    if isinstance(model, CosmosModel) and not set(full) <= names:
+    if isinstance(model, CosmosModel) and not found <= names:
         from megatron_rcm.convert.cosmos_keys import detect_layout_of_keys
         from megatron_rcm.convert.cosmos_keys import to_ours as cosmos_to_ours
 
         full = cosmos_to_ours(full, detect_layout_of_keys(list(full)))
-    elif not set(full) <= names:
+    elif not found <= names:
         from megatron_rcm.convert.errors import ConversionError
         from megatron_rcm.convert.sources import detect_layout
         from megatron_rcm.convert.wan_keys import RCM_PREFIXES, rcm_prefix
@@ -221,6 +242,10 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
             raise ConfigError(f"{what}={str(path)!r}: {e.args[0]}; convert it with tools/convert.py to see "
                               "every unknown key") from None
     check_architecture(model, {k: v.shape for k, v in full.items()}, path, preset, what)
+    if stage is not None:  # a pipeline stage: its blocks, local numbering
+        from megatron_rcm.parallel.pipeline import stage_state_dict
+
+        full = stage_state_dict(full, stage)
     load_full_state_dict(model, full, strict=True)
 
 

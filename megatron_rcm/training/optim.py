@@ -65,7 +65,8 @@ class CpuAdamW:
 
     Gradients are read from ``param.main_grad`` (Megatron DDP's fp32 buffers, already reduced over data
     parallel ranks) or ``param.grad``. The global norm sums squares of TP-split params on every TP rank
-    and of replicated params on TP rank 0 only, then all-reduces over the model-parallel group.
+    and of replicated params on TP rank 0 only (the pipeline stages' copies of the embedders, marked
+    ``shared``, on the first stage only), then all-reduces over the model-parallel group.
     """
 
     def __init__(self, named_params, lr: float, betas, eps: float, weight_decay: float, clip_grad: float):
@@ -112,6 +113,8 @@ class CpuAdamW:
         tp_rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
         sq = torch.zeros((), dtype=torch.float64)
         for p, g in zip(self.params, grads):
+            if getattr(p, "shared", False):
+                continue  # another stage's copy (Megatron's mark, as param_is_not_shared): counted there
             if g is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
                 sq += g.double().square().sum()
         if dist.is_initialized() and parallel_state.model_parallel_is_initialized():

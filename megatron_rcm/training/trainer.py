@@ -6,7 +6,7 @@ One ``train_step``:
     finalize_model_grads (DP all-reduce, sequence-parallel norm grads) -> optimizer step (clip, AdamW)
     student steps also update the power EMA.
 
-Parallelism (docs/parallelism.md): world = TP x CP x DP, validated before anything is built. The process
+Parallelism (docs/parallelism.md): world = TP x CP x PP x DP, validated before anything is built. The process
 groups come from ``megatron_rcm.parallel.state``; batches are split over the pure data-parallel ranks by
 the data source (the CP and TP ranks of one replica read the same sample); the engine's generator is
 seeded per DP rank (so CP/TP ranks of one DP replica draw the same t and eps). Under context parallelism
@@ -14,6 +14,9 @@ the model shards the token sequence inside and returns the full latent, so the e
 CP=1 numbers on every CP rank; each CP rank's gradients hold its tokens' share, and Megatron's DDP
 averages them over the data-parallel-with-context group (DP x CP ranks): the loss is multiplied by CP
 before the backward, as Megatron's GPT does, so that the average is the DP mean of the full gradient.
+Under pipeline parallelism each network is this rank's stage, seen by the engine through ``PipelinedNet``
+(``training/pipelined_net.py``: Megatron's schedules, whole outputs on every stage); after the backward of
+the engine's loss, the gradient-carrying calls are replayed through the 1F1B schedule.
 """
 
 from __future__ import annotations
@@ -58,9 +61,6 @@ class Trainer:
         self.cfg = cfg
         preflight(cfg, check_teacher=teacher is None)  # data.path, negative prompt, teacher: before any network
         pcfg = cfg.parallel
-        if pcfg.pipeline_parallel != 1:
-            raise NotImplementedError("the trainer runs TP x CP x DP; pipeline parallelism is not implemented "
-                                      "(parallel.pipeline_parallel must be 1)")
         self._check_layout(cfg)
         if cfg.training.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("training.device='cuda' but no CUDA device is available")
@@ -96,6 +96,10 @@ class Trainer:
         # -- networks -------------------------------------------------------------------------------
         refuse_two_expert_preset(cfg.model.preset)
         self.wan_cfg = build_wan_config(cfg.model, cfg.data, cp_comm_type=pcfg.cp_comm_type)
+        self.pp_size = pcfg.pipeline_parallel
+        if self.pp_size > 1:
+            self.wan_cfg.pipeline_dtype = DTYPES[cfg.model.params_dtype]  # what the stages send each other
+            self.wan_cfg.has_cond_embedder = True  # finalize_model_grads sums the replicated embedders' grads
         check_timestep_scale(cfg.model, cfg.distill)
         if pcfg.context_parallel > 1 and is_cosmos_preset(cfg.model.preset):
             raise NotImplementedError(f"model.preset={cfg.model.preset!r}: the Cosmos model has no context "
@@ -127,20 +131,29 @@ class Trainer:
             self.load_checkpoint(resume_path)
             self.resumed_from, self.saved_step = resume_path, self.step
         self._sample_batch = None
+        self._pipelined = None
 
     @staticmethod
     def _check_layout(cfg) -> None:
-        """world = TP x CP x DP and the CP attention's constraints, checked before any network is built."""
+        """world = TP x CP x PP x DP, the CP attention's constraints and the pipeline split (layers divisible by
+        PP x V), checked before any network is built."""
         import os
 
         from megatron_rcm.parallel.context import check_parallel_layout
 
         pcfg = cfg.parallel
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-        heads = build_wan_config(cfg.model).num_attention_heads
+        from megatron_rcm.parallel.pipeline import check_pipeline_layout
+
+        model_cfg = build_wan_config(cfg.model)
+        if pcfg.pipeline_parallel > 1 and is_cosmos_preset(cfg.model.preset):
+            raise NotImplementedError(f"model.preset={cfg.model.preset!r}: the Cosmos model has no pipeline "
+                                      "stages yet (Wan has); set parallel.pipeline_parallel=1")
         try:
             check_parallel_layout(world, pcfg.tensor_parallel, pcfg.context_parallel, pcfg.pipeline_parallel,
-                                  heads, pcfg.cp_comm_type)
+                                  model_cfg.num_attention_heads, pcfg.cp_comm_type)
+            check_pipeline_layout(model_cfg.num_layers, pcfg.pipeline_parallel, pcfg.virtual_pipeline,
+                                  pcfg.context_parallel)
         except ValueError as err:
             raise ConfigError(f"invalid 'parallel' section: {err}") from err
 
@@ -183,6 +196,23 @@ class Trainer:
         )
         return DistributedDataParallel(self.wan_cfg, ddp_cfg, module)
 
+    def _engine_nets(self):
+        """(student, critic, teacher) as the engine sees them: under PP, each stage model behind a
+        ``PipelinedNet`` (Megatron's schedules, whole outputs on every stage)."""
+        if self.pp_size == 1:
+            return self.student, self.critic, self.teacher
+        if self._pipelined is None:
+            from megatron_rcm.training.pipelined_net import PipelinedNet
+
+            m = self.cfg.parallel.pipeline_microbatches
+            self._pipelined = tuple(None if n is None else PipelinedNet(n, m)
+                                    for n in (self.student, self.critic, self.teacher))
+        return self._pipelined
+
+    def _pp_microbatches(self, batch_size: int) -> int:
+        m = self.cfg.parallel.pipeline_microbatches
+        return m if batch_size % m == 0 else 1
+
     # ------------------------------------------------------------------------------------------------
     def _distill_batch(self, batch):
         from megatron_rcm.rcm import Conditioning, DistillBatch
@@ -212,14 +242,16 @@ class Trainer:
             if self._sample_batch is None:
                 self._sample_batch = batch
             tokens += batch.num_tokens(self.wan_cfg.patch_size)
+            student, critic, teacher = self._engine_nets()
             if is_student:
-                loss, logs = self.engine.student_loss(self.student, self.critic, self.teacher, dbatch, step,
-                                                      self.generator)
+                loss, logs = self.engine.student_loss(student, critic, teacher, dbatch, step, self.generator)
             else:
-                loss, logs = self.engine.critic_loss(self.student, self.critic, dbatch, step, self.generator)
+                loss, logs = self.engine.critic_loss(student, critic, dbatch, step, self.generator)
             # x CP: DDP averages over the DP x CP ranks, whose gradients are per-CP-rank shares (module docstring)
             with self.timers("backward"):
                 (loss * self.cp_size / self.accum).backward()
+                if self.pp_size > 1:  # the recorded calls, replayed through the 1F1B schedule
+                    (student if is_student else critic).backward_pending()
             for k, v in logs.items():
                 v = float(v)
                 if k.endswith("nonfinite"):
@@ -308,6 +340,15 @@ class Trainer:
         cond = Conditioning(context=batch.context_BLD, clip_fea=batch.clip_fea_BND, y=batch.y_BCFHW,
                             neg_context=batch.neg_context_BLD)
         module = self.student.module
+        if self.pp_size > 1:
+            from megatron_rcm.training.pipelined_net import PipelinedNet
+
+            stage = module
+            module = PipelinedNet(stage, self._pp_microbatches(noise.shape[0]))
+            if use_ema:
+                with self.ema.swapped_into(stage):
+                    return self.engine.sample(module, noise, cond, num_steps, g)
+            return self.engine.sample(module, noise, cond, num_steps, g)
         if use_ema:
             with self.ema.swapped_into(module):
                 return self.engine.sample(module, noise, cond, num_steps, g)

@@ -17,6 +17,13 @@ gradients of the CP ranks sum to the full gradient).
 
 ``timestep`` is the network time (Wan: 1000 * s_rf). Weights carry no tangent and the context (text,
 CLIP image features) is constant. The primal of ``forward_jvp`` keeps its autograd graph, the tangent none.
+
+Pipeline parallelism (``megatron_rcm.parallel.pipeline``): a stage model holds the blocks
+``[layer_offset, layer_offset + num_local_layers)``, the patch embedding when ``pre_process`` and the head
+when ``post_process``; the conditioning embeddings are copied on every stage. A stage after the first takes
+its input from ``set_input_tensor`` (Megatron's schedules call it) and still needs ``x`` for the latent's
+shape; a stage before the last returns ``(h, None)``, ``h`` the boundary tensor ([s, B, D], or
+[2, s, B, D] with the tangent stacked in the JVP pass).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import math
 
 import torch
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
@@ -41,6 +49,7 @@ from megatron_rcm.models.wan.layers import (
 )
 from megatron_rcm.models.wan.rope import rope_cos_sin
 from megatron_rcm.models.wan.spec import get_wan_block_spec
+from megatron_rcm.parallel import pipeline
 from megatron_rcm.parallel.collectives import gather_sequence, scatter_sequence, tp_world_size
 from megatron_rcm.parallel.context import gather_from_cp, token_shard
 
@@ -93,13 +102,24 @@ class WanHead(MegatronModule):
 class WanModel(MegatronModule):
     """Wan2.1 DiT. Build after ``megatron_rcm.parallel.state.initialize_parallel``."""
 
-    def __init__(self, config: WanConfig, layer_offset: int = 0, num_local_layers: int | None = None):
+    def __init__(
+        self,
+        config: WanConfig,
+        layer_offset: int = 0,
+        num_local_layers: int | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+    ):
         super().__init__(config)
         self.config: WanConfig = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules ask for
+        self.share_embeddings_and_output_weights = False  # finalize_model_grads asks (patch embedding != head)
+        self.input_tensor = None  # a later pipeline stage's input, set by set_input_tensor
         spec = get_wan_block_spec(config.use_te)
         D = config.hidden_size
         patch_dim = config.in_channels * math.prod(config.patch_size)
-        self.patch_embedding = nn.Linear(patch_dim, D, dtype=config.params_dtype)
+        self.patch_embedding = nn.Linear(patch_dim, D, dtype=config.params_dtype) if pre_process else None
         self.text_embedding = MLPEmbedder(config, config.text_dim, D, D, "gelu_tanh")
         self.time_embedding = MLPEmbedder(config, config.freq_dim, D, D, "silu")
         self.time_projection = nn.Linear(D, 6 * D, dtype=config.params_dtype)
@@ -110,7 +130,28 @@ class WanModel(MegatronModule):
         self.img_emb = ImageEmbedder(config) if config.model_type == "i2v" else None
         n = config.num_layers if num_local_layers is None else num_local_layers
         self.blocks = nn.ModuleList([WanBlock(config, spec, layer_offset + i) for i in range(n)])
-        self.head = WanHead(config)
+        self.head = WanHead(config) if post_process else None
+        if not (pre_process and post_process):
+            for module in self._conditioning_modules():
+                pipeline.mark_replicated(module, first_stage=pre_process)
+
+    def _conditioning_modules(self):
+        modules = (self.text_embedding, self.time_embedding, self.time_projection, self.img_emb)
+        return [m for m in modules if m is not None]
+
+    @property
+    def stage(self) -> pipeline.PipelineStage:
+        """The blocks and ends of the network this model holds (the whole network at PP=1)."""
+        offset = self.blocks[0].layer_number if len(self.blocks) else 0
+        return pipeline.PipelineStage(offset, len(self.blocks), self.pre_process, self.post_process)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Megatron's schedule hands a later stage its input (a list of one tensor)."""
+        if isinstance(input_tensor, (list, tuple)):
+            if len(input_tensor) != 1:
+                raise ValueError(f"WanModel takes one stage input tensor, got {len(input_tensor)}")
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Megatron's default, except for the blocks: each is asked for its own sharded state dict (an
@@ -128,7 +169,16 @@ class WanModel(MegatronModule):
             if block.layer_number != i:  # state-dict keys stay local, checkpoint keys become global
                 replace_prefix_for_sharding(block_sd, f"{blocks}{i}.", f"{blocks}{block.layer_number}.")
             sharded_sd.update(block_sd)
+        if pipeline.pp_world_size() > 1 and pipeline.pp_rank() > 0:
+            # the conditioning embeddings are copied on every stage: only the first stage's copy is the main
+            # replica (Megatron's replica_id = (PP-ish, TP, DP), as for tied embeddings)
+            for k, sh in sharded_sd.items():
+                if k.startswith(tuple(f"{prefix}{name}." for name in self._conditioning_names())):
+                    sh.replica_id = (pipeline.pp_rank(), *sh.replica_id[1:])
         return sharded_sd
+
+    def _conditioning_names(self):
+        return [n for n, m in self.named_children() if m is not None and m in self._conditioning_modules()]
 
     # ------------------------------------------------------------------------------------------------
     def _check_inputs(self, x, timestep, context, clip_fea):
@@ -188,7 +238,7 @@ class WanModel(MegatronModule):
             )
             if t_x_BCFHW.shape != x_BCFHW.shape:
                 raise ValueError(f"t_x shape {tuple(t_x_BCFHW.shape)} != x shape {tuple(x_BCFHW.shape)}")
-        dtype = self.patch_embedding.weight.dtype
+        dtype = self.config.params_dtype
         _, _, F, H, W = x_BCFHW.shape
         pt, ph, pw = cfg.patch_size
         grid = (F // pt, H // ph, W // pw)
@@ -196,16 +246,21 @@ class WanModel(MegatronModule):
         # this CP rank's tokens [s_cp, B, P] (padded at the end), patch embedding, this TP rank's shard
         S = grid[0] * grid[1] * grid[2]
         shard = token_shard(S, tp_world_size() if cfg.sequence_parallel else 1, cfg.context_parallel_size)
-        x, t_x = linear_jvp(
-            self.patch_embedding,
-            shard.shard(patchify(x_BCFHW.to(dtype), cfg.patch_size)),
-            shard.shard(patchify(t_x_BCFHW.to(dtype), cfg.patch_size)) if with_tangent else None,
-        )
-        x = scatter_sequence(x)
-        t_x = scatter_sequence(t_x) if with_tangent else None
+        if self.pre_process:
+            x, t_x = linear_jvp(
+                self.patch_embedding,
+                shard.shard(patchify(x_BCFHW.to(dtype), cfg.patch_size)),
+                shard.shard(patchify(t_x_BCFHW.to(dtype), cfg.patch_size)) if with_tangent else None,
+            )
+            x = scatter_sequence(x)
+            t_x = scatter_sequence(t_x) if with_tangent else None
+        else:  # a later pipeline stage: the previous stage's [s, B, D] (with its tangent: [2, s, B, D])
+            if self.input_tensor is None:
+                raise RuntimeError("a pipeline stage after the first needs its input from set_input_tensor")
+            x, t_x = pipeline.unpack_boundary(self.input_tensor, with_tangent)
 
         # time: e [B, D] (head), e0 [B, 6, D] (blocks); in float32 like Wan (float64 models: float64)
-        cdt = compute_dtype(self.patch_embedding.weight)
+        cdt = compute_dtype(self.time_projection.weight)
         sin_emb, t_sin_emb = sinusoidal_embedding_jvp(timestep_B, t_timestep_B, cfg.freq_dim, cdt)
         e, t_e = self.time_embedding(sin_emb.to(dtype), None if t_sin_emb is None else t_sin_emb.to(dtype))
         e0, t_e0 = silu_jvp(e, t_e)
@@ -228,6 +283,8 @@ class WanModel(MegatronModule):
                 x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x, t_x = block(*args)
+        if not self.post_process:
+            return pipeline.pack_boundary(x, t_x), None
 
         out, t_out = self.head(x, t_x, e, t_e)
         out = gather_from_cp(gather_sequence(out), shard)

@@ -1,0 +1,199 @@
+"""Pipeline parallelism (PP): the transformer blocks split into consecutive stages.
+
+Legend: s tokens on this rank (after context and sequence parallelism), B micro-batch, D hidden.
+
+Layout (docs/parallelism.md, "Pipeline parallelism"):
+
+* Stage ``p`` of ``N`` holds the global blocks ``[p L/N, (p + 1) L/N)`` (``L`` layers; ``L`` must divide by
+  ``N x V``, ``V`` the virtual stages of the interleaved schedule). The patch embedding lives on the first
+  stage, the head on the last. The conditioning embeddings (text, time, time projection, CLIP image) are
+  needed by every block: each stage holds a copy, identical at initialization, and their gradients are
+  summed over the pipeline group (``allreduce_replicated_grads``), so the copies stay identical.
+* A stage boundary carries the block activations ``[s, B, D]``; in the JVP pass the primal and its tangent
+  travel together as one tensor ``[2, s, B, D]`` (``pack_boundary``). The received tangent is detached: the
+  tangent carries no gradient, the primal's gradient flows back through Megatron's schedule.
+
+The process groups are Megatron's (``parallel_state.get_pipeline_model_parallel_group``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+__all__ = [
+    "PipelineStage",
+    "allreduce_replicated_grads",
+    "boundary_shape",
+    "global_state_dict",
+    "key_on_stage",
+    "stage_state_dict",
+    "check_pipeline_layout",
+    "pack_boundary",
+    "pipeline_stage",
+    "pp_rank",
+    "pp_world_size",
+    "unpack_boundary",
+]
+
+# Megatron's parameter attribute for embedders copied on every stage: its finalize_model_grads sums their
+# main_grad over the pipeline group when the config has ``has_cond_embedder`` (as for its DiT models)
+REPLICATED_ATTR = "pipeline_parallel"
+
+
+def pp_world_size() -> int:
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def pp_rank() -> int:
+    if not parallel_state.model_parallel_is_initialized():
+        return 0
+    return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def check_pipeline_layout(num_layers: int, pp: int, vp: int = 1, cp: int = 1) -> None:
+    """Raise ValueError (uneven split, PP x CP) or NotImplementedError (interleaving) naming the numbers."""
+    if pp < 1 or vp < 1:
+        raise ValueError(f"pipeline_parallel {pp} and virtual_pipeline {vp} must be >= 1")
+    if num_layers % (pp * vp):
+        raise ValueError(
+            f"{num_layers} transformer layers do not split evenly over pipeline_parallel x virtual_pipeline "
+            f"= {pp} x {vp} = {pp * vp} stages; choose sizes whose product divides {num_layers}"
+        )
+    if vp > 1:
+        raise NotImplementedError(
+            f"virtual_pipeline {vp} (the interleaved 1F1B schedule) is not implemented; use virtual_pipeline 1"
+        )
+    if pp > 1 and cp > 1:
+        raise NotImplementedError(
+            f"pipeline_parallel {pp} with context_parallel {cp} is not implemented (the model gathers its "
+            "output over the CP group, which Megatron's schedules would count CP times); use one of them"
+        )
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """Which blocks and which ends of the network one pipeline stage holds."""
+
+    layer_offset: int
+    num_local_layers: int
+    pre_process: bool  # first stage: the patch embedding
+    post_process: bool  # last stage: the head
+
+    @property
+    def model_kwargs(self) -> dict:
+        return dict(
+            layer_offset=self.layer_offset,
+            num_local_layers=self.num_local_layers,
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+        )
+
+
+def pipeline_stage(num_layers: int, pp: int | None = None, rank: int | None = None) -> PipelineStage:
+    """The stage of pipeline rank ``rank`` (default: this rank) of ``pp`` (default: Megatron's PP size)."""
+    pp = pp_world_size() if pp is None else pp
+    rank = pp_rank() if rank is None else rank
+    check_pipeline_layout(num_layers, pp)
+    n = num_layers // pp
+    return PipelineStage(rank * n, n, rank == 0, rank == pp - 1)
+
+
+def boundary_shape(s: int, B: int, D: int, with_tangent: bool) -> tuple[int, ...]:
+    """Shape of the tensor sent between stages: [s, B, D], or [2, s, B, D] with the tangent."""
+    return (2, s, B, D) if with_tangent else (s, B, D)
+
+
+def pack_boundary(x_sBD: torch.Tensor, t_x_sBD: torch.Tensor | None) -> torch.Tensor:
+    """(x, t_x) -> one tensor for the next stage: x [s, B, D], or stack(x, t_x) [2, s, B, D]."""
+    if t_x_sBD is None:
+        return x_sBD
+    return torch.stack((x_sBD, t_x_sBD.to(x_sBD.dtype)))
+
+
+def unpack_boundary(h: torch.Tensor, with_tangent: bool):
+    """Inverse of ``pack_boundary``: (x [s, B, D], t_x [s, B, D] detached, or None)."""
+    if with_tangent:
+        if h.ndim != 4 or h.shape[0] != 2:
+            raise ValueError(
+                f"the JVP pass expects a stage input [2, s, B, D] (primal and tangent stacked), got shape "
+                f"{tuple(h.shape)}"
+            )
+        return h[0], h[1].detach()
+    if h.ndim != 3:
+        raise ValueError(f"the primal pass expects a stage input [s, B, D], got shape {tuple(h.shape)}")
+    return h, None
+
+
+def mark_replicated(module: torch.nn.Module, first_stage: bool) -> None:
+    """Mark ``module``'s parameters as copied on every stage (see the module docstring). Off the first stage
+    they are also ``shared`` (Megatron's mark for the second copy of tied embeddings), so gradient norms count
+    each copied parameter once."""
+    for p in module.parameters():
+        setattr(p, REPLICATED_ATTR, True)
+        p.shared = not first_stage
+
+
+@torch.no_grad()
+def allreduce_replicated_grads(model: torch.nn.Module) -> None:
+    """Sum the gradients of the stage-replicated parameters over the pipeline group (each stage holds the
+    partial gradient through its own blocks). Uses ``main_grad`` (Megatron DDP) when present."""
+    if pp_world_size() == 1:
+        return
+    grads = []
+    for p in model.parameters():
+        if getattr(p, REPLICATED_ATTR, False):
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None:
+                grads.append(g)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def key_on_stage(key: str, stage: PipelineStage) -> bool:
+    """Whether the full-model (global layer numbering) entry ``key`` lives on ``stage``."""
+    if key.startswith("blocks."):
+        index = int(key[len("blocks.") :].split(".", 1)[0])
+        return stage.layer_offset <= index < stage.layer_offset + stage.num_local_layers
+    if key.startswith("patch_embedding."):
+        return stage.pre_process
+    if key.startswith("head."):
+        return stage.post_process
+    return True
+
+
+def stage_state_dict(full_sd: dict, stage: PipelineStage) -> dict:
+    """The entries of a full (PP=1) state dict that a stage holds, blocks renumbered to the stage's local
+    indices (``blocks.{global}.`` -> ``blocks.{global - layer_offset}.``)."""
+    out = {}
+    for key, value in full_sd.items():
+        if not key_on_stage(key, stage):
+            continue
+        if key.startswith("blocks."):
+            index, rest = key[len("blocks.") :].split(".", 1)
+            key = f"blocks.{int(index) - stage.layer_offset}.{rest}"
+        out[key] = value
+    return out
+
+
+def global_state_dict(stage_sd: dict, stage: PipelineStage) -> dict:
+    """Inverse of ``stage_state_dict`` for one stage: local block indices -> global layer numbers."""
+    out = {}
+    for key, value in stage_sd.items():
+        if key.startswith("blocks."):
+            index, rest = key[len("blocks.") :].split(".", 1)
+            key = f"blocks.{int(index) + stage.layer_offset}.{rest}"
+        out[key] = value
+    return out
