@@ -1,8 +1,8 @@
 """All-or-nothing outputs: one protocol for every folder this package publishes (converter outputs,
 shard folders, quickstart results) and for small pointer files (``latest``, ``metrics.jsonl``).
 
-A folder OUT is written into a hidden sibling ``.OUT.tmp-PID-XXXX`` (same file system), fsynced, then
-published by rename: an existing OUT is first renamed to ``.OUT.old-PID-XXXX`` and deleted only after
+A folder OUT is written into a hidden sibling ``.OUT.tmp-PID-*`` (same file system), fsynced, then
+published by rename: an existing OUT is first renamed to ``.OUT.old-PID-*`` and deleted only after
 the new one is in place. A failure or kill at any point leaves OUT as it was (or, between the two renames,
 the previous OUT under ``.OUT.old-*``, which ``sweep_leftovers`` reports and never deletes). The next
 run into OUT removes the temporary folders of processes that are gone.
@@ -75,7 +75,7 @@ def process_alive(pid: int) -> bool:
 
 
 def make_temp_dir(out: Path) -> Path:
-    """A fresh ``.OUT.tmp-PID-XXXX`` beside ``out`` with ordinary permissions (mkdtemp gives 0700)."""
+    """A fresh ``.OUT.tmp-PID-*`` beside ``out`` with ordinary permissions (mkdtemp gives 0700)."""
     out = Path(out).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))

@@ -18,32 +18,9 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_rcm.models.cosmos.layers import HeadRMSNorm
 from megatron_rcm.models.cosmos.rope import apply_rope_half
 from megatron_rcm.models.jvp import linear_jvp
+from megatron_rcm.models.tp_linears import column_linear, row_linear
 from megatron_rcm.ops.attention import attention_op
 from megatron_rcm.parallel.collectives import tp_world_size
-
-
-def column(spec, config, in_dim, out_dim):
-    return spec.column_linear(
-        in_dim,
-        out_dim,
-        config=config,
-        init_method=config.init_method,
-        bias=False,
-        gather_output=False,
-        skip_bias_add=True,
-    )
-
-
-def row(spec, config, in_dim, out_dim):
-    return spec.row_linear(
-        in_dim,
-        out_dim,
-        config=config,
-        init_method=config.output_layer_init_method,
-        bias=False,
-        input_is_parallel=True,
-        skip_bias_add=True,
-    )
 
 
 class CosmosAttention(MegatronModule):
@@ -65,12 +42,12 @@ class CosmosAttention(MegatronModule):
         kv_in = config.text_dim if cross else D
         # Text is replicated over TP ranks, not split along the sequence.
         kv_config = dataclasses.replace(config, sequence_parallel=False) if cross else config
-        self.linear_q = column(spec, config, D, D)
-        self.linear_k = column(spec, kv_config, kv_in, D)
-        self.linear_v = column(spec, kv_config, kv_in, D)
+        self.linear_q = column_linear(spec, config, D, D)
+        self.linear_k = column_linear(spec, kv_config, kv_in, D)
+        self.linear_v = column_linear(spec, kv_config, kv_in, D)
         self.q_norm = HeadRMSNorm(config, self.head_dim)
         self.k_norm = HeadRMSNorm(config, self.head_dim)
-        self.linear_proj = row(spec, config, D, D)
+        self.linear_proj = row_linear(spec, config, D, D)
         self.attention = attention_op(config.attention_backend_name)
 
     def _heads(self, x):

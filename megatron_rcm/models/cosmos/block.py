@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_rcm.models.cosmos.attention import CosmosAttention, column, row
+from megatron_rcm.models.cosmos.attention import CosmosAttention
 from megatron_rcm.models.cosmos.layers import AdaLNLoRA
 from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_jvp, linear_jvp, mul_jvp
+from megatron_rcm.models.tp_linears import column_linear, row_linear
 from megatron_rcm.models.wan.block import modulate_jvp
 from megatron_rcm.models.wan.layers import LayerNorm
 
@@ -22,8 +23,8 @@ from megatron_rcm.models.wan.layers import LayerNorm
 class CosmosMLP(MegatronModule):
     def __init__(self, config, spec):
         super().__init__(config)
-        self.linear_fc1 = column(spec, config, config.hidden_size, config.ffn_hidden_size)
-        self.linear_fc2 = row(spec, config, config.ffn_hidden_size, config.hidden_size)
+        self.linear_fc1 = column_linear(spec, config, config.hidden_size, config.ffn_hidden_size)
+        self.linear_fc2 = row_linear(spec, config, config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, x, t_x):
         h, t_h = linear_jvp(self.linear_fc1, x, t_x)

@@ -19,35 +19,12 @@ import dataclasses
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_rcm.models.jvp import add_tangents, linear_jvp
+from megatron_rcm.models.tp_linears import column_linear, row_linear
 from megatron_rcm.models.wan.layers import TPRMSNorm
 from megatron_rcm.models.wan.rope import apply_rope
 from megatron_rcm.ops.attention import attention_op
 from megatron_rcm.parallel.collectives import tp_world_size
 from megatron_rcm.parallel.cp_attention import ContextParallelAttention
-
-
-def _column(spec, config, in_dim, out_dim):
-    return spec.column_linear(
-        in_dim,
-        out_dim,
-        config=config,
-        init_method=config.init_method,
-        bias=True,
-        gather_output=False,
-        skip_bias_add=True,
-    )
-
-
-def _row(spec, config, in_dim, out_dim):
-    return spec.row_linear(
-        in_dim,
-        out_dim,
-        config=config,
-        init_method=config.output_layer_init_method,
-        bias=True,
-        input_is_parallel=True,
-        skip_bias_add=True,
-    )
 
 
 class _WanAttentionBase(MegatronModule):
@@ -62,9 +39,9 @@ class _WanAttentionBase(MegatronModule):
         self.heads_per_rank = config.num_attention_heads // tp
         self.head_dim = config.head_dim
         D = config.hidden_size
-        self.linear_q = _column(spec, config, D, D)
+        self.linear_q = column_linear(spec, config, D, D)
         self.q_norm = TPRMSNorm(config, D)
-        self.linear_proj = _row(spec, config, D, D)
+        self.linear_proj = row_linear(spec, config, D, D)
 
     def _heads(self, x_SBD):
         return x_SBD if x_SBD is None else x_SBD.unflatten(-1, (self.heads_per_rank, self.head_dim))
@@ -86,8 +63,8 @@ class WanSelfAttention(_WanAttentionBase):
     def __init__(self, config, spec):
         super().__init__(config, spec)
         D = config.hidden_size
-        self.linear_k = _column(spec, config, D, D)
-        self.linear_v = _column(spec, config, D, D)
+        self.linear_k = column_linear(spec, config, D, D)
+        self.linear_v = column_linear(spec, config, D, D)
         self.k_norm = TPRMSNorm(config, D)
         self.attention = attention_op(config.attention_backend_name)
         cp = config.context_parallel_size
@@ -125,13 +102,13 @@ class WanCrossAttention(_WanAttentionBase):
         D = config.hidden_size
         # Context is replicated over TP ranks, not split along the sequence.
         ctx_config = dataclasses.replace(config, sequence_parallel=False)
-        self.linear_k = _column(spec, ctx_config, D, D)
-        self.linear_v = _column(spec, ctx_config, D, D)
+        self.linear_k = column_linear(spec, ctx_config, D, D)
+        self.linear_v = column_linear(spec, ctx_config, D, D)
         self.k_norm = TPRMSNorm(config, D)
         self.with_image = with_image
         if with_image:
-            self.linear_k_img = _column(spec, ctx_config, D, D)
-            self.linear_v_img = _column(spec, ctx_config, D, D)
+            self.linear_k_img = column_linear(spec, ctx_config, D, D)
+            self.linear_v_img = column_linear(spec, ctx_config, D, D)
             self.k_img_norm = TPRMSNorm(config, D)
         self.attention = attention_op(config.attention_backend_name)
 

@@ -15,7 +15,8 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_tanh_jvp, linear_jvp, mul_jvp
-from megatron_rcm.models.wan.attention import WanCrossAttention, WanSelfAttention, _column, _row
+from megatron_rcm.models.tp_linears import column_linear, row_linear
+from megatron_rcm.models.wan.attention import WanCrossAttention, WanSelfAttention
 from megatron_rcm.models.wan.layers import LayerNorm, mark_sequence_parallel
 
 
@@ -28,8 +29,8 @@ def modulate_jvp(x, t_x, shift, t_shift, scale, t_scale):
 class WanMLP(MegatronModule):
     def __init__(self, config, spec):
         super().__init__(config)
-        self.linear_fc1 = _column(spec, config, config.hidden_size, config.ffn_hidden_size)
-        self.linear_fc2 = _row(spec, config, config.ffn_hidden_size, config.hidden_size)
+        self.linear_fc1 = column_linear(spec, config, config.hidden_size, config.ffn_hidden_size)
+        self.linear_fc2 = row_linear(spec, config, config.ffn_hidden_size, config.hidden_size)
 
     def forward(self, x, t_x):
         h, t_h = linear_jvp(self.linear_fc1, x, t_x)

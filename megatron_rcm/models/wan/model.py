@@ -238,7 +238,7 @@ class WanModel(MegatronModule):
             )
             if t_x_BCFHW.shape != x_BCFHW.shape:
                 raise ValueError(f"t_x shape {tuple(t_x_BCFHW.shape)} != x shape {tuple(x_BCFHW.shape)}")
-        dtype = self.config.params_dtype
+        dtype = self.time_projection.weight.dtype  # on every stage; follows .double()/.bfloat16() of the model
         _, _, F, H, W = x_BCFHW.shape
         pt, ph, pw = cfg.patch_size
         grid = (F // pt, H // ph, W // pw)
