@@ -1,4 +1,4 @@
-"""The tensor-parallel linears of the DiT blocks (Wan, Cosmos), built from the spec's implementations.
+"""The tensor-parallel linears and MLP of the DiT blocks (Wan, Cosmos), built from the spec's implementations.
 
     column_linear: Y = X A + b, A split along its output dimension (heads / FFN columns); output not gathered
     row_linear:    Y = X A + b, A split along its input dimension; the input is this rank's split
@@ -7,6 +7,10 @@ Both return the bias separately (``skip_bias_add``; ``models.jvp.linear_jvp`` ad
 """
 
 from __future__ import annotations
+
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_rcm.models.jvp import linear_jvp
 
 
 def column_linear(spec, config, in_dim: int, out_dim: int):
@@ -31,3 +35,19 @@ def row_linear(spec, config, in_dim: int, out_dim: int):
         input_is_parallel=True,
         skip_bias_add=True,
     )
+
+
+class MLP(MegatronModule):
+    """y = fc2(act(fc1(x))) with its tangent: fc1 column-, fc2 row-parallel (``act_jvp``: the activation and
+    its tangent rule from ``models.jvp``, e.g. GELU-tanh for Wan, exact GELU for Cosmos)."""
+
+    def __init__(self, config, spec, act_jvp):
+        super().__init__(config)
+        self.linear_fc1 = column_linear(spec, config, config.hidden_size, config.ffn_hidden_size)
+        self.linear_fc2 = row_linear(spec, config, config.ffn_hidden_size, config.hidden_size)
+        self.act_jvp = act_jvp
+
+    def forward(self, x, t_x):
+        h, t_h = linear_jvp(self.linear_fc1, x, t_x)
+        h, t_h = self.act_jvp(h, t_h)
+        return linear_jvp(self.linear_fc2, h, t_h)

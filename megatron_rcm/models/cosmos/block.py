@@ -14,22 +14,10 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_rcm.models.cosmos.attention import CosmosAttention
 from megatron_rcm.models.cosmos.layers import AdaLNLoRA
-from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_jvp, linear_jvp, mul_jvp
-from megatron_rcm.models.tp_linears import column_linear, row_linear
+from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_jvp, mul_jvp
+from megatron_rcm.models.tp_linears import MLP
 from megatron_rcm.models.wan.block import modulate_jvp
 from megatron_rcm.models.wan.layers import LayerNorm
-
-
-class CosmosMLP(MegatronModule):
-    def __init__(self, config, spec):
-        super().__init__(config)
-        self.linear_fc1 = column_linear(spec, config, config.hidden_size, config.ffn_hidden_size)
-        self.linear_fc2 = row_linear(spec, config, config.ffn_hidden_size, config.hidden_size)
-
-    def forward(self, x, t_x):
-        h, t_h = linear_jvp(self.linear_fc1, x, t_x)
-        h, t_h = gelu_jvp(h, t_h)
-        return linear_jvp(self.linear_fc2, h, t_h)
 
 
 class CosmosBlock(MegatronModule):
@@ -43,7 +31,7 @@ class CosmosBlock(MegatronModule):
         self.adaln_cross_attn = AdaLNLoRA(config, 3)
         self.cross_attn = CosmosAttention(config, spec, cross=True)
         self.adaln_mlp = AdaLNLoRA(config, 3)
-        self.mlp = CosmosMLP(config, spec)
+        self.mlp = MLP(config, spec, gelu_jvp)
 
     def _residual(self, x, t_x, adaln, cond, sublayer):
         dtype, cdt = x.dtype, compute_dtype(x)

@@ -14,8 +14,8 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_tanh_jvp, linear_jvp, mul_jvp
-from megatron_rcm.models.tp_linears import column_linear, row_linear
+from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_tanh_jvp, mul_jvp
+from megatron_rcm.models.tp_linears import MLP
 from megatron_rcm.models.wan.attention import WanCrossAttention, WanSelfAttention
 from megatron_rcm.models.wan.layers import LayerNorm, mark_sequence_parallel
 
@@ -24,18 +24,6 @@ def modulate_jvp(x, t_x, shift, t_shift, scale, t_scale):
     """y = x (1 + scale) + shift with shift/scale [B, D] broadcast over tokens of x [s, B, D]."""
     y, t_y = mul_jvp(x, t_x, 1 + scale[None], None if t_scale is None else t_scale[None])
     return y + shift[None], add_tangents(t_y, None if t_shift is None else t_shift[None])
-
-
-class WanMLP(MegatronModule):
-    def __init__(self, config, spec):
-        super().__init__(config)
-        self.linear_fc1 = column_linear(spec, config, config.hidden_size, config.ffn_hidden_size)
-        self.linear_fc2 = row_linear(spec, config, config.ffn_hidden_size, config.hidden_size)
-
-    def forward(self, x, t_x):
-        h, t_h = linear_jvp(self.linear_fc1, x, t_x)
-        h, t_h = gelu_tanh_jvp(h, t_h)
-        return linear_jvp(self.linear_fc2, h, t_h)
 
 
 class WanBlock(MegatronModule):
@@ -52,7 +40,7 @@ class WanBlock(MegatronModule):
         self.norm3 = LayerNorm(config, D, affine=True, sequence_parallel=sp)
         self.cross_attn = WanCrossAttention(config, spec, with_image=config.model_type == "i2v")
         self.norm2 = LayerNorm(config, D, affine=False)
-        self.ffn = WanMLP(config, spec)
+        self.ffn = MLP(config, spec, gelu_tanh_jvp)
 
     def forward(self, x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard=None):
         dtype, cdt = x.dtype, compute_dtype(x)
