@@ -58,3 +58,41 @@ def check_recompute(cfg) -> None:
 def recompute_blocks(cfg) -> bool:
     """Whether each transformer block is re-run in the backward (Megatron's full, uniform, 1 layer)."""
     return cfg.recompute_granularity == "full"
+
+
+def _parallel_size(overrides: dict, field: str, getter: str) -> int:
+    """``field`` from the overrides, else from Megatron's parallel state (1 before it is initialized)."""
+    value = overrides.pop(field, None)
+    if value is not None:
+        return value
+    from megatron.core import parallel_state
+
+    return getattr(parallel_state, getter)() if parallel_state.model_parallel_is_initialized() else 1
+
+
+def config_from_preset(cls, presets: dict, preset: str, overrides: dict, context_parallel: bool = False, **fixed):
+    """``cls(**presets[preset], **fixed, **overrides)`` for a DiT config: aliases mapped, TP (and CP where
+    ``context_parallel``: the model implements it) from the overrides or the parallel state, sequence parallelism on whenever TP > 1, fp32
+    params and CPU initialization unless overridden, unknown fields refused by name."""
+    import dataclasses
+
+    import torch
+
+    name = cls.__name__
+    overrides = map_field_aliases(overrides, name)
+    if preset not in presets:
+        raise ValueError(f"unknown {name.removesuffix('Config')} preset {preset!r}; known presets: "
+                         f"{', '.join(presets)}")
+    kwargs = dict(presets[preset])
+    tp = _parallel_size(overrides, "tensor_model_parallel_size", "get_tensor_model_parallel_world_size")
+    kwargs.update(tensor_model_parallel_size=tp, sequence_parallel=tp > 1, use_cpu_initialization=True,
+                  params_dtype=torch.float32, **fixed)
+    if context_parallel:
+        kwargs["context_parallel_size"] = _parallel_size(overrides, "context_parallel_size",
+                                                         "get_context_parallel_world_size")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown {name} field(s) {unknown} for preset {preset!r}")
+    kwargs.update(overrides)
+    return cls(**kwargs)

@@ -25,13 +25,11 @@ embedding, anisotropic ``rope_scale``, the condition-mask channel) in seconds on
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-import torch
 from megatron.core.transformer import TransformerConfig
 
-from megatron_rcm.models.config_fields import check_recompute, map_field_aliases
+from megatron_rcm.models.config_fields import check_recompute, config_from_preset
 from megatron_rcm.ops.attention import check_attention_backend
 
 
@@ -160,30 +158,5 @@ PRESETS = tuple(_PRESETS)
 def cosmos_config(preset: str, **overrides) -> CosmosConfig:
     """Build a ``CosmosConfig`` from a preset name plus field overrides (parallel sizes as ``wan_config``:
     TP from ``parallel_state`` unless given, sequence parallelism on whenever TP > 1)."""
-    overrides = map_field_aliases(overrides, "CosmosConfig")
-    if preset not in _PRESETS:
-        raise ValueError(f"unknown Cosmos preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    kwargs = dict(_PRESETS[preset])
-    tp = overrides.pop("tensor_model_parallel_size", None)
-    if tp is None:
-        from megatron.core import parallel_state
-
-        tp = (
-            parallel_state.get_tensor_model_parallel_world_size()
-            if parallel_state.model_parallel_is_initialized()
-            else 1
-        )
-    kwargs.update(
-        tensor_model_parallel_size=tp,
-        sequence_parallel=tp > 1,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        add_bias_linear=False,
-        layernorm_epsilon=1e-6,
-    )
-    known = {f.name for f in dataclasses.fields(CosmosConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown CosmosConfig field(s) {unknown} for preset {preset!r}")
-    kwargs.update(overrides)
-    return CosmosConfig(**kwargs)
+    return config_from_preset(CosmosConfig, _PRESETS, preset, overrides, add_bias_linear=False,
+                              layernorm_epsilon=1e-6)

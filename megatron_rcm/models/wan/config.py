@@ -19,13 +19,11 @@ Wan team's ``wan/configs/wan_{ti2v_5B,t2v_A14B,i2v_A14B}.py``):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
-import torch
 from megatron.core.transformer import TransformerConfig
 
-from megatron_rcm.models.config_fields import check_recompute, map_field_aliases
+from megatron_rcm.models.config_fields import check_recompute, config_from_preset
 from megatron_rcm.ops.attention import check_attention_backend
 
 
@@ -160,40 +158,5 @@ def wan_config(preset: str, **overrides) -> WanConfig:
     (Megatron's field: "p2p" ring, "a2a" Ulysses) picks the context-parallel attention; sequence parallelism is on
     whenever TP > 1 (Megatron's recommended setting).
     """
-    overrides = map_field_aliases(overrides, "WanConfig")
-    if preset not in _PRESETS:
-        raise ValueError(f"unknown Wan preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    kwargs = dict(_PRESETS[preset])
-    tp = overrides.pop("tensor_model_parallel_size", None)
-    if tp is None:
-        from megatron.core import parallel_state
-
-        tp = (
-            parallel_state.get_tensor_model_parallel_world_size()
-            if parallel_state.model_parallel_is_initialized()
-            else 1
-        )
-    cp = overrides.pop("context_parallel_size", None)
-    if cp is None:
-        from megatron.core import parallel_state
-
-        cp = (
-            parallel_state.get_context_parallel_world_size()
-            if parallel_state.model_parallel_is_initialized()
-            else 1
-        )
-    kwargs.update(
-        tensor_model_parallel_size=tp,
-        context_parallel_size=cp,
-        sequence_parallel=tp > 1,
-        use_cpu_initialization=True,
-        params_dtype=torch.float32,
-        add_bias_linear=True,
-        layernorm_epsilon=1e-6,
-    )
-    known = {f.name for f in dataclasses.fields(WanConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown WanConfig field(s) {unknown} for preset {preset!r}")
-    kwargs.update(overrides)
-    return WanConfig(**kwargs)
+    return config_from_preset(WanConfig, _PRESETS, preset, overrides, context_parallel=True, add_bias_linear=True,
+                              layernorm_epsilon=1e-6)
