@@ -13,10 +13,10 @@ pytestmark = [
 ]
 
 
-def _cfg(tmp_path, name, max_steps):
+def _cfg(tmp_path, name, max_steps, *extra):
     return load_config(None, [*TINY, "model.params_dtype=bf16", "parallel.distributed_optimizer=true",
                               f"training.max_steps={max_steps}", f"training.output_dir={tmp_path / name}",
-                              f"checkpoint.dir={tmp_path / name / 'ckpt'}", "checkpoint.save_every=3"])
+                              f"checkpoint.dir={tmp_path / name / 'ckpt'}", "checkpoint.save_every=3", *extra])
 
 
 def _inner_optimizers(opt):
@@ -45,13 +45,15 @@ def test_distributed_optimizer_bf16_master_weights(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.student.module.parameters()))
 
 
-def test_gpu_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("fully_reshardable", [False, True])
+def test_gpu_resume_matches_uninterrupted(tmp_path, fully_reshardable):
     from megatron_rcm.training import Trainer
 
-    ref_trainer = Trainer(_cfg(tmp_path, "ref", 6))
+    fmt = f"checkpoint.optim_fully_reshardable={str(fully_reshardable).lower()}"
+    ref_trainer = Trainer(_cfg(tmp_path, "ref", 6, fmt))
     ref = ref_trainer.train()
-    first = Trainer(_cfg(tmp_path, "run", 3)).train()
-    resumed = Trainer(_cfg(tmp_path, "run", 6))
+    first = Trainer(_cfg(tmp_path, "run", 3, fmt)).train()
+    resumed = Trainer(_cfg(tmp_path, "run", 6, fmt))
     assert resumed.step == 3
     got = first + resumed.train()
     # AdamW's step count (its bias correction) continues exactly across the resume, one per optimizer step

@@ -226,6 +226,35 @@ def check_resume_config(path: Path, config: dict, rank: int = 0) -> None:
                        path, "\n  ".join(warned))
 
 
+def optim_sharding_of(path: Path) -> str:
+    """How the checkpoint at ``path`` wrote the distributed optimizer's state (``meta.json``; checkpoints
+    written before the choice existed are ``fully_reshardable``)."""
+    return read_meta(path).get("optim_sharding", "fully_reshardable")
+
+
+# the layout dimensions a "dp_reshardable" optimizer checkpoint cannot change (its buffers are laid out per
+# TP x PP domain; data and context parallelism only split them differently)
+_OPTIM_LAYOUT_KEYS = ("tensor_parallel", "pipeline_parallel", "virtual_pipeline")
+
+
+def check_optim_layout(path: Path, config: dict) -> None:
+    """Refuse (``CheckpointError``), before any network is built, to resume a ``dp_reshardable`` optimizer
+    checkpoint at another TP or PP layout; name both layouts and the way out."""
+    if optim_sharding_of(path) != "dp_reshardable":
+        return
+    stored = (read_meta(path).get("config") or {}).get("parallel", {})
+    now = config.get("parallel", {})
+    changed = [f"parallel.{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in _OPTIM_LAYOUT_KEYS
+               if k in stored and stored.get(k) != now.get(k)]
+    if changed:
+        raise CheckpointError(
+            f"cannot resume from {path}: its optimizer state was written per rank (dp_reshardable, "
+            "checkpoint.optim_fully_reshardable=false), which resumes at another data/context-parallel size "
+            "but not at another tensor/pipeline layout (checkpoint -> this run):\n  " + "\n  ".join(changed) +
+            "\nresume at the checkpoint's layout and save once with checkpoint.optim_fully_reshardable=true, "
+            "then change the layout")
+
+
 class SaveResult(NamedTuple):
     """A finalized save: ``latest`` names ``path``."""
 

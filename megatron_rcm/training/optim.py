@@ -137,7 +137,9 @@ class CpuAdamW:
         return True, norm
 
     # -- checkpointing: per-parameter tensors sharded like the model's own tensors --------------------
-    def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False) -> dict:
+    def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False,
+                           sharding: str | None = None) -> dict:
+        """Per-parameter tensors at any ``sharding`` (the DistributedOptimizer's choice does not apply here)."""
         from megatron.core.dist_checkpointing.optimizer import (
             get_param_id_to_sharded_param_map,
             make_sharded_optimizer_tensor,
@@ -170,6 +172,9 @@ class CpuAdamW:
                 p.copy_(m)
         for g, saved in zip(self.param_groups, state["param_groups"]):
             g.update({k: v for k, v in saved.items() if k in ("lr", "weight_decay", "betas", "eps")})
+
+
+OPTIM_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 
 
 class MegatronOptimizer:
@@ -208,14 +213,20 @@ class MegatronOptimizer:
         ok, norm, _ = self.optimizer.step()
         return bool(ok), float("nan") if norm is None else float(norm)
 
-    def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False) -> dict:
-        # keys derive from the model's ("student." / "critic.") keys; "fully_reshardable" loads at any DP/TP
-        # size (megatron-core 0.16 refuses the flattened-range tensors of "fully_sharded_model_space").
+    def sharded_state_dict(self, model_sharded_state_dict: dict, prefix: str, is_loading: bool = False,
+                           sharding: str = "dp_reshardable") -> dict:
+        # ``sharding`` (Megatron's distrib_optim_sharding_type): "dp_reshardable" writes each rank's buffer
+        # shards as they are (no gather, no copy: Megatron-LM's default) and resumes at another DP x CP size
+        # only; "fully_reshardable" gathers every buffer on DP rank 0 into per-parameter tensors (keys derive
+        # from the model's "student." / "critic." keys) and resumes at any layout, at the cost of that gather.
+        # (megatron-core 0.16 refuses the flattened-range tensors of "fully_sharded_model_space".)
+        if sharding not in OPTIM_SHARDINGS:
+            raise ValueError(f"optimizer checkpoint sharding {sharding!r}: expected one of {OPTIM_SHARDINGS}")
         # Loading too: Megatron builds the load template from state_dict(), which asserts one common step and
         # so fails on a fresh optimizer; step-0 zero state is what the checkpoint then overwrites.
         for inner in self._inner_torch_optimizers():  # megatron-core workaround (1), parallel/mcore_compat.py
             materialize_adamw_state(inner)
-        metadata = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+        metadata = {"distrib_optim_sharding_type": sharding, "chained_optim_avoid_prefix": True}
         out = {prefix: self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
                                                          metadata=metadata)}
         for inner in self._inner_torch_optimizers():

@@ -32,7 +32,13 @@ from megatron_rcm.config.loader import to_dict
 from megatron_rcm.config.preflight import preflight
 from megatron_rcm.config.schema import ConfigError, ExperimentConfig
 from megatron_rcm.data import build_data_source
-from megatron_rcm.training.checkpoint import CheckpointError, CheckpointManager, check_resume_config
+from megatron_rcm.training.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    check_optim_layout,
+    check_resume_config,
+    optim_sharding_of,
+)
 from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
 from megatron_rcm.training.models import (
     DTYPES,
@@ -90,8 +96,11 @@ class Trainer:
         self.ckpt = CheckpointManager(ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save) if ckpt_dir \
             else None
         resume_path = self.ckpt.resolve_resume(cfg.checkpoint.resume) if self.ckpt is not None else None
+        self.optim_sharding = "fully_reshardable" if cfg.checkpoint.optim_fully_reshardable else "dp_reshardable"
         if resume_path is not None:
             check_resume_config(resume_path, to_dict(cfg), self.rank)
+            if self.use_megatron_optimizer and pcfg.distributed_optimizer:
+                check_optim_layout(resume_path, to_dict(cfg))
 
         # -- networks -------------------------------------------------------------------------------
         refuse_two_expert_preset(cfg.model.preset)
@@ -369,7 +378,8 @@ class Trainer:
         return save_grid(rows, path, value_range=value_range)
 
     # -- checkpointing ---------------------------------------------------------------------------------
-    def sharded_state_dict(self, is_loading: bool = False) -> dict:
+    def sharded_state_dict(self, is_loading: bool = False, optim_sharding: str | None = None) -> dict:
+        """``optim_sharding``: how the optimizers' state is (or was) written; default: this run's config."""
         from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing.mapping import ShardedObject
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
@@ -381,14 +391,17 @@ class Trainer:
                    ps.get_context_parallel_rank())
         s_sd = self.student.module.sharded_state_dict(prefix="student.")
         sd = {"student": s_sd, "step": self.step, "scheduler_student": self.sched_student.state_dict()}
-        sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student", is_loading)
+        sharding = optim_sharding or self.optim_sharding
+        sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student", is_loading,
+                                                                      sharding)
         sd["ema"] = {name: make_sharded_optimizer_tensor(s_sd[f"student.{name}"], t, "ema")
                      for name, t in self.ema.shadow.items()}
         sd["ema_meta"] = {"std": self.ema.std, "num_updates": self.ema.num_updates}
         if self.critic is not None:
             c_sd = self.critic.module.sharded_state_dict(prefix="critic.")
             sd["critic"] = c_sd
-            sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic", is_loading)
+            sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic", is_loading,
+                                                                        sharding)
             sd["scheduler_critic"] = self.sched_critic.state_dict()
         # per-replica states
         sd["rng"] = ShardedObject("rng_state", capture_rng_state(self.generator), (dp,), (dp_rank,), replica_id=replica)
@@ -399,7 +412,7 @@ class Trainer:
         """Save (collective); with ``checkpoint.async_save`` the write goes on in the background and
         ``finalize_checkpoints`` publishes it. Returns the checkpoint's path."""
         meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size(),
-                "config": to_dict(self.cfg)}
+                "optim_sharding": self.optim_sharding, "config": to_dict(self.cfg)}
         with self.timers("checkpoint"):
             path = self.ckpt.save(self.step, self.sharded_state_dict(), meta)
         self.saved_step = self.step
@@ -425,7 +438,8 @@ class Trainer:
 
     def load_checkpoint(self, path) -> None:
         """Restore everything from ``path``; any failure is a ``CheckpointError`` naming ``path``."""
-        loaded = self.ckpt.load(self.sharded_state_dict(is_loading=True), path)
+        saved_sharding = optim_sharding_of(path)
+        loaded = self.ckpt.load(self.sharded_state_dict(is_loading=True, optim_sharding=saved_sharding), path)
         try:
             self._restore(loaded, path)
         except (KeyError, RuntimeError, ValueError) as err:
