@@ -227,8 +227,15 @@ class MegatronOptimizer:
         for inner in self._inner_torch_optimizers():  # megatron-core workaround (1), parallel/mcore_compat.py
             materialize_adamw_state(inner)
         metadata = {"distrib_optim_sharding_type": sharding, "chained_optim_avoid_prefix": True}
-        out = {prefix: self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
-                                                         metadata=metadata)}
+        inner_sd = self.optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=is_loading,
+                                                     metadata=metadata)
+        if sharding == "dp_reshardable":
+            # its keys name the optimizer's DP group ("optimizer.distributed.dp_group_idx_0...") and not the
+            # model, so the student's and the critic's optimizers would share them: prefix them with ours
+            from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+            add_prefix_for_sharding(inner_sd, f"{prefix}.")
+        out = {prefix: inner_sd}
         for inner in self._inner_torch_optimizers():
             dealias_steps(inner)
         return out
