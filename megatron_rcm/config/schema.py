@@ -44,9 +44,17 @@ class ModelConfig:
     """Activation recompute (Megatron ``recompute_granularity=full``, uniform, one layer per chunk) for the
     trained networks: trades one extra forward for activation memory."""
 
+    fused_elementwise: str | bool = "auto"
+    """Wan models: fused primal+tangent Triton kernels for the block's elementwise chains (norm + modulation,
+    gated residual, RoPE, q/k RMSNorm, GELU-tanh; docs/kernels.md): ``auto`` (on for CUDA bf16/fp16
+    tensors), ``true``, ``false`` (the PyTorch reference). ``--set model.fused_elementwise=false|true``
+    measures a step before/after."""
+
     def validate(self) -> None:
         _check(self.params_dtype in ("bf16", "fp16", "fp32"), "model.params_dtype", self.params_dtype,
                "one of bf16, fp16, fp32")
+        _check(self.fused_elementwise in ("auto", True, False), "model.fused_elementwise",
+               self.fused_elementwise, "one of auto, true, false")
 
 
 @dataclass

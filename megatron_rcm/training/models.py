@@ -44,6 +44,8 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"
     overrides.update(recompute_fields(model_cfg.recompute if recompute is None else recompute))
+    if not cosmos:
+        overrides.setdefault("fused_elementwise", model_cfg.fused_elementwise)
     try:
         cfg = (cosmos_config if cosmos else wan_config)(model_cfg.preset, **overrides)
     except (ValueError, TypeError) as err:

@@ -21,8 +21,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_rcm.models.jvp import add_tangents, linear_jvp
 from megatron_rcm.models.tp_linears import column_linear, row_linear
 from megatron_rcm.models.wan.layers import TPRMSNorm
-from megatron_rcm.models.wan.rope import apply_rope
 from megatron_rcm.ops.attention import attention_op
+from megatron_rcm.ops.elementwise import elementwise_ops
 from megatron_rcm.parallel.collectives import tp_world_size
 from megatron_rcm.parallel.cp_attention import ContextParallelAttention
 
@@ -67,6 +67,7 @@ class WanSelfAttention(_WanAttentionBase):
         self.linear_v = column_linear(spec, config, D, D)
         self.k_norm = TPRMSNorm(config, D)
         self.attention = attention_op(config.attention_backend_name)
+        self.ew = elementwise_ops(config.fused_elementwise)  # RoPE of q, k and their tangents
         cp = config.context_parallel_size
         self.cp_attention = (
             ContextParallelAttention(
@@ -83,9 +84,7 @@ class WanSelfAttention(_WanAttentionBase):
         k, t_k = self.k_norm(k, t_k)
         v, t_v = linear_jvp(self.linear_v, x_sBD, t_x)
         k, t_k, v, t_v = self._heads(k), self._heads(t_k), self._heads(v), self._heads(t_v)
-        q, k = apply_rope(q, rope_cos, rope_sin), apply_rope(k, rope_cos, rope_sin)
-        if t_x is not None:
-            t_q, t_k = apply_rope(t_q, rope_cos, rope_sin), apply_rope(t_k, rope_cos, rope_sin)
+        q, k, t_q, t_k = self.ew.rope(q, k, t_q, t_k, rope_cos, rope_sin)
         if self.cp_attention is not None:
             o, t_o = self.cp_attention(q, k, v, t_q, t_k, t_v, shard)
         else:

@@ -5,7 +5,9 @@
     x = x + cross_attn(norm3(x), context)     (affine LayerNorm, no gate)
     x = x + ffn(LN(x) * (1 + scale_mlp) + shift_mlp) * gate_mlp,   ffn = fc2(GELU_tanh(fc1(.)))
 Activations [s, B, D] (s = this rank's tokens under context and sequence parallelism; ``shard``, a
-``TokenShard``, says which under CP); e0 [B, 6, D] in float32.
+``TokenShard``, says which under CP); e0 [B, 6, D] in float32. The norm + modulation, gated residual,
+RoPE, q/k RMSNorm and GELU chains run through ``ops/elementwise.py`` (``config.fused_elementwise``: the
+PyTorch reference or one Triton kernel per chain for primal and tangent), picked here at construction.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_tanh_jvp, mul_jvp
+from megatron_rcm.models.jvp import add_tangents, compute_dtype, mul_jvp
 from megatron_rcm.models.tp_linears import MLP
 from megatron_rcm.models.wan.attention import WanCrossAttention, WanSelfAttention
 from megatron_rcm.models.wan.layers import LayerNorm, mark_sequence_parallel
+from megatron_rcm.ops.elementwise import elementwise_ops
 
 
 def modulate_jvp(x, t_x, shift, t_shift, scale, t_scale):
@@ -40,39 +43,28 @@ class WanBlock(MegatronModule):
         self.norm3 = LayerNorm(config, D, affine=True, sequence_parallel=sp)
         self.cross_attn = WanCrossAttention(config, spec, with_image=config.model_type == "i2v")
         self.norm2 = LayerNorm(config, D, affine=False)
-        self.ffn = MLP(config, spec, gelu_tanh_jvp)
+        self.ew = elementwise_ops(config.fused_elementwise)
+        self.ffn = MLP(config, spec, self.ew.gelu_tanh)
 
     def forward(self, x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard=None):
-        dtype, cdt = x.dtype, compute_dtype(x)
+        cdt = compute_dtype(x)
         e = (self.modulation.to(cdt) + e0.to(cdt)).unbind(1)  # 6 x [B, D]
         t_e = t_e0.unbind(1) if t_e0 is not None else (None,) * 6
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = e
         t_shift_msa, t_scale_msa, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp = t_e
+        ew = self.ew
 
         # self-attention
-        h, t_h = self.norm1(x, t_x)
-        h, t_h = modulate_jvp(h, t_h, shift_msa, t_shift_msa, scale_msa, t_scale_msa)
-        y, t_y = self.self_attn(h.to(dtype), _cast(t_h, dtype), rope_cos, rope_sin, shard)
-        y, t_y = mul_jvp(y.to(cdt), _cast(t_y, cdt), gate_msa[None], _bcast(t_gate_msa))
-        x, t_x = (x.to(cdt) + y).to(dtype), _cast(add_tangents(t_x, t_y), dtype)
+        h, t_h = ew.modulated_layer_norm(x, t_x, self.norm1.eps, shift_msa, t_shift_msa, scale_msa, t_scale_msa)
+        y, t_y = self.self_attn(h, t_h, rope_cos, rope_sin, shard)
+        x, t_x = ew.gated_residual(x, t_x, y, t_y, gate_msa, t_gate_msa)
 
         # cross-attention (no gate)
-        h, t_h = self.norm3(x, t_x)
-        y, t_y = self.cross_attn(h.to(dtype), _cast(t_h, dtype), context, context_img)
+        h, t_h = ew.affine_layer_norm(x, t_x, self.norm3.eps, self.norm3.weight, self.norm3.bias)
+        y, t_y = self.cross_attn(h, t_h, context, context_img)
         x, t_x = x + y, add_tangents(t_x, t_y)
 
         # feed-forward
-        h, t_h = self.norm2(x, t_x)
-        h, t_h = modulate_jvp(h, t_h, shift_mlp, t_shift_mlp, scale_mlp, t_scale_mlp)
-        y, t_y = self.ffn(h.to(dtype), _cast(t_h, dtype))
-        y, t_y = mul_jvp(y.to(cdt), _cast(t_y, cdt), gate_mlp[None], _bcast(t_gate_mlp))
-        x, t_x = (x.to(cdt) + y).to(dtype), _cast(add_tangents(t_x, t_y), dtype)
-        return x, t_x
-
-
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
-
-
-def _bcast(t_BD):
-    return None if t_BD is None else t_BD[None]
+        h, t_h = ew.modulated_layer_norm(x, t_x, self.norm2.eps, shift_mlp, t_shift_mlp, scale_mlp, t_scale_mlp)
+        y, t_y = self.ffn(h, t_h)
+        return ew.gated_residual(x, t_x, y, t_y, gate_mlp, t_gate_mlp)

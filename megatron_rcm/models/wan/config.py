@@ -25,6 +25,7 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_rcm.models.config_fields import check_recompute, config_from_preset
 from megatron_rcm.ops.attention import check_attention_backend
+from megatron_rcm.ops.elementwise import check_fused_elementwise
 
 
 @dataclass
@@ -60,6 +61,10 @@ class WanConfig(TransformerConfig):
     attention_backend_name: str = "auto"
     """Attention implementation (``megatron_rcm.ops.attention.attention_op``, picked at construction): "auto"
     (Triton JVP kernel on CUDA, PyTorch on CPU), "torch" (SDPA, PyTorch reference for the JVP), "triton"."""
+    fused_elementwise: str | bool = "auto"
+    """Elementwise chains of the block (norm + modulation, gated residual, RoPE, q/k RMSNorm, GELU-tanh;
+    ``ops/elementwise.py``, picked at construction): "auto" (fused Triton kernels, primal and tangent in one,
+    for CUDA bf16/fp16 tensors; the PyTorch reference otherwise), true (always the kernels), false (never)."""
     use_te: bool = False
     """Build linears from Transformer Engine (FP8/BF16) instead of Megatron's local tensor-parallel layers."""
     extra: dict = field(default_factory=dict)
@@ -69,6 +74,7 @@ class WanConfig(TransformerConfig):
         self.patch_size = tuple(int(p) for p in self.patch_size)
         check_attention_backend(self.attention_backend_name, f"{type(self).__name__}.attention_backend_name")
         check_recompute(self)
+        self.fused_elementwise = check_fused_elementwise(self.fused_elementwise, f"{type(self).__name__}.fused_elementwise")
         if self.model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.hidden_size % self.num_attention_heads != 0:

@@ -14,14 +14,14 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from megatron_rcm.models.jvp import (
-    compute_dtype,
     gelu_jvp,
     gelu_tanh_jvp,
     layer_norm_jvp,
     linear_jvp,
     silu_jvp,
 )
-from megatron_rcm.parallel.collectives import all_reduce_sum_tp, tp_world_size
+from megatron_rcm.ops.elementwise import elementwise_ops
+from megatron_rcm.parallel.collectives import tp_world_size
 
 
 def mark_sequence_parallel(module: nn.Module) -> None:
@@ -53,7 +53,8 @@ class TPRMSNorm(MegatronModule):
     """RMSNorm over the *whole* hidden size across heads (Wan's q/k norm), with heads sharded over TP.
 
     y = x * rsqrt(sum_tp(sum x^2) / D + eps) * w. This rank holds x[..., D_tp] and w[D_tp]; the sum of
-    squares (and for the tangent, sum x t_x) is all-reduced over the TP group.
+    squares (and for the tangent, sum x t_x) is all-reduced over the TP group
+    (``ops/elementwise.py`` ``rms_norm``: the PyTorch reference or the fused kernel).
     """
 
     def __init__(self, config, hidden_size: int):
@@ -65,24 +66,10 @@ class TPRMSNorm(MegatronModule):
         self.weight.tensor_model_parallel = True
         self.weight.partition_dim = 0
         self.weight.partition_stride = 1
+        self.ew = elementwise_ops(config.fused_elementwise)  # the reference or the fused kernel, picked here
 
     def forward(self, x, t_x=None):
-        dt = compute_dtype(x)
-        xf = x.to(dt)
-        ss = all_reduce_sum_tp(xf.pow(2).sum(-1, keepdim=True))
-        r = torch.rsqrt(ss / self.hidden_size + self.eps)
-        w = self.weight.to(dt)
-        y = (xf * r * w).to(x.dtype)
-        if t_x is None:
-            return y, None
-        with torch.no_grad():
-            # d r = -r^3 * sum_tp(x t_x) / D
-            xd, rd = xf.detach(), r.detach()
-            t_xf = t_x.to(dt)
-            s_xt = all_reduce_sum_tp((xd * t_xf).sum(-1, keepdim=True))
-            t_r = -rd.pow(3) * s_xt / self.hidden_size
-            t_y = ((t_xf * rd + xd * t_r) * w.detach()).to(t_x.dtype)
-        return y, t_y
+        return self.ew.rms_norm(x, t_x, self.weight, self.eps, self.hidden_size)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = self.state_dict(prefix="", keep_vars=True)
