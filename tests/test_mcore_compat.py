@@ -1,5 +1,6 @@
 """The megatron-core workarounds are gated by the release that retires them."""
 
+import pytest
 import torch
 
 from megatron_rcm.parallel import mcore_compat
@@ -21,3 +22,37 @@ def test_materialize_adamw_state_is_retired_by_its_release(monkeypatch):
     monkeypatch.setattr(mcore_compat, "ADAMW_COMMON_STEP_FIXED_IN", "0.1.0")  # "fixed" long ago: retired
     mcore_compat.materialize_adamw_state(fresh)
     assert len(fresh.state[q]) == 0
+
+
+class _FakeDistOpt:
+    """The two pieces of megatron-core 0.16's DistributedOptimizer that ``load_states_around_step`` wraps:
+    the state lookup and ``_set_main_param_and_optimizer_states``, which copies every key of the state."""
+
+    def __init__(self):
+        self.main = torch.nn.Parameter(torch.zeros(4))
+        self.optimizer = torch.optim.AdamW([self.main])
+        self.optimizer.state[self.main] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros(4),
+                                           "exp_avg_sq": torch.zeros(4)}
+        self.model_param_group_index_map = {"w": (0, 0)}
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        dst = {"param": self.main, **self.optimizer.state[self.main]}
+        for key in dst:
+            dst[key].data.copy_(tensors[key])
+
+
+@pytest.mark.parametrize("with_stale_step", [False, True])
+def test_loaded_states_keep_the_step_from_the_param_groups(with_stale_step):
+    """fully_reshardable tensors carry no step (KeyError without the workaround); dp_reshardable ones carry
+    the load template's stale step 0 (the step went back to 0 without the workaround, seen on an H200)."""
+    from megatron_rcm.parallel.mcore_compat import load_states_around_step
+
+    opt = _FakeDistOpt()
+    tensors = {"param": torch.ones(4), "exp_avg": torch.full((4,), 2.0), "exp_avg_sq": torch.full((4,), 5.0)}
+    if with_stale_step:
+        tensors["step"] = torch.tensor(0.0)
+    load_states_around_step(opt)
+    opt._set_main_param_and_optimizer_states("w", tensors)
+    state = opt.optimizer.state[opt.main]
+    assert float(state["step"]) == 3.0
+    assert torch.equal(opt.main.data, tensors["param"]) and torch.equal(state["exp_avg_sq"], tensors["exp_avg_sq"])

@@ -8,8 +8,11 @@ release on, so setting ``FIXED_IN`` when upstream fixes the behaviour retires th
 1. ``materialize_adamw_state``: ``DistributedOptimizer.state_dict`` (torch-optimizer path, no Apex/TE)
    asserts one common AdamW ``step`` over all parameters, also when *loading* (the load template is built
    from the state dict of a fresh, stateless optimizer).
-2. ``load_states_around_step``: its ``fully_reshardable`` load copies every key of a parameter's state from
-   the checkpoint's tensors, which never carry ``step``: KeyError 'step' on every resume.
+2. ``load_states_around_step``: its loads copy every key of a parameter's state from the checkpoint's
+   tensors, but ``step`` is restored from the param groups before that: the ``fully_reshardable`` tensors
+   never carry ``step`` (KeyError 'step' on every resume), and the ``dp_reshardable`` ones carry the load
+   template's own stale ``step`` (a non-persistent local object: every state's step went back to 0 on an H200,
+   so Adam's bias correction restarted after a resume).
 3. ``dealias_steps``: its load stores one ``step`` tensor object in every parameter's state; torch AdamW's
    foreach update then increments it once per parameter per step (Adam's bias correction runs away).
 4. ``patch_psutil``: the async file writer logs process memory through psutil (an optional dependency).
@@ -74,8 +77,8 @@ def materialize_adamw_state(inner: torch.optim.Optimizer) -> None:
 
 
 def load_states_around_step(dist_opt) -> None:
-    """Hold ``step`` aside while ``dist_opt`` copies a parameter's state tensors from a checkpoint (the
-    step is set per state beforehand from the param groups). (2)"""
+    """Hold ``step`` aside while ``dist_opt`` copies a parameter's state tensors from a checkpoint, and copy
+    no ``step`` from them (the step is set per state beforehand from the param groups). (2)"""
     if not applies(LOAD_STEP_KEY_FIXED_IN):
         return
     copy_states = dist_opt._set_main_param_and_optimizer_states
@@ -84,9 +87,9 @@ def load_states_around_step(dist_opt) -> None:
         group_index, group_order = dist_opt.model_param_group_index_map[model_param]
         main_param = dist_opt.optimizer.param_groups[group_index]["params"][group_order]
         state = dist_opt.optimizer.state[main_param]
-        step = state.pop("step") if "step" in state and "step" not in tensors else None
+        step = state.pop("step", None)
         try:
-            copy_states(model_param, tensors)
+            copy_states(model_param, {k: v for k, v in tensors.items() if k != "step"})
         finally:
             if step is not None:
                 state["step"] = step
