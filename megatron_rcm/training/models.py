@@ -16,6 +16,7 @@ import torch
 
 from megatron_rcm.config.schema import ConfigError
 from megatron_rcm.models.config_fields import recompute_fields
+from megatron_rcm.models.te_support import fp8_mode_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPORT_PREFIX = "model."
@@ -30,8 +31,8 @@ def is_cosmos_preset(preset: str) -> bool:
 
 def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp_comm_type: str | None = None):
     """A ``WanConfig`` (or, for a ``cosmos-*`` preset, a ``CosmosConfig``) from ``model.preset`` +
-    ``model.overrides`` + ``model.params_dtype`` (+ the context-parallel attention ``parallel.cp_comm_type``);
-    checks that the data shapes fit the model (clear errors naming the keys)."""
+    ``model.overrides`` + ``model.params_dtype`` + ``model.transformer_impl`` / ``model.fp8`` (+ the
+    context-parallel attention ``parallel.cp_comm_type``); checks that the data shapes fit the model (clear errors naming the keys)."""
     from megatron_rcm.models.cosmos import cosmos_config
     from megatron_rcm.models.wan import wan_config
 
@@ -44,7 +45,9 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"
     overrides.update(recompute_fields(model_cfg.recompute if recompute is None else recompute))
+    overrides["transformer_impl"] = model_cfg.transformer_impl
     try:
+        overrides.update(fp8_mode_fields(model_cfg.fp8))
         cfg = (cosmos_config if cosmos else wan_config)(model_cfg.preset, **overrides)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid 'model' section (preset {model_cfg.preset!r}): {err}") from err

@@ -116,7 +116,7 @@ class WanModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules ask for
         self.share_embeddings_and_output_weights = False  # finalize_model_grads asks (patch embedding != head)
         self.input_tensor = None  # a later pipeline stage's input, set by set_input_tensor
-        spec = get_wan_block_spec(config.use_te)
+        spec = get_wan_block_spec(config.transformer_impl)
         D = config.hidden_size
         patch_dim = config.in_channels * math.prod(config.patch_size)
         self.patch_embedding = nn.Linear(patch_dim, D, dtype=config.params_dtype) if pre_process else None
