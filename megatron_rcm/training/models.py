@@ -211,9 +211,10 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
     else:
         full = torch.load(path, map_location="cpu", weights_only=True)
     from megatron_rcm.convert.wan_keys import to_ours
+    from megatron_rcm.models.wan.impl_keys import adapt_state_dict, to_local_name
     from megatron_rcm.parallel.sharding import load_full_state_dict
 
-    names = {n for n, _ in model.named_parameters()}
+    names = {to_local_name(n) for n, _ in model.named_parameters()}  # canonical names under either impl
     found = set(full)
     stage = getattr(model, "stage", None)
     if stage is not None:  # a pipeline stage: its tensors under their global names (ours if they fit)
@@ -249,6 +250,7 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
         from megatron_rcm.parallel.pipeline import stage_state_dict
 
         full = stage_state_dict(full, stage)
+    full = adapt_state_dict(full, [n for n, _ in model.named_parameters()])
     load_full_state_dict(model, full, strict=True)
 
 
