@@ -211,3 +211,26 @@ def test_autocast_net_wraps_each_call():
     net.forward_jvp(1, 2)
     assert events == ["enter", "forward", "exit", "enter", "jvp", "exit"]
     assert next(net.parameters()).shape == (1,)
+
+
+def test_fp8_curves_tool_config_and_plot(tmp_path):
+    """tools/fp8_curves.py: its configs are valid (FP8-friendly token counts), the curve metric and the PNG."""
+    from PIL import Image
+
+    sys.path.insert(0, "tools")
+    try:
+        import fp8_curves
+    finally:
+        sys.path.remove("tools")
+    for fp8 in (None, "current"):
+        cfg = load_config(None, fp8_curves._overrides(200, fp8, str(tmp_path)))
+        wan = build_wan_config(cfg.model, cfg.data)
+        C, F_, H, W = cfg.data.latent_shape
+        tokens = F_ * H * W // 4 * cfg.data.micro_batch_size
+        assert tokens % 16 == 0 and (cfg.data.text_len * cfg.data.micro_batch_size) % 16 == 0
+        assert wan.hidden_size // wan.num_attention_heads == 128
+    d = fp8_curves.curve_difference([1.0, 2.0, 4.0], [1.1, 2.0, 3.0])
+    assert d["max_rel_diff"] == pytest.approx(0.25) and d["mean_rel_diff"] == pytest.approx(0.35 / 3)
+    png = tmp_path / "c.png"
+    fp8_curves.plot({"a": [1.0, 0.5, 0.2], "b": [1.1, 0.4, 0.25]}, png, "t")
+    assert Image.open(png).size == (900, 500)
