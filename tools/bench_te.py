@@ -9,7 +9,7 @@
     runs them) and the primal's backward (dgrad + wgrad). FLOPs: forward 2 x 2 T (4 D^2 + 2 D FFN), backward
     2 x 2 T (4 D^2 + 2 D FFN).
 (b) The whole rCM student step (``tools/bench_step.py``, mock data, the trainer) with the 14B preset reduced to
-    ``--layers`` layers at 480p (the 14B example config's latent 16 x 21 x 60 x 104) for each implementation,
+    ``--layers`` layers at 480p (latent 16 x 20 x 60 x 104, 31,200 tokens) for each implementation,
     each in its own process, ratios against local BF16 from this run.
 
 Every result is one JSON line on stdout (``{"bench": "te_gemm" | "te_step", ...}``) for docs/benchmarks.md.
@@ -29,6 +29,10 @@ import torch
 IMPLS = (("local_bf16", "local", None), ("te_bf16", "transformer_engine", None),
          ("te_fp8", "transformer_engine", "current"))
 """(name, model.transformer_impl, model.fp8)."""
+
+LATENT_480P = "[16,20,60,104]"
+"""480p, 77 frames: 20 x 30 x 52 = 31,200 tokens (a multiple of 16, as FP8 GEMMs over tokens need; the
+14B example config's 81 frames give 32,760, which is not)."""
 
 
 def _block_linears(impl: str, fp8: str | None, D: int, FFN: int):
@@ -108,7 +112,8 @@ def bench_steps(config: str, layers: int, warmup: int, iters: int) -> list[dict]
             cmd = [sys.executable, str(root / "tools" / "bench_step.py"), "--config", config, "--kinds", "student",
                    "--warmup", str(warmup), "--iters", str(iters), "--json", str(out),
                    "--set", f"model.overrides.num_layers={layers}", "--set", "parallel.tensor_parallel=1",
-                   "--set", f"model.transformer_impl={impl}", "--set", f"model.fp8={fp8 or 'null'}"]
+                   "--set", f"model.transformer_impl={impl}", "--set", f"model.fp8={fp8 or 'null'}",
+                   "--set", f"data.latent_shape={LATENT_480P}"]
             proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"bench_step.py for {name} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
