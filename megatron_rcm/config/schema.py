@@ -49,12 +49,33 @@ class ModelConfig:
     gated residual, RoPE, q/k RMSNorm, GELU-tanh; docs/kernels.md): ``auto`` (on for CUDA bf16/fp16
     tensors), ``true``, ``false`` (the PyTorch reference). ``--set model.fused_elementwise=false|true``
     measures a step before/after."""
+    transformer_impl: str = "local"
+    """Linear layers (Megatron's ``transformer_impl``): ``local`` (Megatron's tensor-parallel linears) or
+    ``transformer_engine`` (Transformer Engine's, with a tangent path; needs ``pip install -e ".[te]"``).
+    Checkpoints load across the two."""
+
+    fp8: str | None = None
+    """FP8 GEMMs (``transformer_engine`` only): null (BF16), ``current`` (per-tensor current scaling, Hopper and
+    newer) or ``mxfp8`` (MXFP8 block scaling, Blackwell). Delayed scaling is refused (the student is called
+    several times per step)."""
 
     def validate(self) -> None:
         _check(self.params_dtype in ("bf16", "fp16", "fp32"), "model.params_dtype", self.params_dtype,
                "one of bf16, fp16, fp32")
         _check(self.fused_elementwise in ("auto", True, False), "model.fused_elementwise",
                self.fused_elementwise, "one of auto, true, false")
+        from megatron_rcm.models.te_support import DELAYED_REFUSED, TRANSFORMER_IMPLS
+
+        _check(self.transformer_impl in TRANSFORMER_IMPLS, "model.transformer_impl", self.transformer_impl,
+               "one of " + ", ".join(TRANSFORMER_IMPLS))
+        if self.fp8 == "delayed":
+            raise ConfigError(f"model.fp8='delayed': {DELAYED_REFUSED}")
+        _check(self.fp8 in (None, "current", "mxfp8"), "model.fp8", self.fp8, "one of null, current, mxfp8")
+        if self.fp8 is not None and self.transformer_impl != "transformer_engine":
+            raise ConfigError(f"model.fp8={self.fp8!r} needs model.transformer_impl=transformer_engine (FP8 GEMMs "
+                              f"are Transformer Engine's), got {self.transformer_impl!r}")
+        if self.fp8 is not None and self.params_dtype != "bf16":
+            raise ConfigError(f"model.fp8={self.fp8!r} needs model.params_dtype=bf16, got {self.params_dtype!r}")
 
 
 @dataclass

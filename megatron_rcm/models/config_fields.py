@@ -15,6 +15,8 @@ FIELD_ALIASES = {"norm_eps": "layernorm_epsilon"}
 """Override names users write -> the ``TransformerConfig`` field they set."""
 
 _REMOVED = {
+    "use_te": "use transformer_impl='transformer_engine' (Megatron's field; model.transformer_impl in a training "
+    "config), with model.fp8 for FP8",
     "recompute_blocks": "use recompute_granularity='full' (with recompute_method='uniform', "
     "recompute_num_layers=1), or model.recompute in a training config",
 }

@@ -15,21 +15,30 @@ import math
 import torch
 import torch.nn.functional as F
 
+from megatron_rcm.models.te_support import fp8_active
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def layer_norm_jvp(x, t_x, eps: float, weight=None, bias=None):
-    """y = (x - mean) * rstd [* w + b]; t_y = rstd * (t_x' - y * mean(y * t_x')), t_x' = t_x - mean(t_x)."""
+    """y = (x - mean) * rstd [* w + b]; tangent from ``layer_norm_tangent``."""
     dt = compute_dtype(x)
     xf = x.to(dt)
     y_hat = F.layer_norm(xf, xf.shape[-1:], eps=eps)
     y = y_hat if weight is None else y_hat * weight.to(dt) + bias.to(dt)
     if t_x is None:
         return y, None
+    return y, layer_norm_tangent(x, t_x, eps, weight)
+
+
+def layer_norm_tangent(x, t_x, eps: float, weight=None):
+    """t_y = rstd * (t_x' - y_hat * mean(y_hat * t_x')) [* w], t_x' = t_x - mean(t_x), y_hat = (x - mean) * rstd;
+    under ``no_grad``, in float32 (float64 for float64 inputs). The bias has no tangent."""
+    dt = compute_dtype(x)
     with torch.no_grad():
-        xd = xf.detach()
+        xd = x.detach().to(dt)
         mean = xd.mean(-1, keepdim=True)
         rstd = torch.rsqrt((xd - mean).pow(2).mean(-1, keepdim=True) + eps)
         yd = (xd - mean) * rstd
@@ -37,7 +46,7 @@ def layer_norm_jvp(x, t_x, eps: float, weight=None, bias=None):
         t_y = rstd * (t_c - yd * (yd * t_c).mean(-1, keepdim=True))
         if weight is not None:
             t_y = t_y * weight.detach().to(dt)
-    return y, t_y
+    return t_y
 
 
 def _gelu_tanh_grad(x):
@@ -110,7 +119,12 @@ def add_tangents(*ts):
 def linear_jvp(layer, x, t_x):
     """Tangent through a linear layer built with ``skip_bias_add=True`` (Megatron TP linears) or a plain
     ``nn.Linear``: t_y = W t_x (no bias). TP collectives are linear, so without autograd the tangent rides
-    along the batch dim with its primal ([s, 2b, h]) and shares one GEMM and one collective."""
+    along the batch dim with its primal ([s, 2b, h]) and shares one GEMM and one collective.
+    Transformer Engine linears (Megatron's TE wrappers return ``(y, b)`` too) take the same path, except inside
+    an FP8 autocast region: there the tangent is its own call, so current scaling gives it its own scale
+    (|t_x| and |x| can differ by orders of magnitude). A layer with its own ``forward_jvp`` runs that."""
+    if hasattr(layer, "forward_jvp"):
+        return layer.forward_jvp(x, t_x)
     if isinstance(layer, torch.nn.Linear):
         y = layer(x)
         if t_x is None:
@@ -120,10 +134,10 @@ def linear_jvp(layer, x, t_x):
     if t_x is None:
         y, b = layer(x)
         return (y if b is None else y + b), None
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or fp8_active():
         y, b = layer(x)
         with torch.no_grad():
-            t_y, _ = layer(t_x)
+            t_y, _ = layer(t_x.to(x.dtype))
     else:
         batch_dim = 1  # Megatron layout [s, b, h]
         yy, b = layer(torch.cat([x, t_x.to(x.dtype)], dim=batch_dim))
@@ -147,4 +161,22 @@ def rms_norm_jvp(x, t_x, eps: float, weight=None):
         t_y = t_xf * rd + xd * t_r
         if weight is not None:
             t_y = t_y * weight.detach().to(dt)
+    return y, t_y
+
+
+def norm_linear_jvp(layer, tangent_gemm, x, t_x):
+    """Tangent through a fused LayerNorm + linear ``layer`` (TE's LayerNormLinear: y = LN(x; gamma, beta) W^T
+    + b, returning ``(y, b)``): t_y = t_LN(x, t_x; gamma) W^T with the LN tangent rule
+    (``layer_norm_tangent``; LN is not linear, so the fused LN is never run on t_x) and the GEMM through
+    ``tangent_gemm``, a linear sharing ``layer``'s weight (``(t_x W^T, None)``), under ``no_grad``."""
+    y, b = layer(x)
+    y = y if b is None else y + b
+    if t_x is None:
+        return y, None
+    gamma = layer.layer_norm_weight
+    if getattr(layer, "zero_centered_gamma", False):
+        gamma = gamma + 1
+    with torch.no_grad():
+        t_h = layer_norm_tangent(x, t_x, layer.eps, gamma)
+        t_y, _ = tangent_gemm(t_h.to(x.dtype))
     return y, t_y

@@ -2,7 +2,8 @@
 
     column_linear: Y = X A + b, A split along its output dimension (heads / FFN columns); output not gathered
     row_linear:    Y = X A + b, A split along its input dimension; the input is this rank's split
-Both return the bias separately (``skip_bias_add``; ``models.jvp.linear_jvp`` adds it to the primal only);
+    norm_column_linear: Y = LN(X) A + b, the LayerNorm fused into the column linear (Transformer Engine only)
+All return the bias separately (``skip_bias_add``; ``models.jvp.linear_jvp`` adds it to the primal only);
 ``config.add_bias_linear`` says whether there is one (Wan: yes, Cosmos-Predict2: no).
 """
 
@@ -22,6 +23,22 @@ def column_linear(spec, config, in_dim: int, out_dim: int):
         bias=config.add_bias_linear,
         gather_output=False,
         skip_bias_add=True,
+        is_expert=False,
+    )
+
+
+def norm_column_linear(spec, config, in_dim: int, out_dim: int):
+    """The spec's fused LayerNorm + column linear (``layer_norm_weight``/``layer_norm_bias`` beside ``weight``,
+    ``bias``; epsilon ``config.layernorm_epsilon``)."""
+    return spec.norm_column_linear(
+        in_dim,
+        out_dim,
+        config=config,
+        init_method=config.init_method,
+        bias=config.add_bias_linear,
+        gather_output=False,
+        skip_bias_add=True,
+        is_expert=False,
     )
 
 
@@ -34,6 +51,7 @@ def row_linear(spec, config, in_dim: int, out_dim: int):
         bias=config.add_bias_linear,
         input_is_parallel=True,
         skip_bias_add=True,
+        is_expert=False,
     )
 
 

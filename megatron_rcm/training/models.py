@@ -16,6 +16,7 @@ import torch
 
 from megatron_rcm.config.schema import ConfigError
 from megatron_rcm.models.config_fields import recompute_fields
+from megatron_rcm.models.te_support import fp8_mode_fields
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXPORT_PREFIX = "model."
@@ -30,8 +31,8 @@ def is_cosmos_preset(preset: str) -> bool:
 
 def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp_comm_type: str | None = None):
     """A ``WanConfig`` (or, for a ``cosmos-*`` preset, a ``CosmosConfig``) from ``model.preset`` +
-    ``model.overrides`` + ``model.params_dtype`` (+ the context-parallel attention ``parallel.cp_comm_type``);
-    checks that the data shapes fit the model (clear errors naming the keys)."""
+    ``model.overrides`` + ``model.params_dtype`` + ``model.transformer_impl`` / ``model.fp8`` (+ the
+    context-parallel attention ``parallel.cp_comm_type``); checks that the data shapes fit the model (clear errors naming the keys)."""
     from megatron_rcm.models.cosmos import cosmos_config
     from megatron_rcm.models.wan import wan_config
 
@@ -46,7 +47,9 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     overrides.update(recompute_fields(model_cfg.recompute if recompute is None else recompute))
     if not cosmos:
         overrides.setdefault("fused_elementwise", model_cfg.fused_elementwise)
+    overrides["transformer_impl"] = model_cfg.transformer_impl
     try:
+        overrides.update(fp8_mode_fields(model_cfg.fp8))
         cfg = (cosmos_config if cosmos else wan_config)(model_cfg.preset, **overrides)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid 'model' section (preset {model_cfg.preset!r}): {err}") from err
@@ -210,9 +213,10 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
     else:
         full = torch.load(path, map_location="cpu", weights_only=True)
     from megatron_rcm.convert.wan_keys import to_ours
+    from megatron_rcm.models.wan.impl_keys import adapt_state_dict, to_local_name
     from megatron_rcm.parallel.sharding import load_full_state_dict
 
-    names = {n for n, _ in model.named_parameters()}
+    names = {to_local_name(n) for n, _ in model.named_parameters()}  # canonical names under either impl
     found = set(full)
     stage = getattr(model, "stage", None)
     if stage is not None:  # a pipeline stage: its tensors under their global names (ours if they fit)
@@ -248,6 +252,7 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
         from megatron_rcm.parallel.pipeline import stage_state_dict
 
         full = stage_state_dict(full, stage)
+    full = adapt_state_dict(full, [n for n, _ in model.named_parameters()])
     load_full_state_dict(model, full, strict=True)
 
 

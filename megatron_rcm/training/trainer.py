@@ -110,6 +110,12 @@ class Trainer:
             self.wan_cfg.pipeline_dtype = DTYPES[cfg.model.params_dtype]  # what the stages send each other
             self.wan_cfg.has_cond_embedder = True  # finalize_model_grads sums the replicated embedders' grads
         check_timestep_scale(cfg.model, cfg.distill)
+        if self.wan_cfg.fp8 and self.pp_size > 1:
+            raise NotImplementedError("model.fp8 with parallel.pipeline_parallel > 1: the FP8 autocast around "
+                                      "each pipelined network call is not implemented; set model.fp8: null")
+        from megatron_rcm.models.te_support import check_fp8_device
+
+        check_fp8_device(self.wan_cfg)  # a GPU that cannot run the recipe: one clear error before building
         if pcfg.context_parallel > 1 and is_cosmos_preset(cfg.model.preset):
             raise NotImplementedError(f"model.preset={cfg.model.preset!r}: the Cosmos model has no context "
                                       "parallelism yet (Wan has); set parallel.context_parallel=1")
@@ -209,6 +215,15 @@ class Trainer:
         """(student, critic, teacher) as the engine sees them: under PP, each stage model behind a
         ``PipelinedNet`` (Megatron's schedules, whole outputs on every stage)."""
         if self.pp_size == 1:
+            if self.wan_cfg.fp8:  # each network call of the step inside TE's FP8 autocast
+                from functools import partial
+
+                from megatron_rcm.models.te_support import fp8_autocast
+                from megatron_rcm.training.autocast_net import AutocastNet
+
+                ctx = partial(fp8_autocast, self.wan_cfg)
+                return tuple(None if n is None else AutocastNet(n, ctx)
+                             for n in (self.student, self.critic, self.teacher))
             return self.student, self.critic, self.teacher
         if self._pipelined is None:
             from megatron_rcm.training.pipelined_net import PipelinedNet

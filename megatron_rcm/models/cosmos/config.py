@@ -66,8 +66,8 @@ class CosmosConfig(TransformerConfig):
     attention_backend_name: str = "auto"
     """Attention implementation (``megatron_rcm.ops.attention.attention_op``, picked at construction): "auto"
     (Triton JVP kernel on CUDA, PyTorch on CPU), "torch" (SDPA, PyTorch reference for the JVP), "triton"."""
-    use_te: bool = False
-    """Transformer Engine linears (not implemented for the tangent path: raises)."""
+    transformer_impl: str = "local"
+    """Megatron's field, default "local" here; "transformer_engine" is implemented for Wan only (refused)."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (e.g. the source checkpoint a converted model came from)."""
 
@@ -75,6 +75,11 @@ class CosmosConfig(TransformerConfig):
         self.patch_size = tuple(int(p) for p in self.patch_size)
         check_attention_backend(self.attention_backend_name, f"{type(self).__name__}.attention_backend_name")
         check_recompute(self)
+        if self.transformer_impl != "local":
+            raise NotImplementedError(
+                f"CosmosConfig.transformer_impl={self.transformer_impl!r}: Transformer Engine layers with a "
+                "tangent path are built and tested for the Wan DiT only; use transformer_impl='local'"
+            )
         self.max_size = tuple(int(m) for m in self.max_size)
         self.rope_scale = tuple(float(s) for s in self.rope_scale)
         if self.model_type not in ("t2i", "v2w"):

@@ -83,7 +83,7 @@ class CosmosModel(MegatronModule):
     def __init__(self, config: CosmosConfig, layer_offset: int = 0, num_local_layers: int | None = None):
         super().__init__(config)
         self.config: CosmosConfig = config
-        spec = get_wan_block_spec(config.use_te)  # the same local TP linears as Wan (no TE tangent path yet)
+        spec = get_wan_block_spec(config.transformer_impl)  # the same local TP linears as Wan
         D = config.hidden_size
         patch_in = (config.in_channels + int(config.concat_padding_mask)) * math.prod(config.patch_size)
         self.patch_embedding = nn.Linear(patch_in, D, bias=False, dtype=config.params_dtype)

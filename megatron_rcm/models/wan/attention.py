@@ -19,7 +19,7 @@ import dataclasses
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_rcm.models.jvp import add_tangents, linear_jvp
-from megatron_rcm.models.tp_linears import column_linear, row_linear
+from megatron_rcm.models.tp_linears import column_linear, norm_column_linear, row_linear
 from megatron_rcm.models.wan.layers import TPRMSNorm
 from megatron_rcm.ops.attention import attention_op
 from megatron_rcm.ops.elementwise import elementwise_ops
@@ -28,7 +28,9 @@ from megatron_rcm.parallel.cp_attention import ContextParallelAttention
 
 
 class _WanAttentionBase(MegatronModule):
-    def __init__(self, config, spec):
+    def __init__(self, config, spec, query_norm: bool = False):
+        """``query_norm``: the query linear takes the block's un-normalized x and applies the block's affine
+        LayerNorm itself (the spec's ``norm_column_linear``)."""
         super().__init__(config)
         tp = tp_world_size()
         if config.num_attention_heads % tp != 0:
@@ -39,7 +41,7 @@ class _WanAttentionBase(MegatronModule):
         self.heads_per_rank = config.num_attention_heads // tp
         self.head_dim = config.head_dim
         D = config.hidden_size
-        self.linear_q = column_linear(spec, config, D, D)
+        self.linear_q = (norm_column_linear if query_norm else column_linear)(spec, config, D, D)
         self.q_norm = TPRMSNorm(config, D)
         self.linear_proj = row_linear(spec, config, D, D)
 
@@ -94,10 +96,12 @@ class WanSelfAttention(_WanAttentionBase):
 
 class WanCrossAttention(_WanAttentionBase):
     """x [s, B, D] attends to constant context [L, B, D] (text; for I2V also CLIP image tokens, with
-    their own k_img/v_img projections and key norm). Context carries no tangent: the kernel's fast path."""
+    their own k_img/v_img projections and key norm). Context carries no tangent: the kernel's fast path.
+    With a spec that fuses norms (``spec.norm_column_linear``), x is the block's un-normalized residual and
+    ``linear_q`` applies norm3 itself."""
 
     def __init__(self, config, spec, with_image: bool):
-        super().__init__(config, spec)
+        super().__init__(config, spec, query_norm=spec.norm_column_linear is not None)
         D = config.hidden_size
         # Context is replicated over TP ranks, not split along the sequence.
         ctx_config = dataclasses.replace(config, sequence_parallel=False)

@@ -2,7 +2,8 @@
 
     e = modulation + e0                       (6-way adaLN: shift/scale/gate for attention and FFN)
     x = x + self_attn(LN(x) * (1 + scale_msa) + shift_msa) * gate_msa
-    x = x + cross_attn(norm3(x), context)     (affine LayerNorm, no gate)
+    x = x + cross_attn(norm3(x), context)     (affine LayerNorm, no gate; fused into the query linear when
+                                               the spec has ``norm_column_linear``: no ``norm3`` module then)
     x = x + ffn(LN(x) * (1 + scale_mlp) + shift_mlp) * gate_mlp,   ffn = fc2(GELU_tanh(fc1(.)))
 Activations [s, B, D] (s = this rank's tokens under context and sequence parallelism; ``shard``, a
 ``TokenShard``, says which under CP); e0 [B, 6, D] in float32. The norm + modulation, gated residual,
@@ -40,7 +41,9 @@ class WanBlock(MegatronModule):
             mark_sequence_parallel(self)
         self.norm1 = LayerNorm(config, D, affine=False)
         self.self_attn = WanSelfAttention(config, spec)
-        self.norm3 = LayerNorm(config, D, affine=True, sequence_parallel=sp)
+        # norm3 feeds only the cross-attention query: a spec that fuses norms puts it inside linear_q
+        fused = spec.norm_column_linear is not None
+        self.norm3 = None if fused else LayerNorm(config, D, affine=True, sequence_parallel=sp)
         self.cross_attn = WanCrossAttention(config, spec, with_image=config.model_type == "i2v")
         self.norm2 = LayerNorm(config, D, affine=False)
         self.ew = elementwise_ops(config.fused_elementwise)
@@ -60,7 +63,10 @@ class WanBlock(MegatronModule):
         x, t_x = ew.gated_residual(x, t_x, y, t_y, gate_msa, t_gate_msa)
 
         # cross-attention (no gate)
-        h, t_h = ew.affine_layer_norm(x, t_x, self.norm3.eps, self.norm3.weight, self.norm3.bias)
+        if self.norm3 is None:  # transformer_engine: norm3 is fused into the query linear (TE LayerNormLinear)
+            h, t_h = x, t_x
+        else:
+            h, t_h = ew.affine_layer_norm(x, t_x, self.norm3.eps, self.norm3.weight, self.norm3.bias)
         y, t_y = self.cross_attn(h, t_h, context, context_img)
         x, t_x = x + y, add_tangents(t_x, t_y)
 

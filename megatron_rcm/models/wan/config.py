@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from megatron.core.transformer import TransformerConfig
 
 from megatron_rcm.models.config_fields import check_recompute, config_from_preset
+from megatron_rcm.models.te_support import check_transformer_impl
 from megatron_rcm.ops.attention import check_attention_backend
 from megatron_rcm.ops.elementwise import check_fused_elementwise
 
@@ -65,8 +66,13 @@ class WanConfig(TransformerConfig):
     """Elementwise chains of the block (norm + modulation, gated residual, RoPE, q/k RMSNorm, GELU-tanh;
     ``ops/elementwise.py``, picked at construction): "auto" (fused Triton kernels, primal and tangent in one,
     for CUDA bf16/fp16 tensors; the PyTorch reference otherwise), true (always the kernels), false (never)."""
-    use_te: bool = False
-    """Build linears from Transformer Engine (FP8/BF16) instead of Megatron's local tensor-parallel layers."""
+    transformer_impl: str = "local"
+    """Megatron's field, default "local" here: Megatron's local tensor-parallel linears; "transformer_engine":
+    Transformer Engine's (BF16, or FP8 with ``fp8`` + ``fp8_recipe``; ``models.te_support``)."""
+    disable_parameter_transpose_cache: bool = True
+    """Megatron's field, default True here: TE re-casts the weights on every call (the FP8 weight cache would
+    go stale between the student's calls across optimizer steps; rCM steps call it without Megatron's
+    schedules, which reset the cache per micro-batch)."""
     extra: dict = field(default_factory=dict)
     """Free-form provenance (e.g. the source checkpoint a converted model came from)."""
 
@@ -75,6 +81,7 @@ class WanConfig(TransformerConfig):
         check_attention_backend(self.attention_backend_name, f"{type(self).__name__}.attention_backend_name")
         check_recompute(self)
         self.fused_elementwise = check_fused_elementwise(self.fused_elementwise, f"{type(self).__name__}.fused_elementwise")
+        check_transformer_impl(self)
         if self.model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.hidden_size % self.num_attention_heads != 0:

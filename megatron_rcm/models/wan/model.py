@@ -38,6 +38,7 @@ from torch import nn
 
 from megatron_rcm.models.config_fields import recompute_blocks
 from megatron_rcm.models.jvp import compute_dtype, linear_jvp, silu_jvp
+from megatron_rcm.models.wan import impl_keys
 from megatron_rcm.models.wan.block import WanBlock, modulate_jvp
 from megatron_rcm.models.wan.config import WanConfig
 from megatron_rcm.models.wan.layers import (
@@ -116,7 +117,7 @@ class WanModel(MegatronModule):
         self.model_type = ModelType.encoder_or_decoder  # what Megatron's pipeline schedules ask for
         self.share_embeddings_and_output_weights = False  # finalize_model_grads asks (patch embedding != head)
         self.input_tensor = None  # a later pipeline stage's input, set by set_input_tensor
-        spec = get_wan_block_spec(config.use_te)
+        spec = get_wan_block_spec(config.transformer_impl)
         D = config.hidden_size
         patch_dim = config.in_channels * math.prod(config.patch_size)
         self.patch_embedding = nn.Linear(patch_dim, D, dtype=config.params_dtype) if pre_process else None
@@ -134,6 +135,8 @@ class WanModel(MegatronModule):
         if not (pre_process and post_process):
             for module in self._conditioning_modules():
                 pipeline.mark_replicated(module, first_stage=pre_process)
+        # a state dict of either linear implementation (transformer_impl) loads into this one
+        self.register_load_state_dict_pre_hook(impl_keys.load_state_dict_pre_hook)
 
     def _conditioning_modules(self):
         modules = (self.text_embedding, self.time_embedding, self.time_projection, self.img_emb)
@@ -157,7 +160,9 @@ class WanModel(MegatronModule):
         """Megatron's default, except for the blocks: each is asked for its own sharded state dict (an
         ``nn.ModuleList`` has none, and the default would record its TP shards as replicated tensors), and
         its checkpoint keys name it by global layer number (``blocks.{layer_number}.``), not by its index on
-        this pipeline stage, so a checkpoint loads at any TP size and under any pipeline split."""
+        this pipeline stage, so a checkpoint loads at any TP size and under any pipeline split. Checkpoint keys
+        are the local implementation's names (``impl_keys``), so a checkpoint loads under either
+        ``transformer_impl``."""
         blocks = f"{prefix}blocks."
         sharded_sd = {
             k: v
@@ -175,7 +180,7 @@ class WanModel(MegatronModule):
             for k, sh in sharded_sd.items():
                 if k.startswith(tuple(f"{prefix}{name}." for name in self._conditioning_names())):
                     sh.replica_id = (pipeline.pp_rank(), *sh.replica_id[1:])
-        return sharded_sd
+        return impl_keys.canonical_sharded_state_dict(sharded_sd)
 
     def _conditioning_names(self):
         return [n for n, m in self.named_children() if m is not None and m in self._conditioning_modules()]
