@@ -10,7 +10,8 @@ backward is the inverse all-to-all; the tangents carry no gradient. Needs CP | N
 
 Ring (``cp_comm_type: p2p``): each rank keeps its queries while (k, v, t_k, t_v) travel around the ring,
 the next chunk's send/recv started before the current chunk's kernel. Partial results are merged through
-the log-sum-exp and its tangent (``attention_chunks.merge_partials``). Backward: the ring in reverse; each
+the log-sum-exp and its tangent, folded in place into float32 accumulators and normalized once after the
+last chunk (``attention_chunks.PartialSum``). Backward: the ring in reverse; each
 chunk's FlashAttention-2 backward with the global (o, lse) gives this rank's share of dq and the chunk's
 dk, dv, which travel with the chunk back to its owner. Any CP size.
 """
@@ -25,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_rcm.ops.attention import AttentionOp, attention_op, check_attention_backend
-from megatron_rcm.ops.attention_chunks import ChunkOps, Partial, chunk_ops, merge_partials
+from megatron_rcm.ops.attention_chunks import ChunkOps, PartialSum, chunk_ops
 from megatron_rcm.parallel.context import CP_COMM_TYPES, TokenShard, cp_global_ranks, cp_group
 
 __all__ = ["ContextParallelAttention", "PhaseTimes", "check_cp_layout", "record_phases"]
@@ -199,10 +200,6 @@ class _Ring:
             r.wait()
 
 
-def _merge(acc: Partial | None, part: Partial) -> Partial:
-    return part if acc is None else merge_partials(acc, part)
-
-
 class _RingAttention(torch.autograd.Function):
     """(o, t_o) of this rank's queries over every rank's keys; gradients to q, k, v (see module docstring)."""
 
@@ -212,7 +209,7 @@ class _RingAttention(torch.autograd.Function):
         ring = _Ring()
         with_tangent = t_q is not None
         kv = torch.stack([k, v, t_k, t_v] if with_tangent else [k, v]).contiguous()
-        acc = None
+        acc = PartialSum()
         for i in range(cp):
             owner = (rank - i) % cp  # the chunk held at step i came from rank - i
             if i < cp - 1:
@@ -223,15 +220,17 @@ class _RingAttention(torch.autograd.Function):
                 with _phase("ring_fwd/compute", q.device):
                     part = ops.forward(q, c[0], c[1], t_q, c[2] if with_tangent else None,
                                        c[3] if with_tangent else None, scale)
-                    acc = _merge(acc, part)
+                    acc.add(part)
             if i < cp - 1:
                 with _phase("ring_fwd/wait", q.device):
                     _Ring.wait(reqs)
                 kv = nxt
-        o = acc.o.to(q.dtype)
+        with _phase("ring_fwd/compute", q.device):
+            acc = acc.result()
+            o = acc.o.to(q.dtype)
+            t_o = acc.t_o.to(q.dtype) if with_tangent else None
         ctx.save_for_backward(q, k, v, o, acc.lse)
         ctx.shard, ctx.ops, ctx.scale = shard, ops, scale
-        t_o = acc.t_o.to(q.dtype) if with_tangent else None
         if with_tangent:
             ctx.mark_non_differentiable(t_o)
         return o, t_o
