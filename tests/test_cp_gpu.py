@@ -53,10 +53,13 @@ def _attention_case(rank, S, N, d, with_tangent):
         ref = [o.detach(), t_o, qa.grad, ka.grad, va.grad]
     errs = {}
     shard = token_shard(S)
-    for comm in ("p2p", "a2a"):
+    # a2a+p2p with [2, 1] (the process groups are initialized with it in _worker): Ulysses over the level-0
+    # group, the degenerate hierarchy that 2 GPUs allow ([1, 2], the ring, runs on CPU in test_cp_hierarchical)
+    for comm in ("p2p", "a2a", "a2a+p2p"):
         loc = [None if x is None else shard.shard(x) for x in (q, k, v, t_q, t_k, t_v, w)]
         ql, kl, vl = (x.clone().requires_grad_(True) for x in loc[:3])
-        o, t_o = ContextParallelAttention(comm, 2, N, "auto")(ql, kl, vl, *loc[3:6], shard)
+        sizes = [2, 1] if comm == "a2a+p2p" else None
+        o, t_o = ContextParallelAttention(comm, 2, N, "auto", sizes)(ql, kl, vl, *loc[3:6], shard)
         (o.float() * loc[6].float()).sum().backward()
         outs = []
         for x in (o.detach(), t_o, ql.grad, kl.grad, vl.grad):
@@ -117,7 +120,7 @@ def _worker(rank, world, full_sd, inp):
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     from megatron_rcm.parallel.state import destroy_parallel, initialize_parallel
 
-    initialize_parallel(context_parallel=world)
+    initialize_parallel(context_parallel=world, hierarchical_context_parallel_sizes=[world, 1])
     try:
         attn = {}
         for S, d in ATTN_SHAPES:

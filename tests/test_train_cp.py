@@ -1,6 +1,6 @@
 """The rCM trainer under context parallelism equals CP=1: sCM, DMD and critic losses, their diagnostics,
 gradient norms, the weights after the optimizer steps (student, critic, EMA) and few-step samples; a CP=2
-checkpoint resumes at CP=1.
+checkpoint resumes at CP=1 and at CP=4.
 
 CP=2 (ring and Ulysses) runs as 2 gloo processes on CPU, CP=1 in the test process; float32, so the
 tolerance is round-off (1e-5 relative). The negative: with the sCM target g normalized by the norm of this
@@ -9,6 +9,7 @@ rank's token shard instead of the whole sample, the same comparison fails.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -81,16 +82,37 @@ def _worker(rank, world, root):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def cp_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("cp")
+
+
+@pytest.fixture(scope="module")
+def runs(cp_root):
     from megatron_rcm.parallel.state import destroy_parallel
 
-    root = tmp_path_factory.mktemp("cp")
+    root = cp_root
     cp2 = spawn(_worker, 2, str(root))
+    # the CP=2 checkpoint (step 4) copied before the CP=1 resume below adds its own to the directory
+    shutil.copytree(root / "cp2-p2p" / "ckpt", root / "cp2-for-cp4" / "ckpt")
     ref = _run(_cfg(root / "cp1"))
     resumed = _run(_cfg(root / "cp2-p2p", steps=STEPS + 2))  # CP=2 checkpoint at CP=1
     longer = _run(_cfg(root / "cp1-long", steps=STEPS + 2))
     destroy_parallel()
     return ref, cp2, resumed, longer
+
+
+def _worker_cp4(rank, world, root):
+    from megatron_rcm.parallel.state import destroy_parallel
+
+    out = _run(_cfg(f"{root}/cp2-for-cp4", 4, "p2p", steps=STEPS + 2))
+    destroy_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def resumed_cp4(runs, cp_root):
+    """The CP=2 run's step-4 checkpoint resumed by 4 gloo processes at CP=4 (ring) for steps 4 and 5."""
+    return spawn(_worker_cp4, 4, str(cp_root))
 
 
 def _errors(ref_hist, got_hist):
@@ -162,3 +184,16 @@ def test_720p_example_config_is_a_valid_cp_layout(monkeypatch):
     assert (cfg.parallel.tensor_parallel, cfg.parallel.context_parallel) == (4, 2)
     monkeypatch.setenv("WORLD_SIZE", "128")  # 16 nodes of 8 GPUs: DP = 16
     Trainer._check_layout(cfg)
+
+
+def test_cp2_checkpoint_resumes_at_cp4(runs, resumed_cp4):
+    """CP-agnostic checkpoints the other way: the CP=2 checkpoint continues at CP=4 (each rank loads the whole
+    replicated model and optimizer state; the token sharding is not in the checkpoint) like CP=1 uninterrupted."""
+    _, _, _, (long_hist, long_w) = runs
+    resumed_hist, resumed_w = resumed_cp4
+    assert len(resumed_hist) == 2
+    errs = _errors(long_hist[STEPS:], resumed_hist)
+    assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
+    weights = {k: v for k, v in long_w.items() if not k.startswith(("samples", "grid"))}
+    werrs = _weight_errors(weights, resumed_w)
+    assert max(werrs.values()) <= TOL, max(werrs.items(), key=lambda kv: kv[1])

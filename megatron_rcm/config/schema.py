@@ -232,7 +232,12 @@ class ParallelConfig:
 
     cp_comm_type: str = "p2p"
     """Context-parallel attention (Megatron's names): ``p2p`` ring (any CP size), ``a2a`` Ulysses (CP must
-    divide the heads per TP rank), ``a2a+p2p`` (not implemented)."""
+    divide the heads per TP rank), ``a2a+p2p`` (Ulysses inside groups, the ring across them: set
+    ``hierarchical_context_parallel_sizes``)."""
+
+    hierarchical_context_parallel_sizes: list | None = None
+    """Megatron's name: [A, R] with A x R = context_parallel, for ``cp_comm_type: a2a+p2p``: Ulysses all-to-all
+    inside each group of A consecutive CP ranks (A must divide the heads per TP rank), a ring of R groups."""
 
     pipeline_parallel: int = 1
     """Pipeline-parallel size: the transformer blocks split evenly into this many stages (docs/parallelism.md).

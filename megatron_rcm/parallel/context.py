@@ -51,6 +51,19 @@ def cp_group():
     return parallel_state.get_context_parallel_group()
 
 
+def hierarchical_cp_groups():
+    """(level-0 group, level-1 group) of Megatron's ``hierarchical_context_parallel_sizes`` [A, R]: the A
+    consecutive CP ranks of this rank (``cp_comm_type`` a2a+p2p: the all-to-all) and the R CP ranks c, c + A, ...
+    (the ring). Raises when the parallel state was initialized without them."""
+    groups = parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
+    if not groups or len(groups) != 2:
+        raise RuntimeError(
+            "cp_comm_type 'a2a+p2p' needs the parallel state initialized with hierarchical_context_parallel_sizes "
+            f"= [A, R] (two levels); found {0 if not groups else len(groups)} hierarchical CP groups"
+        )
+    return groups[0], groups[1]
+
+
 def cp_global_ranks() -> list[int]:
     """Global ranks of this rank's CP group, in CP-rank order (the ring's order)."""
     return list(parallel_state.get_context_parallel_global_ranks())
@@ -137,7 +150,8 @@ def gather_from_cp(x_s: torch.Tensor, shard: TokenShard) -> torch.Tensor:
     return full[: shard.seq_len]
 
 
-def check_parallel_layout(world: int, tp: int, cp: int, pp: int, heads: int, comm_type: str) -> int:
+def check_parallel_layout(world: int, tp: int, cp: int, pp: int, heads: int, comm_type: str,
+                          hierarchical_sizes=None) -> int:
     """Validate world = TP x CP x PP x DP and the CP attention's needs before anything is built; returns DP.
     Raises ValueError naming the numbers that do not divide."""
     model_parallel = tp * cp * pp
@@ -151,5 +165,5 @@ def check_parallel_layout(world: int, tp: int, cp: int, pp: int, heads: int, com
     if cp > 1:
         from megatron_rcm.parallel.cp_attention import check_cp_layout
 
-        check_cp_layout(comm_type, cp, heads // tp)
+        check_cp_layout(comm_type, cp, heads // tp, hierarchical_sizes)
     return world // model_parallel

@@ -10,9 +10,16 @@ backward is the inverse all-to-all; the tangents carry no gradient. Needs CP | N
 
 Ring (``cp_comm_type: p2p``): each rank keeps its queries while (k, v, t_k, t_v) travel around the ring,
 the next chunk's send/recv started before the current chunk's kernel. Partial results are merged through
-the log-sum-exp and its tangent (``attention_chunks.merge_partials``). Backward: the ring in reverse; each
+the log-sum-exp and its tangent, folded in place into float32 accumulators and normalized once after the
+last chunk (``attention_chunks.PartialSum``). Backward: the ring in reverse; each
 chunk's FlashAttention-2 backward with the global (o, lse) gives this rank's share of dq and the chunk's
 dk, dv, which travel with the chunk back to its owner. Any CP size.
+
+Hierarchical (``cp_comm_type: a2a+p2p``, Megatron's ``hierarchical_context_parallel_sizes = [A, R]``, A x R =
+CP): Ulysses inside each group of A consecutive CP ranks (Megatron's level-0 groups), which turns the group's
+A contiguous shards into one contiguous block of A s tokens with N / A heads; then the ring across the R
+blocks over the ranks holding the same heads (level-1 groups: CP ranks c, c + A, ...), then the inverse
+all-to-all. A | N; any R. A = 1 is the ring, R = 1 is Ulysses.
 """
 
 from __future__ import annotations
@@ -25,8 +32,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_rcm.ops.attention import AttentionOp, attention_op, check_attention_backend
-from megatron_rcm.ops.attention_chunks import ChunkOps, Partial, chunk_ops, merge_partials
-from megatron_rcm.parallel.context import CP_COMM_TYPES, TokenShard, cp_global_ranks, cp_group
+from megatron_rcm.ops.attention_chunks import ChunkOps, PartialSum, chunk_ops
+from megatron_rcm.parallel.context import (
+    CP_COMM_TYPES,
+    TokenShard,
+    cp_global_ranks,
+    cp_group,
+    hierarchical_cp_groups,
+)
 
 __all__ = ["ContextParallelAttention", "PhaseTimes", "check_cp_layout", "record_phases"]
 
@@ -85,8 +98,9 @@ def _phase(name: str, device: torch.device):
     return contextlib.nullcontext() if _PHASES is None else _PHASES.phase(name, device)
 
 
-def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int) -> None:
-    """Raise ValueError (naming the numbers) for a CP layout the attention cannot run."""
+def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int, hierarchical_sizes=None) -> None:
+    """Raise ValueError (naming the numbers) for a CP layout the attention cannot run. ``hierarchical_sizes``:
+    [A, R] (Megatron's ``hierarchical_context_parallel_sizes``), required by and only used with 'a2a+p2p'."""
     if comm_type not in CP_COMM_TYPES:
         raise ValueError(f"cp_comm_type must be one of {CP_COMM_TYPES}, got {comm_type!r}")
     if comm_type == "a2a" and heads_per_tp_rank % cp:
@@ -95,10 +109,30 @@ def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int) -> None:
             f"tensor-parallel rank are not divisible by context_parallel {cp}; use cp_comm_type 'p2p' (ring), "
             "which works for any CP size"
         )
-    if comm_type == "a2a+p2p":
-        raise NotImplementedError(
-            "cp_comm_type 'a2a+p2p' (Ulysses inside a sub-group, ring across) is not implemented; use 'p2p' "
-            "(any CP size) or 'a2a' (CP divides the heads per TP rank)"
+    if comm_type != "a2a+p2p":
+        if hierarchical_sizes:
+            raise ValueError(
+                f"hierarchical_context_parallel_sizes {list(hierarchical_sizes)} is only used with cp_comm_type "
+                f"'a2a+p2p', got {comm_type!r}"
+            )
+        return
+    sizes = list(hierarchical_sizes or [])
+    if len(sizes) != 2 or any(int(x) != x or x < 1 for x in sizes):
+        raise ValueError(
+            "cp_comm_type 'a2a+p2p' needs hierarchical_context_parallel_sizes = [A, R] (A ranks of Ulysses "
+            f"all-to-all inside each group, a ring of R groups), two positive integers; got {hierarchical_sizes!r}"
+        )
+    a, r = sizes
+    if a * r != cp:
+        raise ValueError(
+            f"hierarchical_context_parallel_sizes {sizes}: A x R = {a} x {r} = {a * r} must equal "
+            f"context_parallel {cp}"
+        )
+    if heads_per_tp_rank % a:
+        raise ValueError(
+            f"cp_comm_type 'a2a+p2p' splits the heads over the all-to-all groups of A = {a} ranks: "
+            f"{heads_per_tp_rank} heads per tensor-parallel rank are not divisible by {a}; pick A dividing "
+            f"the heads in hierarchical_context_parallel_sizes, or use cp_comm_type 'p2p'"
         )
 
 
@@ -154,7 +188,11 @@ def _a2a(fn, x, cp, group):
 
 
 def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, attn: AttentionOp, scale=None):
-    cp, group = shard.size, cp_group()
+    return _ulysses(q, k, v, t_q, t_k, t_v, shard, attn, shard.size, cp_group(), scale)
+
+
+def _ulysses(q, k, v, t_q, t_k, t_v, shard: TokenShard, attn: AttentionOp, cp: int, group, scale=None):
+    """Ulysses over ``group`` (``cp`` ranks holding the whole padded sequence of ``shard`` between them)."""
     with_tangent = t_q is not None
     parts = [q, k, v] + ([t_q.detach(), t_k.detach(), t_v.detach()] if with_tangent else [])
     with _phase("a2a/all_to_all", q.device):
@@ -177,12 +215,13 @@ def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, attn: Attention
 
 
 class _Ring:
-    """Send to the next CP rank, receive from the previous one (asynchronously)."""
+    """Send to the next rank of the ring, receive from the previous one (asynchronously). ``ranks``: the ring's
+    global ranks in order (default: the CP group's), ``group`` the process group holding them."""
 
-    def __init__(self):
-        ranks = cp_global_ranks()
+    def __init__(self, ranks=None, group=None):
+        ranks = cp_global_ranks() if ranks is None else ranks
         me = ranks.index(dist.get_rank())
-        self.group = cp_group()
+        self.group = cp_group() if group is None else group
         self.next, self.prev = ranks[(me + 1) % len(ranks)], ranks[(me - 1) % len(ranks)]
 
     def start(self, send: torch.Tensor):
@@ -199,20 +238,15 @@ class _Ring:
             r.wait()
 
 
-def _merge(acc: Partial | None, part: Partial) -> Partial:
-    return part if acc is None else merge_partials(acc, part)
-
-
 class _RingAttention(torch.autograd.Function):
     """(o, t_o) of this rank's queries over every rank's keys; gradients to q, k, v (see module docstring)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, t_q, t_k, t_v, shard: TokenShard, ops: ChunkOps, scale: float):
+    def forward(ctx, q, k, v, t_q, t_k, t_v, shard: TokenShard, ops: ChunkOps, scale: float, ring: _Ring):
         cp, rank = shard.size, shard.rank
-        ring = _Ring()
         with_tangent = t_q is not None
         kv = torch.stack([k, v, t_k, t_v] if with_tangent else [k, v]).contiguous()
-        acc = None
+        acc = PartialSum()
         for i in range(cp):
             owner = (rank - i) % cp  # the chunk held at step i came from rank - i
             if i < cp - 1:
@@ -223,15 +257,17 @@ class _RingAttention(torch.autograd.Function):
                 with _phase("ring_fwd/compute", q.device):
                     part = ops.forward(q, c[0], c[1], t_q, c[2] if with_tangent else None,
                                        c[3] if with_tangent else None, scale)
-                    acc = _merge(acc, part)
+                    acc.add(part)
             if i < cp - 1:
                 with _phase("ring_fwd/wait", q.device):
                     _Ring.wait(reqs)
                 kv = nxt
-        o = acc.o.to(q.dtype)
+        with _phase("ring_fwd/compute", q.device):
+            acc = acc.result()
+            o = acc.o.to(q.dtype)
+            t_o = acc.t_o.to(q.dtype) if with_tangent else None
         ctx.save_for_backward(q, k, v, o, acc.lse)
-        ctx.shard, ctx.ops, ctx.scale = shard, ops, scale
-        t_o = acc.t_o.to(q.dtype) if with_tangent else None
+        ctx.shard, ctx.ops, ctx.scale, ctx.ring = shard, ops, scale, ring
         if with_tangent:
             ctx.mark_non_differentiable(t_o)
         return o, t_o
@@ -239,9 +275,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _grad_t_o):
         q, k, v, o, lse = ctx.saved_tensors
-        shard, ops, scale = ctx.shard, ctx.ops, ctx.scale
+        shard, ops, scale, ring = ctx.shard, ctx.ops, ctx.scale, ctx.ring
         cp, rank = shard.size, shard.rank
-        ring = _Ring()
         do = do.contiguous()
         kv = torch.stack([k, v]).contiguous()
         dq = torch.zeros_like(q, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
@@ -269,28 +304,58 @@ class _RingAttention(torch.autograd.Function):
                 kv = kv_next
         with _phase("ring_bwd/wait", q.device):
             _Ring.wait(dkv_reqs)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None, None, None
 
 
-def ring_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, backend: str, scale=None):
+def ring_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, backend: str, scale=None, ring: _Ring | None = None):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     ops = chunk_ops(backend, q.device)
     t = (t_q, t_k, t_v) if t_q is None else (t_q.detach(), t_k.detach(), t_v.detach())
-    return _RingAttention.apply(q, k, v, *t, shard, ops, scale)
+    return _RingAttention.apply(q, k, v, *t, shard, ops, scale, _Ring() if ring is None else ring)
+
+
+# -------------------------------------------------------------------------------------------------
+# Hierarchical: Ulysses inside groups of A ranks, the ring across the R groups
+# -------------------------------------------------------------------------------------------------
+
+
+def hierarchical_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, impl, scale=None):
+    """``impl`` = (A, backend). [s, B, N, d] -> all-to-all in the level-0 group -> [A s, B, N/A, d], the block
+    ``shard.rank // A`` of R blocks -> ring over the level-1 group -> all-to-all back."""
+    a, backend = impl
+    r = shard.size // a
+    a2a_group, ring_group = hierarchical_cp_groups()
+    if r == 1:  # Ulysses over the whole (level-0 = CP) group
+        return _ulysses(q, k, v, t_q, t_k, t_v, shard, attention_op(backend), a, a2a_group, scale)
+    ranks = cp_global_ranks()
+    ring = _Ring([ranks[shard.rank % a + j * a] for j in range(r)], ring_group)
+    block = TokenShard(seq_len=shard.seq_len, padded_len=shard.padded_len, size=r, rank=shard.rank // a)
+    if a == 1:
+        return ring_attention(q, k, v, t_q, t_k, t_v, block, backend, scale, ring)
+
+    def ring_over_blocks(q, k, v, t_q, t_k, t_v, softmax_scale=None):
+        return ring_attention(q, k, v, t_q, t_k, t_v, block, backend, softmax_scale, ring)
+
+    # the all-to-all gathers the group's A s tokens (no padding to slice: the ring skips padded keys per block)
+    n = a * shard.local_len
+    group_tokens = TokenShard(seq_len=n, padded_len=n, size=a, rank=shard.rank % a)
+    return _ulysses(q, k, v, t_q, t_k, t_v, group_tokens, ring_over_blocks, a, a2a_group, scale)
 
 
 class ContextParallelAttention:
     """Self-attention over a CP-sharded sequence with the flavour picked once (``cp_comm_type``)."""
 
-    def __init__(self, comm_type: str, cp: int, heads_per_tp_rank: int, backend: str):
-        check_cp_layout(comm_type, cp, heads_per_tp_rank)
+    def __init__(self, comm_type: str, cp: int, heads_per_tp_rank: int, backend: str, hierarchical_sizes=None):
+        check_cp_layout(comm_type, cp, heads_per_tp_rank, hierarchical_sizes)
         self.comm_type, self.backend = comm_type, check_attention_backend(backend)
         # Ring: the chunk implementation follows the tensors' device (``chunk_ops``); Ulysses: one
         # attention op over the whole sequence, picked here.
         if comm_type == "p2p":
             self._fn, self._impl = ring_attention, backend
-        else:
+        elif comm_type == "a2a":
             self._fn, self._impl = ulysses_attention, attention_op(backend)
+        else:
+            self._fn, self._impl = hierarchical_attention, (int(hierarchical_sizes[0]), backend)
 
     def __call__(self, q, k, v, t_q, t_k, t_v, shard: TokenShard):
         if (t_q is None) != (t_k is None) or (t_k is None) != (t_v is None):

@@ -25,9 +25,12 @@ def initialize_parallel(
     context_parallel: int = 1,
     seed: int = 1234,
     backend: str | None = None,
+    hierarchical_context_parallel_sizes: list[int] | None = None,
 ) -> None:
     """Initialize the default process group (from torchrun/Slurm env vars or as a single process) and
-    Megatron's model-parallel groups. Raises ValueError when the world size does not factor."""
+    Megatron's model-parallel groups. Raises ValueError when the world size does not factor.
+    ``hierarchical_context_parallel_sizes`` [A, R] (A x R = context_parallel): Megatron's two-level CP groups
+    that ``cp_comm_type: a2a+p2p`` runs on."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -54,11 +57,18 @@ def initialize_parallel(
             f"world size {world} is not divisible by TP*PP*CP = {tensor_parallel}*{pipeline_parallel}*"
             f"{context_parallel} = {model_parallel}; change the parallel sizes or the number of ranks"
         )
+    hcp = list(hierarchical_context_parallel_sizes or []) or None
+    if hcp is not None and (len(hcp) != 2 or hcp[0] * hcp[1] != context_parallel):
+        raise ValueError(
+            f"hierarchical_context_parallel_sizes {hcp} must be two sizes [A, R] with A x R = context_parallel "
+            f"{context_parallel}"
+        )
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel,
             pipeline_model_parallel_size=pipeline_parallel,
             context_parallel_size=context_parallel,
+            hierarchical_context_parallel_sizes=hcp,
             create_gloo_process_groups=True,  # DistributedOptimizer checkpointing needs them
         )
     model_parallel_cuda_manual_seed(seed)

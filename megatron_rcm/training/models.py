@@ -29,7 +29,8 @@ def is_cosmos_preset(preset: str) -> bool:
     return preset in PRESETS
 
 
-def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp_comm_type: str | None = None):
+def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp_comm_type: str | None = None,
+                     hierarchical_cp_sizes=None):
     """A ``WanConfig`` (or, for a ``cosmos-*`` preset, a ``CosmosConfig``) from ``model.preset`` +
     ``model.overrides`` + ``model.params_dtype`` + ``model.transformer_impl`` / ``model.fp8`` (+ the
     context-parallel attention ``parallel.cp_comm_type``); checks that the data shapes fit the model (clear errors naming the keys)."""
@@ -41,6 +42,8 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     overrides = dict(model_cfg.overrides)
     if cp_comm_type is not None:
         overrides["cp_comm_type"] = cp_comm_type
+    if hierarchical_cp_sizes:
+        overrides["hierarchical_context_parallel_sizes"] = list(hierarchical_cp_sizes)
     overrides["params_dtype"] = DTYPES[model_cfg.params_dtype]
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"

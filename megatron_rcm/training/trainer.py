@@ -74,7 +74,8 @@ class Trainer:
             raise ConfigError("training.device='cpu' on a CUDA machine is not supported (Megatron-Core's CUDA "
                               "paths are active); use training.device=auto")
         initialize_parallel(pcfg.tensor_parallel, pcfg.pipeline_parallel, pcfg.context_parallel,
-                            seed=cfg.training.seed)
+                            seed=cfg.training.seed,
+                            hierarchical_context_parallel_sizes=pcfg.hierarchical_context_parallel_sizes)
         from megatron.core import parallel_state as ps
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
@@ -104,7 +105,8 @@ class Trainer:
 
         # -- networks -------------------------------------------------------------------------------
         refuse_two_expert_preset(cfg.model.preset)
-        self.wan_cfg = build_wan_config(cfg.model, cfg.data, cp_comm_type=pcfg.cp_comm_type)
+        self.wan_cfg = build_wan_config(cfg.model, cfg.data, cp_comm_type=pcfg.cp_comm_type,
+                                        hierarchical_cp_sizes=pcfg.hierarchical_context_parallel_sizes)
         self.pp_size = pcfg.pipeline_parallel
         if self.pp_size > 1:
             self.wan_cfg.pipeline_dtype = DTYPES[cfg.model.params_dtype]  # what the stages send each other
@@ -166,7 +168,8 @@ class Trainer:
                                       "stages yet (Wan has); set parallel.pipeline_parallel=1")
         try:
             check_parallel_layout(world, pcfg.tensor_parallel, pcfg.context_parallel, pcfg.pipeline_parallel,
-                                  model_cfg.num_attention_heads, pcfg.cp_comm_type)
+                                  model_cfg.num_attention_heads, pcfg.cp_comm_type,
+                                  pcfg.hierarchical_context_parallel_sizes)
             check_pipeline_layout(model_cfg.num_layers, pcfg.pipeline_parallel, pcfg.virtual_pipeline,
                                   pcfg.context_parallel)
         except ValueError as err:

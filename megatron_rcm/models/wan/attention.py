@@ -73,7 +73,8 @@ class WanSelfAttention(_WanAttentionBase):
         cp = config.context_parallel_size
         self.cp_attention = (
             ContextParallelAttention(
-                config.cp_comm_type or "p2p", cp, self.heads_per_rank, config.attention_backend_name
+                config.cp_comm_type or "p2p", cp, self.heads_per_rank, config.attention_backend_name,
+                config.hierarchical_context_parallel_sizes,
             )
             if cp > 1
             else None
