@@ -56,3 +56,44 @@ def test_loaded_states_keep_the_step_from_the_param_groups(with_stale_step):
     state = opt.optimizer.state[opt.main]
     assert float(state["step"]) == 3.0
     assert torch.equal(opt.main.data, tensors["param"]) and torch.equal(state["exp_avg_sq"], tensors["exp_avg_sq"])
+
+
+class _FusedAdamLike(torch.optim.Optimizer):
+    """The state API of Transformer Engine's FusedAdam that ``materialize_adamw_state`` relies on (TE cannot be
+    imported here): step kept in the param group, ``initialize_state`` making zero moments, and a
+    ``name_to_dtype_map`` with no entry for a per-parameter ``step`` (its ``state_dict`` raises on one)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 1e-3})
+        self.name_to_dtype_map = {"exp_avg": torch.float32, "exp_avg_sq": torch.float32}
+
+    def initialize_state(self, param, store_param_remainders):
+        self.state[param]["exp_avg"] = torch.zeros_like(param)
+        self.state[param]["exp_avg_sq"] = torch.zeros_like(param)
+
+    def state_dict(self):
+        for st in self.state.values():
+            for name in st:
+                self.name_to_dtype_map[name]  # KeyError 'step', as TE's FusedAdam.state_dict
+        return super().state_dict()
+
+
+def test_materialize_gives_fused_adam_its_own_state_not_torch_adamws_step():
+    from megatron_rcm.parallel.mcore_compat import materialize_adamw_state
+
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = _FusedAdamLike([p])
+    materialize_adamw_state(opt)
+    assert set(opt.state[p]) == {"exp_avg", "exp_avg_sq"}
+    opt.state_dict()  # raised KeyError 'step' before (seen on an H200 with TE installed)
+
+
+def test_materialize_gives_torch_adamw_the_common_step():
+    from megatron_rcm.parallel.mcore_compat import materialize_adamw_state
+
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([a, b])
+    a.grad = torch.ones(3)
+    opt.step()
+    materialize_adamw_state(opt)
+    assert float(opt.state[b]["step"]) == 1.0 and torch.equal(opt.state[b]["exp_avg"], torch.zeros(3))

@@ -72,6 +72,18 @@ def _run(model, inp, ctx=None):
     return v.float().cpu(), t_v.float().cpu(), t_v_nograd.float().cpu(), grads
 
 
+def _full_sd_worker(rank, world, seed):
+    initialize_parallel(tensor_parallel=1)  # the model needs Megatron's parallel state, also at TP=1
+    sd = {k: v.cpu() for k, v in make_ours("t2v", seed=seed).state_dict().items() if torch.is_tensor(v)}
+    destroy_parallel()
+    return sd
+
+
+def _full_state_dict(seed=3):
+    """The unsharded float32 weights of the tiny t2v model, every parameter random (built in a worker)."""
+    return spawn(_full_sd_worker, 1, seed)
+
+
 def _te_vs_local_worker(rank, world, full_sd, inp):
     initialize_parallel(tensor_parallel=world)
     out = {impl: _run(_build(impl, full_sd), inp) for impl in ("local", "transformer_engine")}
@@ -91,13 +103,13 @@ def _compare(out, world):
 
 
 def test_te_bf16_matches_local_tp1():
-    full_sd = make_ours("t2v", seed=3).state_dict()
+    full_sd = _full_state_dict()
     _compare(spawn(_te_vs_local_worker, 1, full_sd, _inputs()), 1)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_te_bf16_matches_local_tp2():
-    full_sd = make_ours("t2v", seed=3).state_dict()
+    full_sd = _full_state_dict()
     _compare(spawn(_te_vs_local_worker, 2, full_sd, _inputs()), 2)
 
 
@@ -114,7 +126,7 @@ def _fp8_worker(rank, world, full_sd, inp):
 
 
 def test_jvp_vs_float64_and_fp8_vs_bf16():
-    ref, bf16, fp8 = spawn(_fp8_worker, 1, make_ours("t2v", seed=3).state_dict(), _inputs())
+    ref, bf16, fp8 = spawn(_fp8_worker, 1, _full_state_dict(), _inputs())
     e16 = (rel_err(bf16[0], ref[0]), rel_err(bf16[1], ref[1]), rel_err(bf16[2], ref[2]))
     print(f"TE bf16 vs local float64: primal {e16[0]:.2e}, tangent {e16[1]:.2e}, tangent (no grad) {e16[2]:.2e}")
     assert max(e16) <= BF16_TOL

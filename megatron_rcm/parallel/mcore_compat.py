@@ -56,6 +56,12 @@ def applies(fixed_in: str | None) -> bool:
 
 
 # -- 1-3: DistributedOptimizer state with torch AdamW --------------------------------------------------
+def _is_te_fused_adam(inner) -> bool:
+    """Transformer Engine's FusedAdam (what megatron-core uses where TE is installed), told apart from torch
+    AdamW by its own state API rather than by importing TE."""
+    return hasattr(inner, "initialize_state") and hasattr(inner, "name_to_dtype_map")
+
+
 @torch.no_grad()
 def materialize_adamw_state(inner: torch.optim.Optimizer) -> None:
     """Give parameters without AdamW state (never stepped, or skipped because their grad was None) zero
@@ -65,6 +71,14 @@ def materialize_adamw_state(inner: torch.optim.Optimizer) -> None:
     if not applies(ADAMW_COMMON_STEP_FIXED_IN):
         return
     params = [p for group in inner.param_groups for p in group["params"]]
+    if _is_te_fused_adam(inner):
+        # Transformer Engine installed: Megatron picks TE's FusedAdam, whose step lives in the param group and
+        # whose state_dict() has no dtype for a per-parameter "step" (KeyError 'step' on an H200 when torch
+        # AdamW's state was put there): give empty states FusedAdam's own zero moments instead
+        for p in params:
+            if len(inner.state[p]) == 0:
+                inner.initialize_state(p, getattr(inner, "store_param_remainders", False))
+        return
     steps = {float(inner.state[p]["step"]) for p in params if "step" in inner.state[p]}
     if len(steps) > 1:
         raise RuntimeError(f"optimizer parameters disagree on the AdamW step: {sorted(steps)}")
