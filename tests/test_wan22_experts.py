@@ -257,3 +257,32 @@ def test_two_expert_teacher_needs_a_two_expert_folder(tmp_path):
                              f"training.output_dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=r"two-expert model; give a folder holding both experts"):
         Trainer(cfg)
+
+
+def test_sampling_loads_both_experts_with_the_switch(tmp_path):
+    """``load_dit`` (the ``sample`` command's loader) of a converted two-expert folder and of a two-expert
+    training checkpoint gives the switched pair: the experts in their places, the run's boundary."""
+    from megatron_rcm.config import load_config
+    from megatron_rcm.convert.importer import run_import
+    from megatron_rcm.pipeline.dit import load_dit
+    from megatron_rcm.training import Trainer
+
+    _write_two_experts(tmp_path / "src", "diffusers")
+    run_import(tmp_path / "src", tmp_path / "teacher", **QUIET)
+    net, what = load_dit(tmp_path / "teacher")
+    assert isinstance(net, TwoExpertNet) and net.boundary_ratio == 0.875 and "two experts" in what
+    ref_high = _diffusers_expert(11).state_dict()["patch_embedding.weight"].flatten()
+    assert torch.equal(net.high.state_dict()["patch_embedding.weight"].flatten(), ref_high)
+
+    cfg = load_config(None, [*RUN, f"model.teacher_checkpoint={tmp_path / 'teacher'}", "training.max_steps=1",
+                             "distill.algorithm=scm", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                             f"training.output_dir={tmp_path / 'run'}"])
+    trainer = Trainer(cfg)
+    trainer.train()
+    trainer.save_checkpoint()
+    student, _ = load_dit(tmp_path / "ckpt", ema=False)
+    assert isinstance(student, TwoExpertNet) and student.boundary_ratio == 0.875
+    for which in ("high", "low"):
+        ours = dict(getattr(trainer.student.module, which).named_parameters())
+        for k, v in getattr(student, which).named_parameters():
+            assert torch.equal(v, ours[k]), (which, k)

@@ -58,6 +58,19 @@ def read_boundary_ratio(path) -> float:
     return float(json.loads((Path(path) / EXPERTS_FILE).read_text())["boundary_ratio"])
 
 
+def boundary_ratio_of(path, config, given: float | None = None) -> float:
+    """The boundary of a converted two-expert folder (experts.json) or of a source folder (model_index.json,
+    else the preset whose architecture ``config``, a ``WanConfig``, has)."""
+    path = Path(path)
+    if given is None and (path / EXPERTS_FILE).is_file():
+        return read_boundary_ratio(path)
+    from megatron_rcm.convert.arch import arch_of_config, presets_with_shapes
+    from megatron_rcm.models.wan.config import WAN22_BOUNDARY
+
+    presets = [p for p in presets_with_shapes(arch_of_config(config)) if p in WAN22_BOUNDARY]
+    return _boundary_ratio(path, presets[0] if len(presets) == 1 else None, given)
+
+
 def _boundary_ratio(src: Path, preset: str | None, given: float | None) -> float:
     from megatron_rcm.models.wan.config import WAN22_BOUNDARY
 
