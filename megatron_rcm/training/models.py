@@ -67,21 +67,23 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     return cfg
 
 
-def build_net(wan_cfg, seed: int, preset: str, timestep_scale: float = 1000.0):
+def build_net(wan_cfg, seed: int, preset: str, timestep_scale: float = 1000.0, build=None):
     """``build_model`` for one network, or for a Wan2.2 A14B preset (``WAN22_BOUNDARY``) a ``TwoExpertNet`` of
     two such models (high-noise expert drawn from ``seed``, low-noise from ``seed + 1``) switched at the
-    preset's boundary on the c_noise = ``timestep_scale`` * s_rf the networks are fed."""
+    preset's boundary on the c_noise = ``timestep_scale`` * s_rf the networks are fed. ``build`` replaces
+    ``build_model`` (the caller's own reference to it)."""
     from megatron_rcm.models.wan.config import WAN22_BOUNDARY
     from megatron_rcm.models.wan.experts import TwoExpertNet
     from megatron_rcm.parallel.pipeline import pp_world_size
 
+    build = build or build_model
     ratio = WAN22_BOUNDARY.get(preset)
     if ratio is None:
-        return build_model(wan_cfg, seed)
+        return build(wan_cfg, seed)
     if pp_world_size() > 1:
         raise NotImplementedError(f"model.preset={preset!r} is a two-expert model: its experts have no pipeline "
                                   "stages yet; set parallel.pipeline_parallel=1")
-    return TwoExpertNet(build_model(wan_cfg, seed), build_model(wan_cfg, seed + 1), ratio, timestep_scale)
+    return TwoExpertNet(build(wan_cfg, seed), build(wan_cfg, seed + 1), ratio, timestep_scale)
 
 
 def load_expert_weights(model, path: str | Path, preset: str | None, what: str) -> None:

@@ -36,6 +36,7 @@ from megatron_rcm.training.checkpoint import CheckpointError, CheckpointManager,
 from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
 from megatron_rcm.training.models import (
     DTYPES,
+    build_model,
     build_net,
     build_wan_config,
     check_timestep_scale,
@@ -173,7 +174,8 @@ class Trainer:
     def _build_net(self, wan_cfg):
         """One DiT, or for a Wan2.2 A14B preset both experts switched at the boundary (``TwoExpertNet``)."""
         cfg = self.cfg
-        return build_net(wan_cfg, cfg.training.seed, cfg.model.preset, cfg.distill.timestep_scale).to(self.device)
+        return build_net(wan_cfg, cfg.training.seed, cfg.model.preset, cfg.distill.timestep_scale,
+                         build=build_model).to(self.device)
 
     def _build_student(self):
         """A copy of the teacher, or ``model.student_checkpoint``'s weights (the EMA starts from them too)."""
