@@ -1,6 +1,7 @@
 """Wan2.2: the TI2V-5B preset against diffusers' ``WanTransformer3DModel`` built from the 5B config's shape
 at a tiny width (every parameter random, float32), its per-token timesteps refused, and the A14B
-two-expert presets (converted one expert at a time; distillation refused by name)."""
+two-expert presets (their configs and import; the experts' switch, distillation and sampling:
+tests/test_wan22_experts.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from megatron_rcm.convert.arch import preset_arch, to_diffusers_config
-from megatron_rcm.convert.errors import UnknownLayoutError
 from megatron_rcm.convert.importer import run_import
 from megatron_rcm.convert.wan_keys import to_ours
 from megatron_rcm.models.wan import WanModel, wan_config
@@ -130,7 +130,7 @@ def test_ti2v_5b_converts_from_diffusers(tmp_path):
     assert rel_err(_forward(_load_ours(tmp_path / "ckpt"), inp), v_ref) <= TOL
 
 
-def test_two_expert_pipeline_is_imported_one_expert_at_a_time(tmp_path):
+def test_two_expert_pipeline_imports_both_experts_or_one_folder(tmp_path):
     from diffusers import WanTransformer3DModel
 
     high = WanTransformer3DModel(**(A14B | TINY | {"in_channels": 4, "out_channels": 4})).eval()
@@ -139,21 +139,11 @@ def test_two_expert_pipeline_is_imported_one_expert_at_a_time(tmp_path):
     randomize_(low, 2)
     root = write_diffusers(tmp_path / "pipe", high)
     low.save_pretrained(root / "transformer_2")
-    with pytest.raises(UnknownLayoutError, match=r"two-expert pipeline.*transformer/ is the high-noise"):
-        run_import(root, tmp_path / "both", **QUIET)
-    assert not (tmp_path / "both").exists()
+    report = run_import(root, tmp_path / "both", boundary_ratio=0.875, **QUIET)  # tests/test_wan22_experts.py
+    assert report.tensors == 2 * len(high.state_dict())
     for name in ("transformer", "transformer_2"):
         report = run_import(root / name, tmp_path / name, **QUIET)
         assert report.tensors == len(high.state_dict())
-
-
-def test_two_expert_distillation_is_refused_before_building_anything(tmp_path):
-    from megatron_rcm.config import load_config
-    from megatron_rcm.training import Trainer
-
-    cfg = load_config(None, ["model.preset=wan2.2-t2v-a14b", "data.source=mock", f"training.output_dir={tmp_path}"])
-    with pytest.raises(NotImplementedError, match=r"two-expert model .*0\.875 \* 1000.*not implemented"):
-        Trainer(cfg)
 
 
 def test_shapes_shared_by_two_presets_still_give_the_head_count():

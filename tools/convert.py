@@ -30,6 +30,7 @@ EPILOG = """examples:
       --config my_run.yaml --set model.overrides.num_layers=4
   python tools/convert.py export /ckpt/wan1.3b /out/wan1.3b-original --format original
   python tools/convert.py import /models/rCM_Wan2.1_T2V_1.3B_480p.pt /ckpt/rcm-student
+  python tools/convert.py import /models/Wan2.2-T2V-A14B-Diffusers /ckpt/wan22-a14b   # both experts
   python tools/convert.py export /runs/rcm/checkpoints /out/student-rcm --format rcm --ema
 """
 
@@ -79,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify-tol",
         type=positive_float,
         help="--verify's tolerance on max|ours - source| / max|source| (default 1e-4)",
+    )
+
+    imp.add_argument(
+        "--boundary-ratio",
+        type=positive_float,
+        help="Wan2.2 A14B folder (transformer/ + transformer_2/, or high_noise_model/ + low_noise_model/): the "
+        "experts' switch in RF time, when neither model_index.json nor the detected preset gives it",
     )
 
     exp = sub.add_parser("export", help="Megatron checkpoint -> diffusers, original or rcm layout")
@@ -164,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                 verify=args.verify,
                 verify_tol=args.verify_tol,
                 progress=not args.no_progress,
+                boundary_ratio=args.boundary_ratio,
             )
         else:
             from megatron_rcm.convert.exporter import run_export

@@ -34,12 +34,19 @@ def preflight(cfg, check_teacher: bool = True) -> None:
 
 
 def check_teacher_checkpoint(path: Path, name: str = "model.teacher_checkpoint") -> None:
-    """A ``dist_checkpointing`` folder (``metadata.json``), a ``.safetensors`` file with a readable header,
-    or a ``torch.save`` file (zip archive or legacy pickle). ``name`` is the config key errors cite."""
+    """A ``dist_checkpointing`` folder (``metadata.json``; or a two-expert folder of two), a ``.safetensors``
+    file with a readable header, or a ``torch.save`` file (zip archive or legacy pickle). ``name`` is the config key errors cite."""
     key = f"{name}={str(path)!r}"
     if not path.exists():
         raise ConfigError(f"{key} does not exist")
     if path.is_dir():
+        from megatron_rcm.convert.experts import expert_folders
+
+        experts = expert_folders(path)
+        if experts is not None:  # a converted Wan2.2 A14B folder: each expert is a checkpoint
+            for which, folder in experts.items():
+                check_teacher_checkpoint(folder, f"{name} ({which}-noise expert)")
+            return
         meta = path / "metadata.json"
         if not meta.is_file():
             hint = ""

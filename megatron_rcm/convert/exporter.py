@@ -209,6 +209,13 @@ def run_export(
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     if pipeline_from is not None and fmt != "diffusers":
         raise ConversionError("--pipeline-from writes a diffusers pipeline folder: it needs --format diffusers")
+    from megatron_rcm.convert.experts import expert_folders, run_export_experts
+
+    if expert_folders(ckpt) is not None:  # a converted Wan2.2 A14B folder: both experts
+        return run_export_experts(ckpt, out, fmt=fmt, ema=ema, prefix=prefix, dtype=dtype, num_heads=num_heads,
+                                  train_config=train_config, train_set=train_set, overwrite=overwrite,
+                                  pipeline_from=pipeline_from, max_shard_bytes=max_shard_bytes,
+                                  read_budget_bytes=read_budget_bytes, progress=progress, log=log)
     t0 = time.time()
     ckpt_dir = resolve_checkpoint(ckpt)
     check_not_source(out, [ckpt, ckpt_dir], "checkpoint")

@@ -304,14 +304,22 @@ def run_import(
     verify: bool = False,
     verify_tol: float | None = None,
     progress: bool = True,
+    boundary_ratio: float | None = None,
     log=print,
 ) -> ImportReport:
     """Convert SRC to a Megatron checkpoint at OUT (see the module docstring). With ``verify``, OUT
-    appears only if the verification passes (``VerificationError`` otherwise)."""
+    appears only if the verification passes (``VerificationError`` otherwise). A Wan2.2 A14B folder (both
+    experts) converts into one folder per expert (``megatron_rcm.convert.experts``, ``boundary_ratio``)."""
     if dtype not in DTYPE_CHOICES:
         raise ConversionError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
     if tp < 1:
         raise ConversionError(f"--tp {tp}: must be >= 1")
+    from megatron_rcm.convert.experts import find_source_experts, run_import_experts
+
+    if find_source_experts(src) is not None:  # a Wan2.2 A14B folder: both experts, one folder each
+        return run_import_experts(src, out, tp=tp, dtype=dtype, preset=preset, num_heads=num_heads,
+                                  overwrite=overwrite, verify=verify, verify_tol=verify_tol, progress=progress,
+                                  boundary_ratio=boundary_ratio, log=log)
     t0 = time.time()
     check_not_source(out, [src])  # fail before reading anything large
     check_output_dir(out, overwrite)

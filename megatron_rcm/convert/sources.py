@@ -153,8 +153,8 @@ def open_source(src: str | Path) -> Source:
             if (src / "transformer_2").is_dir():
                 raise UnknownLayoutError(
                     f"{src}: a two-expert pipeline (Wan2.2 A14B): transformer/ is the high-noise expert, "
-                    "transformer_2/ the low-noise one; import each folder on its own "
-                    f"({src / 'transformer'} and {src / 'transformer_2'})"
+                    "transformer_2/ the low-noise one; run_import converts both (into high_noise_model/ and "
+                    f"low_noise_model/), or open each folder on its own ({src / 'transformer'}, {src / 'transformer_2'})"
                 )
             pipeline_root, src = src, src / "transformer"
     index = None

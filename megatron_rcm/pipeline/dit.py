@@ -5,6 +5,10 @@
   ``ema.student.``: the EMA by default when there is one), a converter import or a trainer teacher export
   (``model.``). The architecture comes from ``wan_config.json``, the run's ``meta.json``, ``--config``/``--set``
   or the shapes (``megatron_rcm.convert.exporter.checkpoint_arch``).
+* Wan2.2 A14B, both experts switched at the boundary (``TwoExpertNet``): a converted two-expert folder
+  (``experts.json``), a source folder with both experts (``transformer/`` + ``transformer_2/`` or
+  ``high_noise_model/`` + ``low_noise_model/``), or a training checkpoint of a two-expert run (``<prefix>high.``
+  and ``<prefix>low.`` keys; the boundary from the run's ``model.preset``).
 * weights in the diffusers or original layout (``megatron_rcm.convert.importer.plan_import``): a
   ``tools/convert.py export`` folder, a diffusers pipeline root (its ``transformer/``), a weight file.
 
@@ -50,13 +54,22 @@ def _ensure_parallel_state() -> int:
 def load_dit(path: str | Path, *, ema: bool | None = None, prefix: str | None = None,
              train_config: str | None = None, train_set=(), num_heads: int | None = None,
              device=None, dtype: torch.dtype = torch.float32):
-    """(WanModel in eval mode without gradients, a one-line description of what was loaded)."""
+    """(WanModel, or ``TwoExpertNet`` of two, in eval mode without gradients, a one-line description of what
+    was loaded)."""
+    from megatron_rcm.convert.experts import boundary_ratio_of, expert_folders, find_source_experts
     from megatron_rcm.models.wan import WanModel
     from megatron_rcm.parallel.sharding import load_full_state_dict
 
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"{path}: no such file or directory (expected a checkpoint, an export or a weight file)")
+    kw = dict(ema=ema, train_config=train_config, train_set=train_set, num_heads=num_heads, device=device,
+              dtype=dtype)
+    folders = expert_folders(path) or find_source_experts(path)
+    if folders is not None:
+        (high, what_h), (low, what_l) = (load_dit(folders[w], **kw) for w in ("high", "low"))
+        ratio = boundary_ratio_of(path, high.config, None)
+        return _switched(high, low, ratio), f"two experts (boundary ratio {ratio}): high {what_h}; low {what_l}"
     tp = _ensure_parallel_state()
     if _is_dist_ckpt_path(path):
         from megatron_rcm.convert.dist_ckpt import load_full_tensors, resolve_checkpoint, tensor_metadata
@@ -66,6 +79,13 @@ def load_dit(path: str | Path, *, ema: bool | None = None, prefix: str | None = 
         stored = tensor_metadata(ckpt)
         if prefix is None and ema is None:
             ema = any("ema" in p.lower() and not p.startswith("optimizer") for p in model_prefixes(stored))
+        pairs = _expert_pair_prefixes(model_prefixes(stored))
+        if pairs and (prefix is None or prefix in pairs):  # a two-expert run: both experts of one network
+            base = prefix or select_prefix([b + "patch_embedding.weight" for b in pairs], bool(ema), None)
+            kw.pop("ema")
+            (high, what_h), (low, what_l) = (load_dit(ckpt, prefix=f"{base}{w}.", **kw) for w in ("high", "low"))
+            ratio = _run_boundary_ratio(ckpt)
+            return _switched(high, low, ratio), f"two experts (boundary ratio {ratio}): high {what_h}; low {what_l}"
         pfx = select_prefix(stored, bool(ema), prefix)
         shapes = {k[len(pfx):]: shape for k, (shape, _) in stored.items() if k.startswith(pfx)}
         use_config = train_config is not None or bool(train_set)
@@ -93,3 +113,32 @@ def load_dit(path: str | Path, *, ema: bool | None = None, prefix: str | None = 
         what = f"{path} ({plan.layout} layout, architecture from {plan.arch_from})"
     model = model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
     return model, what
+
+
+def _switched(high, low, ratio: float):
+    from megatron_rcm.models.wan.experts import TwoExpertNet
+    from megatron_rcm.rcm.trigflow import WAN_TIMESTEP_SCALE
+
+    return TwoExpertNet(high, low, ratio, WAN_TIMESTEP_SCALE).eval().requires_grad_(False)
+
+
+def _expert_pair_prefixes(prefixes) -> list[str]:
+    """Bases B with both B + "high." and B + "low." holding a model (a two-expert training run's networks)."""
+    found = set(prefixes)
+    return sorted(p[: -len("high.")] for p in found if p.endswith("high.") and p[: -len("high.")] + "low." in found)
+
+
+def _run_boundary_ratio(ckpt: Path) -> float:
+    """The boundary of the two-expert preset the run was trained with (its ``meta.json`` config)."""
+    import json
+
+    from megatron_rcm.models.wan.config import WAN22_BOUNDARY
+
+    try:
+        preset = json.loads((Path(ckpt) / "meta.json").read_text())["config"]["model"]["preset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        preset = None
+    if preset not in WAN22_BOUNDARY:
+        raise ConversionError(f"{ckpt}: two-expert networks, but the run's model.preset ({preset}) in meta.json is "
+                              f"none of {sorted(WAN22_BOUNDARY)}: the boundary between the experts is unknown")
+    return WAN22_BOUNDARY[preset]

@@ -75,17 +75,37 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     return cfg
 
 
-def refuse_two_expert_preset(preset: str) -> None:
-    """Wan2.2 A14B is two experts switched by time: one teacher network over all times would be wrong."""
+def build_net(wan_cfg, seed: int, preset: str, timestep_scale: float = 1000.0, build=None):
+    """``build_model`` for one network, or for a Wan2.2 A14B preset (``WAN22_BOUNDARY``) a ``TwoExpertNet`` of
+    two such models (high-noise expert drawn from ``seed``, low-noise from ``seed + 1``) switched at the
+    preset's boundary on the c_noise = ``timestep_scale`` * s_rf the networks are fed. ``build`` replaces
+    ``build_model`` (the caller's own reference to it)."""
     from megatron_rcm.models.wan.config import WAN22_BOUNDARY
+    from megatron_rcm.models.wan.experts import TwoExpertNet
+    from megatron_rcm.parallel.pipeline import pp_world_size
 
-    if preset in WAN22_BOUNDARY:
-        raise NotImplementedError(
-            f"model.preset={preset!r} is a two-expert model (high-noise expert for timesteps >= "
-            f"{WAN22_BOUNDARY[preset]} * 1000, low-noise expert below): distilling each expert with its own "
-            "student (the teacher expert chosen by time) and sampling with the switch are not implemented; "
-            "its experts convert (tools/convert.py import, one folder per expert) and load as single models"
-        )
+    build = build or build_model
+    ratio = WAN22_BOUNDARY.get(preset)
+    if ratio is None:
+        return build(wan_cfg, seed)
+    if pp_world_size() > 1:
+        raise NotImplementedError(f"model.preset={preset!r} is a two-expert model: its experts have no pipeline "
+                                  "stages yet; set parallel.pipeline_parallel=1")
+    return TwoExpertNet(build(wan_cfg, seed), build(wan_cfg, seed + 1), ratio, timestep_scale)
+
+
+def load_expert_weights(model, path: str | Path, preset: str | None, what: str) -> None:
+    """Both experts of a ``TwoExpertNet`` from a two-expert folder (``tools/convert.py import`` of a Wan2.2
+    A14B pipeline: ``high_noise_model/`` and ``low_noise_model/``, each a checkpoint ``load_weights`` takes)."""
+    from megatron_rcm.convert.experts import expert_folders
+
+    folders = expert_folders(path)
+    if folders is None:
+        raise ConfigError(f"{what}={str(path)!r}: model.preset={preset!r} is a two-expert model; give a folder "
+                          "holding both experts (high_noise_model/ and low_noise_model/, as tools/convert.py "
+                          "import writes from a Wan2.2 A14B pipeline)")
+    load_weights(model.high, folders["high"], preset, f"{what} (high-noise expert)")
+    load_weights(model.low, folders["low"], preset, f"{what} (low-noise expert)")
 
 
 def check_timestep_scale(model_cfg, distill_cfg) -> None:
@@ -191,7 +211,12 @@ def check_architecture(model, found: dict[str, tuple], path, preset: str | None 
 def load_weights(model, path: str | Path, preset: str | None = None, what: str = "model.teacher_checkpoint") -> None:
     """Load weights into ``model`` (see module docstring for the accepted formats); a checkpoint of another
     architecture is a ``ConfigError`` naming ``what`` (the config key), ``preset`` and the shapes
-    (``check_architecture``)."""
+    (``check_architecture``). A ``TwoExpertNet`` loads from a two-expert folder (``load_expert_weights``)."""
+    from megatron_rcm.models.wan.experts import TwoExpertNet
+
+    if isinstance(model, TwoExpertNet):
+        load_expert_weights(model, path, preset, what)
+        return
     path = Path(path)
     if path.is_dir():
         from megatron.core import dist_checkpointing

@@ -43,11 +43,11 @@ from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
 from megatron_rcm.training.models import (
     DTYPES,
     build_model,
+    build_net,
     build_wan_config,
     check_timestep_scale,
     is_cosmos_preset,
     load_weights,
-    refuse_two_expert_preset,
     strip_prefix,
 )
 from megatron_rcm.training.optim import LinearWarmup, build_optimizer
@@ -104,7 +104,6 @@ class Trainer:
                 check_optim_layout(resume_path, to_dict(cfg))
 
         # -- networks -------------------------------------------------------------------------------
-        refuse_two_expert_preset(cfg.model.preset)
         self.wan_cfg = build_wan_config(cfg.model, cfg.data, cp_comm_type=pcfg.cp_comm_type,
                                         hierarchical_cp_sizes=pcfg.hierarchical_context_parallel_sizes)
         self.pp_size = pcfg.pipeline_parallel
@@ -182,7 +181,7 @@ class Trainer:
         from megatron_rcm.models.config_fields import recompute_fields
 
         teacher_cfg = dataclasses.replace(self.wan_cfg, **recompute_fields(False))
-        model = build_model(teacher_cfg, self.cfg.training.seed).to(self.device)
+        model = self._build_net(teacher_cfg)
         if self.cfg.model.teacher_checkpoint:
             load_weights(model, self.cfg.model.teacher_checkpoint, self.cfg.model.preset)
         elif self.rank == 0:
@@ -190,16 +189,22 @@ class Trainer:
                            "throughput runs only)")
         return model
 
+    def _build_net(self, wan_cfg):
+        """One DiT, or for a Wan2.2 A14B preset both experts switched at the boundary (``TwoExpertNet``)."""
+        cfg = self.cfg
+        return build_net(wan_cfg, cfg.training.seed, cfg.model.preset, cfg.distill.timestep_scale,
+                         build=build_model).to(self.device)
+
     def _build_student(self):
         """A copy of the teacher, or ``model.student_checkpoint``'s weights (the EMA starts from them too)."""
         if not self.cfg.model.student_checkpoint:
             return self._copy_of_teacher()
-        model = build_model(self.wan_cfg, self.cfg.training.seed).to(self.device)
+        model = self._build_net(self.wan_cfg)
         load_weights(model, self.cfg.model.student_checkpoint, self.cfg.model.preset, "model.student_checkpoint")
         return model
 
     def _copy_of_teacher(self):
-        model = build_model(self.wan_cfg, self.cfg.training.seed).to(self.device)
+        model = self._build_net(self.wan_cfg)
         model.load_state_dict(self.teacher.state_dict())
         return model
 

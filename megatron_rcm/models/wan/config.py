@@ -12,7 +12,8 @@ Wan team's ``wan/configs/wan_{ti2v_5B,t2v_A14B,i2v_A14B}.py``):
   pipeline (``expand_timesteps``) passes a timestep per token instead (image-conditioned first-frame
   tokens at t = 0), which this model refuses with ``NotImplementedError``.
 * ``wan2.2-t2v-a14b`` / ``wan2.2-i2v-a14b``: two experts of the Wan2.1-14B shape each, the high-noise one
-  used for timesteps t >= boundary * 1000, the low-noise one below (``WAN22_BOUNDARY``). The I2V experts
+  used for timesteps t >= boundary * 1000, the low-noise one below (``WAN22_BOUNDARY``; the switch and its
+  TrigFlow form: ``megatron_rcm.models.wan.experts``). The I2V experts
   take 36 input channels (16 noisy + 4 mask + 16 image latents) and have no CLIP branch (diffusers'
   config: ``added_kv_proj_dim=None``, no ``image_dim``), so they are ``model_type="t2v"`` here.
 """
