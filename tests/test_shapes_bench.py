@@ -175,6 +175,7 @@ def test_shapes_bench_at_toy_size(tmp_path):
     assert result["evaluator_accuracy"]["colour"] > 0.5  # chance 1/3, trained on real clips
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"] == rows and set(saved["per_seed"]) == {"0", "1"}
+    assert saved["options"]["teacher_time_mean"] == 0.5  # the teacher's RF times lean to high noise
     for seed in (0, 1):
         d = tmp_path / f"seed_{seed}"
         sheet = Image.open(d / "contact_sheet.png")
