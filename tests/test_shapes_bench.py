@@ -175,6 +175,7 @@ def test_shapes_bench_at_toy_size(tmp_path):
     assert result["evaluator_accuracy"]["colour"] > 0.5  # chance 1/3, trained on real clips
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["metrics"] == rows and set(saved["per_seed"]) == {"0", "1"}
+    assert saved["options"]["teacher_time_mean"] == 0.5  # the teacher's RF times lean to high noise
     for seed in (0, 1):
         d = tmp_path / f"seed_{seed}"
         sheet = Image.open(d / "contact_sheet.png")
@@ -203,3 +204,34 @@ def test_cli_rejects_bad_seeds_before_work(tmp_path, capsys):
     assert main(["quickstart", "--data", "shapes", "--seeds", "0,x", "--output-dir", str(tmp_path)]) == 2
     assert "'0,x': expected comma-separated integers" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_teacher_time_sampler_is_logit_normal_with_the_given_mean():
+    """pretrain_teacher draws RF times s = sigmoid(time_mean + N(0, 1)); the shapes teacher shifts them toward
+    high noise. Checked against the logit-normal's quantiles (independent: the stdlib's normal quantiles)."""
+    from statistics import NormalDist
+
+    from megatron_rcm.data.batch import Batch
+    from megatron_rcm.training.teacher_pretrain import pretrain_teacher
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.s = []
+
+        def forward(self, x, timestep_B, ctx):
+            self.s.append(timestep_B / 1000.0)
+            return x * self.w
+
+    class Zeros:
+        def next_batch(self):
+            return Batch(torch.zeros(256, 1, 1, 1, 1), torch.zeros(256, 1, 1), None, [], None)
+
+    for mean in (0.0, 1.0):
+        model = Recorder()
+        pretrain_teacher(model, Zeros(), 8, time_mean=mean, warmup_steps=1)
+        s = torch.cat(model.s).double()
+        for q in (0.1, 0.5, 0.9):
+            expected = 1 / (1 + np.exp(-(mean + NormalDist().inv_cdf(q))))
+            assert float(torch.quantile(s, q)) == pytest.approx(expected, abs=0.02), (mean, q)

@@ -2,7 +2,8 @@
 
 Used by the quickstart to make a real teacher from scratch. RF path and target (rcm_math.md sec. 1):
     x_s = (1 - s) x0 + s eps,   v* = eps - x0,   loss = mean (net(x_s, T_scale * s, c) - v*)^2
-s ~ logit-normal(0, 1) (SD3); with probability ``cfg_dropout`` the prompt is replaced by the negative-prompt
+s ~ logit-normal(time_mean, 1) (SD3; a positive ``time_mean`` puts more of the steps at high noise, where the
+layout and motion of a clip are decided); with probability ``cfg_dropout`` the prompt is replaced by the negative-prompt
 embedding so that the same network also gives the unconditional branch of CFG.
 AdamW (betas 0.9, 0.99), linear warm-up then cosine decay to 10 % of the peak learning rate.
 """
@@ -17,7 +18,7 @@ import torch
 
 
 def pretrain_teacher(model, data, steps: int, lr: float = 1e-3, cfg_dropout: float = 0.1,
-                     timestep_scale: float = 1000.0, warmup_steps: int = 50, seed: int = 0,
+                     timestep_scale: float = 1000.0, warmup_steps: int = 50, seed: int = 0, time_mean: float = 0.0,
                      device: torch.device | str = "cpu",
                      on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """Train ``model`` in place for ``steps`` batches of ``data`` (a source with ``next_batch()``).
@@ -36,7 +37,7 @@ def pretrain_teacher(model, data, steps: int, lr: float = 1e-3, cfg_dropout: flo
         x0 = batch.latent_BCFHW
         B = x0.shape[0]
         eps = torch.randn(x0.shape, generator=g, device=device)
-        s_B = torch.sigmoid(torch.randn(B, generator=g, device=device))
+        s_B = torch.sigmoid(time_mean + torch.randn(B, generator=g, device=device))
         s = s_B.view(B, 1, 1, 1, 1)
         x_s = (1 - s) * x0 + s * eps
         ctx = batch.context_BLD
