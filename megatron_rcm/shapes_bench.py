@@ -145,9 +145,8 @@ def _train_teacher(opts, cfg, seed: int, out: Path, example, say):
     return teacher, path, time.time() - t0
 
 
-def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, say) -> tuple[dict, dict, dict, dict]:
-    """One seed: teacher, distillations, samples, scores. Returns (metrics rows, timings, media paths, teacher
-    diagnostics)."""
+def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, say) -> tuple[dict, dict, dict]:
+    """One seed: teacher, distillations, samples, scores. Returns (metrics rows, timings, media paths)."""
     from megatron_rcm.data.batch import Batch
     from megatron_rcm.data.shapes import condition_index, prompt_embeddings
     from megatron_rcm.eval.metrics import paired_mse
@@ -175,10 +174,6 @@ def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, s
     teacher_x = euler_sample(TrigFlowDenoiser(teacher, base.distill.timestep_scale), noise, ctx, guidance=w,
                              num_steps=opts.teacher_sample_steps, shift=1.0).float().cpu()
     teacher_pred = evaluate_clips(ev, teacher_x)
-    diagnostics = _teacher_coupling(teacher, base, held_out[:ex_B], ctx, device, seed)
-    say(f"teacher (seed {seed}): frame coupling at RF time s = 0.5 / 0.9: "
-        + " / ".join(f"{v:.3f}" for v in diagnostics["frame_coupling"].values())
-        + " (0: every frame denoised on its own)")
     teacher_name = f"teacher {opts.teacher_sample_steps}-step (CFG {w:g})"
     rows = {"real clips (held-out)": video_metrics(evaluate_clips(ev, held_out), cond, real, real_cond,
                                                    teacher_pred["features"]),
@@ -215,24 +210,7 @@ def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, s
         timings[f"eval_{method}"] = time.time() - t0
         trainer.close()
     media["contact_sheet"] = str(save_contact_sheet(sheet, out / "contact_sheet.png"))
-    return rows, timings, media, diagnostics
-
-
-def _teacher_coupling(teacher, base, clips, ctx, device, seed: int) -> dict:
-    """``frame_coupling`` of the teacher's conditional velocity on real clips noised to RF time s (frame 5)."""
-    from megatron_rcm.eval.frame_coupling import frame_coupling
-    from megatron_rcm.rcm import Conditioning, TrigFlowDenoiser
-
-    den = TrigFlowDenoiser(teacher, base.distill.timestep_scale)
-    B = clips.shape[0]
-    cond = Conditioning(context=ctx.context[:B], neg_context=ctx.neg_context)
-    g = torch.Generator().manual_seed(NOISE_SEED + seed)
-    out = {}
-    for s in (0.5, 0.9):
-        x_s = ((1 - s) * clips + s * torch.randn(clips.shape, generator=g)).to(device)
-        vel = lambda x, s=s: den.velocity(x, torch.full((B,), s, dtype=torch.float64), cond)
-        out[f"s={s}"] = frame_coupling(vel, x_s, frame=min(5, x_s.shape[2] - 1), generator=g)
-    return {"frame_coupling": out}
+    return rows, timings, media
 
 
 def _check_options(opts: ShapesBenchOptions) -> None:
@@ -280,17 +258,17 @@ def run_shapes_bench(opts: ShapesBenchOptions) -> dict:
     say(f"clip evaluator ({time.time() - t0:.0f} s): held-out real accuracy "
         + ", ".join(f"{k} {v:.3f} (chance {chance[k]:.2f})" for k, v in evaluator_acc.items()))
 
-    per_seed, timings, media, diagnostics = {}, {"evaluator": time.time() - t0}, {}, {}
+    per_seed, timings, media = {}, {"evaluator": time.time() - t0}, {}
     for seed in opts.seeds:
         seed_out = out / f"seed_{seed}"
-        rows, timings[f"seed_{seed}"], media[f"seed_{seed}"], diagnostics[f"seed_{seed}"] = _run_seed(
-            opts, seed, ev, real, real_cond, held_out, cond, seed_out, say)
+        rows, timings[f"seed_{seed}"], media[f"seed_{seed}"] = _run_seed(opts, seed, ev, real, real_cond, held_out,
+                                                                         cond, seed_out, say)
         per_seed[str(seed)] = rows
     summary = mean_and_spread(list(per_seed.values()))
     timings["total"] = time.time() - t_start
     table = format_spread_table(summary)
     result = {"metrics": summary, "per_seed": per_seed, "evaluator_accuracy": evaluator_acc, "timings_s": timings,
-              "teacher_diagnostics": diagnostics, "media": media, "device": str(_device()),
+              "media": media, "device": str(_device()),
               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
               "notes": "students are evaluated with their power-EMA weights; every row of a seed uses the same "
                        "noise and conditions; fd_teacher/mse_teacher compare with the teacher's sample from the "
