@@ -145,8 +145,9 @@ def _train_teacher(opts, cfg, seed: int, out: Path, example, say):
     return teacher, path, time.time() - t0
 
 
-def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, say) -> tuple[dict, dict, dict]:
-    """One seed: teacher, distillations, samples, scores. Returns (metrics rows, timings, media paths)."""
+def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, say) -> tuple[dict, dict, dict, dict]:
+    """One seed: teacher, distillations, samples, scores. Returns (metrics rows, timings, media paths, teacher
+    diagnostics)."""
     from megatron_rcm.data.batch import Batch
     from megatron_rcm.data.shapes import condition_index, prompt_embeddings
     from megatron_rcm.eval.metrics import paired_mse
@@ -174,6 +175,10 @@ def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, s
     teacher_x = euler_sample(TrigFlowDenoiser(teacher, base.distill.timestep_scale), noise, ctx, guidance=w,
                              num_steps=opts.teacher_sample_steps, shift=1.0).float().cpu()
     teacher_pred = evaluate_clips(ev, teacher_x)
+    diagnostics = _teacher_oracle_gap(teacher, base, emb, device, seed)
+    say(f"teacher (seed {seed}): x0 error vs the posterior-mean oracle (oracle's own error) on noised real clips: "
+        + ", ".join(f"{k} {v['teacher_vs_oracle']:.4f} ({v['oracle_vs_clean']:.4f})"
+                    for k, v in diagnostics["oracle_gap"].items()))
     teacher_name = f"teacher {opts.teacher_sample_steps}-step (CFG {w:g})"
     rows = {"real clips (held-out)": video_metrics(evaluate_clips(ev, held_out), cond, real, real_cond,
                                                    teacher_pred["features"]),
@@ -210,7 +215,27 @@ def _run_seed(opts, seed: int, ev, real, real_cond, held_out, cond, out: Path, s
         timings[f"eval_{method}"] = time.time() - t0
         trainer.close()
     media["contact_sheet"] = str(save_contact_sheet(sheet, out / "contact_sheet.png"))
-    return rows, timings, media
+    return rows, timings, media, diagnostics
+
+
+def _teacher_oracle_gap(teacher, base, emb, device, seed: int) -> dict:
+    """``oracle_gap`` of the teacher's conditional x0 estimate ``x_s - s v`` on the showcase conditions."""
+    from megatron_rcm.data.shapes import condition_index
+    from megatron_rcm.eval.oracle_denoiser import oracle_gap
+    from megatron_rcm.rcm import Conditioning, TrigFlowDenoiser
+
+    den = TrigFlowDenoiser(teacher, base.distill.timestep_scale)
+    _, F, H, W = (int(v) for v in base.data.latent_shape)
+
+    def x0_fn(x_s, s, c):
+        B = x_s.shape[0]
+        x_s = x_s.to(device)
+        cond = Conditioning(context=emb[c].expand(B, -1, -1).to(device))
+        return x_s - s * den.velocity(x_s, torch.full((B,), s, dtype=torch.float64), cond)
+
+    conditions = [int(condition_index(*map(torch.tensor, a))) for a in SHOWCASE]
+    return {"oracle_gap": oracle_gap(x0_fn, conditions, F, H, W, seed=NOISE_SEED + seed),
+            "oracle_conditions": conditions}
 
 
 def _check_options(opts: ShapesBenchOptions) -> None:
@@ -258,17 +283,17 @@ def run_shapes_bench(opts: ShapesBenchOptions) -> dict:
     say(f"clip evaluator ({time.time() - t0:.0f} s): held-out real accuracy "
         + ", ".join(f"{k} {v:.3f} (chance {chance[k]:.2f})" for k, v in evaluator_acc.items()))
 
-    per_seed, timings, media = {}, {"evaluator": time.time() - t0}, {}
+    per_seed, timings, media, diagnostics = {}, {"evaluator": time.time() - t0}, {}, {}
     for seed in opts.seeds:
         seed_out = out / f"seed_{seed}"
-        rows, timings[f"seed_{seed}"], media[f"seed_{seed}"] = _run_seed(opts, seed, ev, real, real_cond, held_out,
-                                                                         cond, seed_out, say)
+        rows, timings[f"seed_{seed}"], media[f"seed_{seed}"], diagnostics[f"seed_{seed}"] = _run_seed(
+            opts, seed, ev, real, real_cond, held_out, cond, seed_out, say)
         per_seed[str(seed)] = rows
     summary = mean_and_spread(list(per_seed.values()))
     timings["total"] = time.time() - t_start
     table = format_spread_table(summary)
     result = {"metrics": summary, "per_seed": per_seed, "evaluator_accuracy": evaluator_acc, "timings_s": timings,
-              "media": media, "device": str(_device()),
+              "teacher_diagnostics": diagnostics, "media": media, "device": str(_device()),
               "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(opts).items()},
               "notes": "students are evaluated with their power-EMA weights; every row of a seed uses the same "
                        "noise and conditions; fd_teacher/mse_teacher compare with the teacher's sample from the "

@@ -177,6 +177,11 @@ def test_shapes_bench_at_toy_size(tmp_path):
     assert saved["metrics"] == rows and set(saved["per_seed"]) == {"0", "1"}
     assert saved["options"]["teacher_time_mean"] == 0.5  # the teacher's RF times lean to high noise
     for seed in (0, 1):
+        gap = saved["teacher_diagnostics"][f"seed_{seed}"]["oracle_gap"]
+        assert set(gap) == {"s=0.5", "s=0.7", "s=0.85", "s=0.95"}
+        assert all(np.isfinite(v) and v >= 0 for row in gap.values() for v in row.values())
+        assert gap["s=0.5"]["oracle_vs_clean"] < gap["s=0.95"]["oracle_vs_clean"]
+    for seed in (0, 1):
         d = tmp_path / f"seed_{seed}"
         sheet = Image.open(d / "contact_sheet.png")
         # rows: real, teacher, 2 methods x 3 step counts; 4 samples of 4 frames (scale 3, pad 1, gap 8)
