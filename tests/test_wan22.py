@@ -1,5 +1,6 @@
 """Wan2.2: the TI2V-5B preset against diffusers' ``WanTransformer3DModel`` built from the 5B config's shape
-at a tiny width (every parameter random, float32), its per-token timesteps refused, and the A14B
+at a tiny width (every parameter random, float32), with one timestep per sample and per token (TI2V's
+clean first frame at t = 0; tangents against float64 torch.func.jvp), and the A14B
 two-expert presets (their configs and import; the experts' switch, distillation and sampling:
 tests/test_wan22_experts.py)."""
 
@@ -109,13 +110,63 @@ def test_ti2v_5b_tangent_matches_float64_jvp():
     assert rel_err(v, v_ref) <= 1e-12 and rel_err(t_v, t_v_ref) <= 1e-6  # as tests/test_wan_parity.py
 
 
-def test_per_token_timesteps_are_refused():
+def _per_token(inp, frames=3, size=8):
+    """The TI2V pipeline's timestep [B, S]: the first latent frame's tokens (image-conditioned) at t = 0, the
+    others at the sample's t; its tangent [B, S] is dt on the noisy tokens and 0 on the clean ones."""
+    B = inp["timestep"].shape[0]
+    per_frame = (size // 2) ** 2  # patch (1, 2, 2)
+    S = frames * per_frame
+    noisy = torch.ones(B, S, dtype=inp["timestep"].dtype)
+    noisy[:, :per_frame] = 0
+    return inp["timestep"][:, None] * noisy, noisy
+
+
+def test_ti2v_5b_per_token_timesteps_match_diffusers_in_float32():
+    ref, ours = _tiny_pair(seed=5)
+    inp = _inputs()
+    ts_BS, _ = _per_token(inp)
+    with torch.no_grad():
+        v = ours(inp["x"], ts_BS, inp["context"])
+        v_ref = ref(inp["x"], ts_BS, inp["context"], return_dict=False)[0]
+        v_per_sample = ours(inp["x"], inp["timestep"], inp["context"])
+    assert rel_err(v, v_ref) <= TOL
+    # the clean first frame's modulation changes every token's output (attention mixes them): not vacuous
+    assert rel_err(v_per_sample, v_ref) > 1e-2
+
+
+def test_ti2v_5b_per_token_tangent_matches_float64_jvp():
+    """Per-token time embedding, 6-way block modulation and head modulation ([s, B, D]) with their tangents
+    against torch.func.jvp of the float64 forward, along the TI2V tangent (dt = 1 on noisy tokens, 0 on the
+    clean first frame)."""
+    _, ours = _tiny_pair(seed=6)
+    ours = ours.double()
+    inp = {k: v.double() for k, v in _inputs(batch=2, frames=2, size=4).items()}
+    ts_BS, t_ts_BS = _per_token(inp, frames=2, size=4)
+    t_ts_BS = t_ts_BS * torch.tensor([[30.0], [-70.0]], dtype=torch.float64)  # per-sample dt, 0 on frame 0
+    gen = torch.Generator().manual_seed(2)
+    t_x = torch.randn(inp["x"].shape, generator=gen, dtype=torch.float64)
+    from tests.test_wan_parity import plain_linears
+
+    with torch.no_grad():
+        v, t_v = ours.forward_jvp(inp["x"], t_x, ts_BS, t_ts_BS, inp["context"])
+        _, t_v_time = ours.forward_jvp(inp["x"], torch.zeros_like(t_x), ts_BS, t_ts_BS, inp["context"])
+    with plain_linears():
+        v_ref, t_v_ref = torch.func.jvp(lambda x, ts: ours(x, ts, inp["context"]), (inp["x"], ts_BS), (t_x, t_ts_BS))
+        _, t_v_time_ref = torch.func.jvp(
+            lambda ts: ours(inp["x"], ts, inp["context"]), (ts_BS,), (t_ts_BS,)
+        )
+    assert rel_err(v, v_ref) <= 1e-12 and rel_err(t_v, t_v_ref) <= 1e-6  # as tests/test_wan_parity.py
+    assert rel_err(t_v_time, t_v_time_ref) <= 1e-6  # the time tangent alone (not hidden by t_x's part)
+
+
+def test_timestep_and_tangent_shapes_are_checked():
     _, ours = _tiny_pair()
     inp = _inputs()
-    per_token = inp["timestep"][:, None].expand(-1, 48).clone()
-    per_token[:, :16] = 0  # TI2V: the image-conditioned first frame's tokens at t = 0
-    with pytest.raises(NotImplementedError, match=r"one timestep per token .*\[B\]"):
-        ours(inp["x"], per_token, inp["context"])
+    ts_BS, t_ts_BS = _per_token(inp)
+    with pytest.raises(ValueError, match=r"timestep must be \[B=2\] .* or \[B=2, S=48\].*got shape \(2, 47\)"):
+        ours(inp["x"], ts_BS[:, :47], inp["context"])
+    with pytest.raises(ValueError, match=r"t_timestep shape \(2,\) != timestep shape \(2, 48\)"):
+        ours.forward_jvp(inp["x"], None, ts_BS, inp["timestep"], inp["context"])
 
 
 def test_ti2v_5b_converts_from_diffusers(tmp_path):

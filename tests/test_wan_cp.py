@@ -2,7 +2,8 @@
 
 One gloo group of 4 CPU processes runs every layout in turn (process start-up dominates the test time):
 CP=4 (p2p, a2a), CP=2 x TP=2 (p2p, a2a), CP=2 x DP=2 (p2p, a2a), each at 48 tokens and at 27 tokens
-(not divisible by CP: the last shard is padded). The reference is CP=1 in the test process. Float32: the
+(not divisible by CP: the last shard is padded), and at 27 tokens with a timestep per token (Wan2.2 TI2V's
+per-token modulation sharded like the tokens, padding included). The reference is CP=1 in the test process. Float32: the
 sharded run sums the same products in a different order, so the tolerance is round-off (1e-5 relative).
 """
 
@@ -21,6 +22,7 @@ from tests.wan_helpers import make_diffusers, make_inputs, rel_err
 TOL = 1e-5
 LAYOUTS = [(4, 1, "p2p"), (4, 1, "a2a"), (2, 2, "p2p"), (2, 2, "a2a"), (2, 1, "p2p"), (2, 1, "a2a")]  # (CP, TP, type)
 SIZES = {"48 tokens": dict(frames=3, size=8), "27 tokens": dict(frames=3, size=6)}
+PER_TOKEN = "27 tokens, a timestep per token"  # Wan2.2 TI2V: first frame (9 tokens) at t = 0, tangent 0 there
 
 
 def _run(full_sd: dict, inp: dict, cp_comm_type: str = "p2p"):
@@ -70,6 +72,12 @@ def results():
         inp = make_inputs("t2v", **kw)
         inp["w"] = torch.randn(inp["x"].shape[0], 4, *inp["x"].shape[2:])
         inputs[name] = inp
+    noisy = torch.ones(2, 27)
+    noisy[:, :9] = 0
+    per_token = dict(inputs["27 tokens"])
+    per_token["timestep"] = per_token["timestep"][:, None] * noisy
+    per_token["t_timestep"] = per_token["t_timestep"][:, None] * noisy
+    inputs[PER_TOKEN] = per_token
     initialize_parallel(tensor_parallel=1)
     refs = {name: _run(full_sd, inp) for name, inp in inputs.items()}
     destroy_parallel()
@@ -77,7 +85,7 @@ def results():
 
 
 @pytest.mark.parametrize("cp,tp,comm", LAYOUTS)
-@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("size", [*SIZES, PER_TOKEN])
 def test_cp_matches_single_process(results, cp, tp, comm, size):
     refs, got = results
     v1, t_v1, g1 = refs[size]

@@ -78,6 +78,26 @@ def test_tp_matches_single_process(kind, tp):
     assert errs[worst] <= 1e-5, (worst, errs[worst])
 
 
+def test_tp_per_token_timesteps_match_single_process():
+    """Wan2.2 TI2V's timestep per token [B, S] (first frame at t = 0, its tangent 0 there): the per-token
+    modulation is split over the sequence-parallel ranks like the tokens, and the time embedding's gradients
+    (partial sums over each rank's tokens) add up to the TP=1 ones."""
+    full_sd, inp = _reference("t2v")
+    per_frame, S = 16, 48  # 4*4 tokens per latent frame, 3 frames
+    noisy = torch.ones(2, S)
+    noisy[:, :per_frame] = 0
+    inp["timestep"] = inp["timestep"][:, None] * noisy
+    inp["t_timestep"] = inp["t_timestep"][:, None] * noisy
+    initialize_parallel(tensor_parallel=1)
+    v1, t_v1, g1 = _run("t2v", full_sd, inp)
+    v, t_v, g = spawn(_worker, 2, "t2v", full_sd, inp)
+    assert rel_err(v, v1) <= 1e-5 and rel_err(t_v, t_v1) <= 1e-5
+    errs = {k: rel_err(g[k], g1[k]) for k in g1}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= 1e-5, (worst, errs[worst])
+    assert errs["time_embedding.linear_1.weight"] <= 1e-5 and g1["time_embedding.linear_1.weight"].abs().max() > 0
+
+
 def test_heads_not_divisible_by_tp_is_a_clear_error():
     from megatron_rcm.models.wan import wan_config
 

@@ -22,6 +22,14 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def over_tokens(m):
+    """A modulation term against activations [s, B, D]: per sample [B, D] -> [1, B, D] (broadcast over the
+    tokens), per token [s, B, D] as it is (Wan2.2 TI2V's per-token timesteps); ``None`` stays ``None``."""
+    if m is None or m.ndim == 3:
+        return m
+    return m[None]
+
+
 def layer_norm_jvp(x, t_x, eps: float, weight=None, bias=None):
     """y = (x - mean) * rstd [* w + b]; tangent from ``layer_norm_tangent``."""
     dt = compute_dtype(x)

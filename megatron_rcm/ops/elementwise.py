@@ -16,6 +16,8 @@ inputs) math, exactly the block's unfused code. ``FusedElementwise`` runs the Tr
 ``megatron_rcm.kernels.elementwise_*`` (one kernel computing primal and tangent per chain, docs/kernels.md)
 where they apply: "auto" takes them for CUDA bf16/fp16 tensors and the reference otherwise (float32/float64
 parity runs stay on the reference); "true" takes them for every tensor (CPU only under TRITON_INTERPRET=1).
+The modulation (shift, scale, gate) is [B, D], or [s, B, D] per token (Wan2.2 TI2V's per-token timesteps,
+``models.jvp.over_tokens``); the kernels take [B, D] only, so per-token modulation runs on the reference.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ import functools
 
 import torch
 
-from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_tanh_jvp, layer_norm_jvp, mul_jvp
+from megatron_rcm.models.jvp import (
+    add_tangents,
+    compute_dtype,
+    gelu_tanh_jvp,
+    layer_norm_jvp,
+    mul_jvp,
+    over_tokens,
+)
 from megatron_rcm.parallel.collectives import all_reduce_sum_tp, tp_world_size
 
 FUSED_ELEMENTWISE = ("auto", True, False)
@@ -67,10 +76,6 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
-def _bcast(t_BD):
-    return None if t_BD is None else t_BD[None]
-
-
 class TorchElementwise:
     """The reference chains in PyTorch (``models/jvp.py`` rules), float32 math, out in x's dtype."""
 
@@ -79,8 +84,8 @@ class TorchElementwise:
     def modulated_layer_norm(self, x, t_x, eps, shift, t_shift, scale, t_scale):
         cdt = compute_dtype(x)
         h, t_h = layer_norm_jvp(x, t_x, eps)
-        h, t_h = mul_jvp(h, t_h, 1 + scale.to(cdt)[None], _bcast(_cast(t_scale, cdt)))
-        h, t_h = h + shift.to(cdt)[None], add_tangents(t_h, _bcast(_cast(t_shift, cdt)))
+        h, t_h = mul_jvp(h, t_h, 1 + over_tokens(scale.to(cdt)), over_tokens(_cast(t_scale, cdt)))
+        h, t_h = h + over_tokens(shift.to(cdt)), add_tangents(t_h, over_tokens(_cast(t_shift, cdt)))
         return h.to(x.dtype), _cast(t_h, x.dtype)
 
     def affine_layer_norm(self, x, t_x, eps, weight, bias):
@@ -89,7 +94,7 @@ class TorchElementwise:
 
     def gated_residual(self, x, t_x, y, t_y, gate, t_gate):
         dtype, cdt = x.dtype, compute_dtype(x)
-        y, t_y = mul_jvp(y.to(cdt), _cast(t_y, cdt), gate.to(cdt)[None], _bcast(_cast(t_gate, cdt)))
+        y, t_y = mul_jvp(y.to(cdt), _cast(t_y, cdt), over_tokens(gate.to(cdt)), over_tokens(_cast(t_gate, cdt)))
         return (x.to(cdt) + y).to(dtype), _cast(add_tangents(t_x, t_y), dtype)
 
     def rope(self, q, k, t_q, t_k, cos, sin):
@@ -150,7 +155,7 @@ class FusedElementwise(TorchElementwise):
         return self.always or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
 
     def modulated_layer_norm(self, x, t_x, eps, shift, t_shift, scale, t_scale):
-        if not self._applies(x):
+        if not self._applies(x) or shift.ndim != 2:  # the kernels take [B, D]; per token: the reference
             return super().modulated_layer_norm(x, t_x, eps, shift, t_shift, scale, t_scale)
         return self.k["layer_norm"](x, t_x, eps, scale_BD=scale, shift_BD=shift, t_scale_BD=t_scale,
                                     t_shift_BD=t_shift)
@@ -161,7 +166,7 @@ class FusedElementwise(TorchElementwise):
         return self.k["layer_norm"](x, t_x, eps, weight=weight, bias=bias)
 
     def gated_residual(self, x, t_x, y, t_y, gate, t_gate):
-        if not self._applies(x):
+        if not self._applies(x) or gate.ndim != 2:  # the kernel takes [B, D]; per token: the reference
             return super().gated_residual(x, t_x, y, t_y, gate, t_gate)
         return self.k["gate"](x, t_x, y, t_y, gate, t_gate)
 

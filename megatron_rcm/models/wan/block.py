@@ -6,7 +6,8 @@
                                                the spec has ``norm_column_linear``: no ``norm3`` module then)
     x = x + ffn(LN(x) * (1 + scale_mlp) + shift_mlp) * gate_mlp,   ffn = fc2(GELU_tanh(fc1(.)))
 Activations [s, B, D] (s = this rank's tokens under context and sequence parallelism; ``shard``, a
-``TokenShard``, says which under CP); e0 [B, 6, D] in float32. The norm + modulation, gated residual,
+``TokenShard``, says which under CP); e0 [B, 6, D] in float32, or [s, B, 6, D] with a timestep per token
+(Wan2.2 TI2V: this rank's tokens, each with its own modulation). The norm + modulation, gated residual,
 RoPE, q/k RMSNorm and GELU chains run through ``ops/elementwise.py`` (``config.fused_elementwise``: the
 PyTorch reference or one Triton kernel per chain for primal and tangent), picked here at construction.
 """
@@ -17,7 +18,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from megatron_rcm.models.jvp import add_tangents, compute_dtype, mul_jvp
+from megatron_rcm.models.jvp import add_tangents, compute_dtype, mul_jvp, over_tokens
 from megatron_rcm.models.tp_linears import MLP
 from megatron_rcm.models.wan.attention import WanCrossAttention, WanSelfAttention
 from megatron_rcm.models.wan.layers import LayerNorm, mark_sequence_parallel
@@ -25,9 +26,10 @@ from megatron_rcm.ops.elementwise import elementwise_ops
 
 
 def modulate_jvp(x, t_x, shift, t_shift, scale, t_scale):
-    """y = x (1 + scale) + shift with shift/scale [B, D] broadcast over tokens of x [s, B, D]."""
-    y, t_y = mul_jvp(x, t_x, 1 + scale[None], None if t_scale is None else t_scale[None])
-    return y + shift[None], add_tangents(t_y, None if t_shift is None else t_shift[None])
+    """y = x (1 + scale) + shift with shift/scale [B, D] broadcast over tokens of x [s, B, D], or [s, B, D]
+    per token (``over_tokens``)."""
+    y, t_y = mul_jvp(x, t_x, 1 + over_tokens(scale), over_tokens(t_scale))
+    return y + over_tokens(shift), add_tangents(t_y, over_tokens(t_shift))
 
 
 class WanBlock(MegatronModule):
@@ -51,8 +53,8 @@ class WanBlock(MegatronModule):
 
     def forward(self, x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard=None):
         cdt = compute_dtype(x)
-        e = (self.modulation.to(cdt) + e0.to(cdt)).unbind(1)  # 6 x [B, D]
-        t_e = t_e0.unbind(1) if t_e0 is not None else (None,) * 6
+        e = (self.modulation.to(cdt) + e0.to(cdt)).unbind(-2)  # 6 x [B, D] (per token: 6 x [s, B, D])
+        t_e = t_e0.unbind(-2) if t_e0 is not None else (None,) * 6
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = e
         t_shift_msa, t_scale_msa, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp = t_e
         ew = self.ew

@@ -10,7 +10,7 @@ Wan team's ``wan/configs/wan_{ti2v_5B,t2v_A14B,i2v_A14B}.py``):
   48-channel latents of the Wan2.2 VAE (stride (4, 16, 16), against Wan2.1's (4, 8, 8)); patch (1, 2, 2).
   diffusers' ``WanTransformer3DModel`` runs it with the Wan2.1 math for a timestep per sample; its TI2V
   pipeline (``expand_timesteps``) passes a timestep per token instead (image-conditioned first-frame
-  tokens at t = 0), which this model refuses with ``NotImplementedError``.
+  tokens at t = 0), which ``WanModel`` takes as ``timestep`` [B, S] (per-token modulation).
 * ``wan2.2-t2v-a14b`` / ``wan2.2-i2v-a14b``: two experts of the Wan2.1-14B shape each, the high-noise one
   used for timesteps t >= boundary * 1000, the low-noise one below (``WAN22_BOUNDARY``; the switch and its
   TrigFlow form: ``megatron_rcm.models.wan.experts``). The I2V experts

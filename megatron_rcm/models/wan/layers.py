@@ -78,14 +78,15 @@ class TPRMSNorm(MegatronModule):
 
 def sinusoidal_embedding_jvp(timestep_B, t_timestep_B, dim: int, dtype: torch.dtype):
     """Wan's timestep embedding [cos(t f), sin(t f)], f_i = 10000^(-i / (dim/2)), computed in float32
-    (float64 for float64 models); tangent [-f sin(t f), f cos(t f)] * dt."""
+    (float64 for float64 models); tangent [-f sin(t f), f cos(t f)] * dt. Any leading shape: [B] -> [B, dim],
+    per token [s, B] -> [s, B, dim]."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=dtype, device=timestep_B.device) / half)
-    arg = timestep_B.to(dtype)[:, None] * freqs[None]
+    arg = timestep_B.to(dtype)[..., None] * freqs
     emb = torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1)
     if t_timestep_B is None:
         return emb, None
-    t_arg = t_timestep_B.to(dtype)[:, None] * freqs[None]
+    t_arg = t_timestep_B.to(dtype)[..., None] * freqs
     t_emb = torch.cat([-torch.sin(arg) * t_arg, torch.cos(arg) * t_arg], dim=-1)
     return emb, t_emb
 

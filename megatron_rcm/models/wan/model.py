@@ -15,7 +15,10 @@ gradients of the CP ranks sum to the full gradient).
     forward(x, timestep, context)                      -> v            (RF velocity, [B, C_out, F, H, W])
     forward_jvp(x, t_x, timestep, t_timestep, context) -> (v, t_v)
 
-``timestep`` is the network time (Wan: 1000 * s_rf). Weights carry no tangent and the context (text,
+``timestep`` is the network time (Wan: 1000 * s_rf), one per sample [B], or one per token [B, S] (Wan2.2
+TI2V's ``expand_timesteps``: the image-conditioned first frame's tokens at t = 0; ``t_timestep`` then has the
+same shape, 0 on those tokens). Per token, the time embedding and the modulation of every block and the
+head are computed for each of this rank's tokens ([s, B, D], the adaLN tables broadcast over them). Weights carry no tangent and the context (text,
 CLIP image features) is constant. The primal of ``forward_jvp`` keeps its autograd graph, the tangent none.
 
 Pipeline parallelism (``megatron_rcm.parallel.pipeline``): a stage model holds the blocks
@@ -90,11 +93,11 @@ class WanHead(MegatronModule):
             mark_sequence_parallel(self.linear)
 
     def forward(self, x, t_x, e_BD, t_e_BD):
+        """e_BD: the time embedding [B, D], or [s, B, D] with a timestep per token (this rank's tokens)."""
         cdt = compute_dtype(x)
-        shift, scale = (self.modulation.to(cdt) + e_BD.to(cdt)[:, None]).unbind(1)
-        t_shift, t_scale = (
-            (None, None) if t_e_BD is None else t_e_BD.to(cdt)[:, None].expand(-1, 2, -1).unbind(1)
-        )
+        shift, scale = (self.modulation.to(cdt) + e_BD.to(cdt).unsqueeze(-2)).unbind(-2)
+        # d shift = d scale = d e (the modulation table is a weight: no tangent)
+        t_shift = t_scale = None if t_e_BD is None else t_e_BD.to(cdt)
         h, t_h = self.norm(x, t_x)
         h, t_h = modulate_jvp(h, t_h, shift, t_shift, scale, t_scale)
         return linear_jvp(self.linear, h.to(x.dtype), None if t_h is None else t_h.to(x.dtype))
@@ -207,14 +210,11 @@ class WanModel(MegatronModule):
             raise ValueError(
                 f"patched grid {(F // pt, H // ph, W // pw)} exceeds rope_max_seq_len {cfg.rope_max_seq_len}"
             )
-        if timestep.ndim == 2 and timestep.shape[0] == B:
-            raise NotImplementedError(
-                f"timestep of shape {tuple(timestep.shape)}: one timestep per token (Wan2.2 TI2V's expand_timesteps) "
-                "needs per-token modulation in every block and the head, which this model does not implement; "
-                "pass one timestep per sample, shape [B]"
+        if timestep.shape not in ((B,), (B, S)):
+            raise ValueError(
+                f"timestep must be [B={B}] (one per sample) or [B={B}, S={S}] (one per token, S = F*H*W / patch "
+                f"= {F}*{H}*{W} / {pt * ph * pw}, Wan2.2 TI2V), got shape {tuple(timestep.shape)}"
             )
-        if timestep.shape != (B,):
-            raise ValueError(f"timestep must be [B={B}], got shape {tuple(timestep.shape)}")
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [B={B}, L, {cfg.text_dim}], got shape {tuple(context.shape)}")
         if (clip_fea is not None) != (cfg.model_type == "i2v"):
@@ -243,6 +243,10 @@ class WanModel(MegatronModule):
             )
             if t_x_BCFHW.shape != x_BCFHW.shape:
                 raise ValueError(f"t_x shape {tuple(t_x_BCFHW.shape)} != x shape {tuple(x_BCFHW.shape)}")
+            if t_timestep_B.shape != timestep_B.shape:
+                raise ValueError(
+                    f"t_timestep shape {tuple(t_timestep_B.shape)} != timestep shape {tuple(timestep_B.shape)}"
+                )
         dtype = self.time_projection.weight.dtype  # on every stage; follows .double()/.bfloat16() of the model
         _, _, F, H, W = x_BCFHW.shape
         pt, ph, pw = cfg.patch_size
@@ -264,14 +268,20 @@ class WanModel(MegatronModule):
                 raise RuntimeError("a pipeline stage after the first needs its input from set_input_tensor")
             x, t_x = pipeline.unpack_boundary(self.input_tensor, with_tangent)
 
-        # time: e [B, D] (head), e0 [B, 6, D] (blocks); in float32 like Wan (float64 models: float64)
+        # time: e [B, D] (head), e0 [B, 6, D] (blocks); in float32 like Wan (float64 models: float64).
+        # A timestep per token [B, S] (Wan2.2 TI2V: the clean first frame at t = 0) is taken to this rank's
+        # tokens [s, B] like the activations, giving e [s, B, D] and e0 [s, B, 6, D]
+        timestep, t_timestep = timestep_B, t_timestep_B
+        if timestep_B.ndim == 2:
+            timestep = scatter_sequence(shard.shard(timestep_B.transpose(0, 1)))
+            t_timestep = scatter_sequence(shard.shard(t_timestep_B.transpose(0, 1))) if with_tangent else None
         cdt = compute_dtype(self.time_projection.weight)
-        sin_emb, t_sin_emb = sinusoidal_embedding_jvp(timestep_B, t_timestep_B, cfg.freq_dim, cdt)
+        sin_emb, t_sin_emb = sinusoidal_embedding_jvp(timestep, t_timestep, cfg.freq_dim, cdt)
         e, t_e = self.time_embedding(sin_emb.to(dtype), None if t_sin_emb is None else t_sin_emb.to(dtype))
         e0, t_e0 = silu_jvp(e, t_e)
         e0, t_e0 = linear_jvp(self.time_projection, e0, t_e0)
-        e0 = e0.unflatten(1, (6, -1))
-        t_e0 = None if t_e0 is None else t_e0.unflatten(1, (6, -1))
+        e0 = e0.unflatten(-1, (6, -1))
+        t_e0 = None if t_e0 is None else t_e0.unflatten(-1, (6, -1))
 
         # constant conditioning (no tangent), Megatron layout [L, B, D]
         context = self.text_embedding(context_BLD.to(dtype))[0].transpose(0, 1)
