@@ -23,20 +23,9 @@ import json
 
 import torch
 
+from megatron_rcm.training.phases import cuda_time_ms
+
 MODELS = {"1.3b": dict(D=1536, N=12, F=8960), "14b": dict(D=5120, N=40, F=13824)}
-
-
-def _time_ms(fn, iters: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def _chains(S: int, D: int, N: int, F: int):
@@ -86,12 +75,12 @@ def main(argv=None):
                 fn = getattr(impl, name)
                 leaves = [x.detach().clone().requires_grad_(i in grads) if torch.is_tensor(x) else x
                           for i, x in enumerate(base)]
-                fwd_ms = _time_ms(lambda: fn(*leaves), args.iters)  # noqa: B023  (with grad: the primal keeps its graph)
+                fwd_ms = cuda_time_ms(lambda: fn(*leaves), 3, args.iters)  # noqa: B023  (with grad: the primal keeps its graph)
                 out = fn(*leaves)
                 primals = [o for o in out if o is not None and o.requires_grad]
                 gs = [torch.randn_like(p) for p in primals]
                 targets = [leaves[i] for i in grads]
-                bwd_ms = _time_ms(lambda: torch.autograd.grad(primals, targets, gs, retain_graph=True),  # noqa: B023
+                bwd_ms = cuda_time_ms(lambda: torch.autograd.grad(primals, targets, gs, retain_graph=True), 3,  # noqa: B023
                                   args.iters)
                 for pass_, ms, nbytes in (("forward_jvp", fwd_ms, fwd_bytes), ("backward", bwd_ms, bwd_bytes)):
                     print(json.dumps({"bench": "elementwise", "model": model, "tokens": args.tokens, "chain": name,

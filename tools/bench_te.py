@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_rcm.training.phases import cuda_time_ms
+
 IMPLS = (("local_bf16", "local", None), ("te_bf16", "transformer_engine", None),
          ("te_fp8", "transformer_engine", "current"))
 """(name, model.transformer_impl, model.fp8)."""
@@ -47,19 +49,6 @@ def _block_linears(impl: str, fp8: str | None, D: int, FFN: int):
     lins = [column_linear(spec, cfg, D, D) for _ in range(3)] + [row_linear(spec, cfg, D, D)]
     lins += [column_linear(spec, cfg, D, FFN), row_linear(spec, cfg, FFN, D)]
     return cfg, [m.cuda() for m in lins]
-
-
-def _time_ms(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def bench_gemms(tokens: int, D: int, FFN: int, warmup: int, iters: int) -> list[dict]:
@@ -88,8 +77,8 @@ def bench_gemms(tokens: int, D: int, FFN: int, warmup: int, iters: int) -> list[
             outs = forward()
             torch.autograd.backward([y for y, _ in outs], [torch.ones_like(y) for y, _ in outs])
 
-        t_fwd = _time_ms(forward, warmup, iters)
-        t_all = _time_ms(forward_backward, warmup, iters)
+        t_fwd = cuda_time_ms(forward, warmup, iters)
+        t_all = cuda_time_ms(forward_backward, warmup, iters)
         t_bwd = max(t_all - t_fwd, 1e-9)
         rows.append({"bench": "te_gemm", "impl": name, "tokens": tokens, "D": D, "FFN": FFN,
                      "fwd_primal_tangent_ms": t_fwd, "bwd_primal_ms": t_bwd,

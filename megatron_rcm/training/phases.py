@@ -22,7 +22,7 @@ from collections import defaultdict
 
 import torch
 
-__all__ = ["PhaseTimers", "instrument_network"]
+__all__ = ["PhaseTimers", "cuda_time_ms", "instrument_network"]
 
 
 class PhaseTimers:
@@ -81,3 +81,18 @@ def instrument_network(net: torch.nn.Module, timers: PhaseTimers, forward: str, 
                 return _fn(*args, **kwargs)
 
         setattr(net, attr, timed)
+
+
+def cuda_time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Mean milliseconds of ``fn()`` on the current CUDA stream: ``warmup`` untimed calls, then ``iters``
+    calls between one pair of CUDA events (the kernel benchmarks in ``tools/``)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
