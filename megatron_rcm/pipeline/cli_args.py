@@ -10,21 +10,13 @@ import argparse
 import os
 import sys
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (>= 1)")
-    return value
+from megatron_rcm.config.argtypes import positive_int
 
 
 def _video_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-frames", type=_positive_int, default=81, help="pixel frames per clip, 4k+1 (default 81)")
-    p.add_argument("--height", type=_positive_int, default=480, help="pixel height, multiple of 16 (default 480)")
-    p.add_argument("--width", type=_positive_int, default=832, help="pixel width, multiple of 16 (default 832)")
+    p.add_argument("--num-frames", type=positive_int, default=81, help="pixel frames per clip, 4k+1 (default 81)")
+    p.add_argument("--height", type=positive_int, default=480, help="pixel height, multiple of 16 (default 480)")
+    p.add_argument("--width", type=positive_int, default=832, help="pixel width, multiple of 16 (default 832)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="model dtype: auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (as a whole)")
@@ -45,7 +37,7 @@ def add_pipeline_commands(sub) -> None:
     _weights_arg(enc)
     enc.add_argument("--out", required=True, help="shard folder to write")
     enc.add_argument("--fps", type=float, default=16.0, help="frame rate the clips are sampled at (default 16)")
-    enc.add_argument("--samples-per-shard", type=_positive_int, default=100)
+    enc.add_argument("--samples-per-shard", type=positive_int, default=100)
     enc.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="default: Wan2.1's negative prompt")
     enc.add_argument("--i2v", action="store_true", help="also write the image-to-video condition of the first "
                      "frame (CLIP features, first-frame latent + mask; needs image_encoder/ and image_processor/)")
@@ -57,13 +49,13 @@ def add_pipeline_commands(sub) -> None:
     syn.add_argument("--teacher", help="teacher weights (default: the weights folder's transformer/)")
     syn.add_argument("--out", required=True, help="shard folder to write")
     syn.add_argument("--sampler", choices=("unipc", "euler"), default="unipc")
-    syn.add_argument("--steps", type=_positive_int, default=50)
+    syn.add_argument("--steps", type=positive_int, default=50)
     syn.add_argument("--guidance", type=float, default=5.0)
     syn.add_argument("--shift", type=float, default=5.0)
     syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--samples-per-shard", type=_positive_int, default=100)
+    syn.add_argument("--samples-per-shard", type=positive_int, default=100)
     syn.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT)
-    syn.add_argument("--num-heads", type=_positive_int, help="teacher heads when no config records them")
+    syn.add_argument("--num-heads", type=positive_int, help="teacher heads when no config records them")
     _video_args(syn)
 
     smp = sub.add_parser("sample", help="student (and teacher) -> mp4 per prompt + a contact sheet")
@@ -73,11 +65,11 @@ def add_pipeline_commands(sub) -> None:
     smp.add_argument("--out", required=True, help="output folder")
     smp.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     smp.add_argument("--prompts", help="text file (one per line) or .jsonl with 'prompt'")
-    smp.add_argument("--steps", type=_positive_int, default=4, help="student steps, 1-4 (default 4)")
+    smp.add_argument("--steps", type=positive_int, default=4, help="student steps, 1-4 (default 4)")
     smp.add_argument("--sigma-max", type=float, default=80.0, help="80 for 1.3B, 200 for 14B")
     smp.add_argument("--teacher", nargs="?", const="", default=None, help="also sample the teacher on the same "
                      "noise (default weights: the weights folder's transformer/)")
-    smp.add_argument("--teacher-steps", type=_positive_int, default=50)
+    smp.add_argument("--teacher-steps", type=positive_int, default=50)
     smp.add_argument("--guidance", type=float, default=5.0, help="teacher CFG scale")
     smp.add_argument("--shift", type=float, default=5.0, help="teacher's sampling shift")
     smp.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT)
@@ -90,10 +82,20 @@ def add_pipeline_commands(sub) -> None:
     smp.add_argument("--config", dest="train_config", help="the training run's YAML (architecture of a training "
                      "checkpoint that does not record it)")
     smp.add_argument("--set", dest="train_set", action="append", default=[], metavar="KEY=VALUE")
-    smp.add_argument("--num-heads", type=_positive_int)
+    smp.add_argument("--num-heads", type=positive_int)
     smp.add_argument("--image", help="I2V: the picture the videos start from (needs image_encoder/ and "
                      "image_processor/ in --weights)")
     _video_args(smp)
+
+
+def _write_on_ranks(opts, run) -> int:
+    """Validate ``opts``, run ``run(opts, rank, world, barrier, device)`` on this rank, report what rank 0 wrote."""
+    opts.validate()
+    rank, world, barrier, device = _ranks()
+    out = run(opts, rank, world, barrier, device)
+    if out is not None:
+        print(f"wrote {out}")
+    return 0
 
 
 def _ranks():
@@ -134,12 +136,7 @@ def run_pipeline_command(args) -> int:
             opts = EncodeOptions(args.captions, args.weights, args.out, args.video_root, args.num_frames, args.height,
                                  args.width, args.fps, args.negative_prompt, args.samples_per_shard, dtype=args.dtype,
                                  overwrite=args.overwrite, i2v=args.i2v)
-            opts.validate()
-            rank, world, barrier, device = _ranks()
-            out = run_encode(opts, rank, world, barrier, device)
-            if out is not None:
-                print(f"wrote {out}")
-            return 0
+            return _write_on_ranks(opts, run_encode)
         if args.command == "synthesize":
             from megatron_rcm.pipeline.synthesize import SynthesizeOptions, run_synthesize
 
@@ -147,12 +144,7 @@ def run_pipeline_command(args) -> int:
                                      args.width, args.sampler, args.steps, args.guidance, args.shift, args.seed,
                                      args.negative_prompt, args.samples_per_shard, args.num_heads, args.dtype,
                                      args.overwrite)
-            opts.validate()
-            rank, world, barrier, device = _ranks()
-            out = run_synthesize(opts, rank, world, barrier, device)
-            if out is not None:
-                print(f"wrote {out}")
-            return 0
+            return _write_on_ranks(opts, run_synthesize)
         from megatron_rcm.pipeline.sample import SampleOptions, read_prompts, run_sample
 
         prompts = list(args.prompt) + (read_prompts(args.prompts) if args.prompts else [])
