@@ -141,50 +141,78 @@ def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int, hierarchica
 # -------------------------------------------------------------------------------------------------
 
 
-def _seq_to_heads(x_XsBNd: torch.Tensor, cp: int, group) -> torch.Tensor:
-    """[X, s, B, N, d] -> [X, cp*s, B, N/cp, d]: rank j receives heads [j N_c, (j+1) N_c) of every rank."""
-    X, s, B, N, d = x_XsBNd.shape
-    send = x_XsBNd.reshape(X, s, B, cp, N // cp, d).permute(3, 0, 1, 2, 4, 5).contiguous()
-    recv = torch.empty_like(send)  # [cp (source rank), X, s, B, N_c, d]
+def _seq_to_heads(parts_sBNd, cp: int, group) -> list[torch.Tensor]:
+    """X tensors [s, B, N, d] -> X views [cp*s, B, N/cp, d]: rank j receives heads [j N_c, (j+1) N_c) of
+    every rank, all X parts in one all-to-all. One copy in all: the send buffer [cp, s, X, B, N_c, d] is
+    filled part by part; the receive buffer [cp (source rank) * s, X, B, N_c, d] is already sequence-major,
+    so each part is a strided view (sequence stride X B N_c d) that the attention kernels read in place."""
+    X = len(parts_sBNd)
+    s, B, N, d = parts_sBNd[0].shape
+    send = parts_sBNd[0].new_empty(cp, s, X, B, N // cp, d)
+    for i, x in enumerate(parts_sBNd):
+        send[:, :, i].copy_(x.reshape(s, B, cp, N // cp, d).permute(2, 0, 1, 3, 4))
+    recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return recv.permute(1, 0, 2, 3, 4, 5).reshape(X, cp * s, B, N // cp, d)
+    full = recv.view(cp * s, X, B, N // cp, d)
+    return [full[:, i] for i in range(X)]
 
 
-def _heads_to_seq(y_XSBNd: torch.Tensor, cp: int, group) -> torch.Tensor:
-    """Inverse of ``_seq_to_heads``: [X, cp*s, B, N_c, d] -> [X, s, B, cp*N_c, d]."""
-    X, S, B, Nc, d = y_XSBNd.shape
-    send = y_XSBNd.reshape(X, cp, S // cp, B, Nc, d).permute(1, 0, 2, 3, 4, 5).contiguous()
-    recv = torch.empty_like(send)  # [cp (source rank = head group), X, s, B, N_c, d]
+def _heads_to_seq(parts_SBNd, cp: int, group) -> list[torch.Tensor]:
+    """Inverse of ``_seq_to_heads``: X tensors [cp*s, B, N_c, d] -> X tensors [s, B, cp*N_c, d] (contiguous).
+    Two copies: into the send buffer [cp (destination = sequence chunk), s, X, B, N_c, d], and out of the
+    receive buffer [cp (source = head group), s, X, B, N_c, d] into each part's head order."""
+    X = len(parts_SBNd)
+    S, B, Nc, d = parts_SBNd[0].shape
+    s = S // cp
+    send = parts_SBNd[0].new_empty(cp, s, X, B, Nc, d)
+    for i, y in enumerate(parts_SBNd):
+        send[:, :, i].copy_(y.reshape(cp, s, B, Nc, d))
+    recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    return recv.permute(1, 2, 3, 0, 4, 5).reshape(X, S // cp, B, cp * Nc, d)
+    out = recv.permute(1, 2, 3, 0, 4, 5)  # [s, X, B, cp, N_c, d]
+    return [out[:, i].reshape(s, B, cp * Nc, d) for i in range(X)]
 
 
 class _SeqToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cp, group):
-        ctx.cp, ctx.group = cp, group
-        return _seq_to_heads(x, cp, group)
+    """``_seq_to_heads`` with the inverse all-to-all as its backward (for the parts that get a gradient)."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.cp, ctx.group), None, None
+    def forward(ctx, cp, group, *parts):
+        ctx.cp, ctx.group = cp, group
+        ctx.set_materialize_grads(False)
+        return tuple(_seq_to_heads(parts, cp, group))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None, *_exchange_grads(grads, _heads_to_seq, ctx.cp, ctx.group))
 
 
 class _HeadsToSeq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, cp, group):
+    def forward(ctx, cp, group, *parts):
         ctx.cp, ctx.group = cp, group
-        return _heads_to_seq(y, cp, group)
+        ctx.set_materialize_grads(False)
+        return tuple(_heads_to_seq(parts, cp, group))
 
     @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.cp, ctx.group), None, None
+    def backward(ctx, *grads):
+        return (None, None, *_exchange_grads(grads, _seq_to_heads, ctx.cp, ctx.group))
 
 
-def _a2a(fn, x, cp, group):
-    if torch.is_grad_enabled() and x.requires_grad:
-        return fn.apply(x, cp, group)
-    return (_seq_to_heads if fn is _SeqToHeads else _heads_to_seq)(x, cp, group)
+def _exchange_grads(grads, fn, cp, group):
+    """The inverse all-to-all of the gradients that exist (the same parts on every rank: the same graph)."""
+    have = [i for i, g in enumerate(grads) if g is not None]
+    moved = fn([grads[i] for i in have], cp, group) if have else []
+    out = [None] * len(grads)
+    for i, g in zip(have, moved):
+        out[i] = g
+    return out
+
+
+def _a2a(fn, parts, cp, group):
+    if torch.is_grad_enabled() and any(x.requires_grad for x in parts):
+        return list(fn.apply(cp, group, *parts))
+    return (_seq_to_heads if fn is _SeqToHeads else _heads_to_seq)(parts, cp, group)
 
 
 def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, attn: AttentionOp, scale=None):
@@ -196,16 +224,16 @@ def _ulysses(q, k, v, t_q, t_k, t_v, shard: TokenShard, attn: AttentionOp, cp: i
     with_tangent = t_q is not None
     parts = [q, k, v] + ([t_q.detach(), t_k.detach(), t_v.detach()] if with_tangent else [])
     with _phase("a2a/all_to_all", q.device):
-        full = _a2a(_SeqToHeads, torch.stack(parts), cp, group)  # [3 or 6, S_pad, B, N_c, d]
+        full = _a2a(_SeqToHeads, parts, cp, group)  # 3 or 6 x [S_pad, B, N_c, d]
     S = shard.seq_len
-    q, k, v = full[0], full[1, :S], full[2, :S]  # padded keys sliced off: exact, no mask
-    t = (full[3].detach(), full[4, :S].detach(), full[5, :S].detach()) if with_tangent else (None,) * 3
+    q, k, v = full[0], full[1][:S], full[2][:S]  # padded keys sliced off: exact, no mask
+    t = (full[3].detach(), full[4][:S].detach(), full[5][:S].detach()) if with_tangent else (None,) * 3
     with _phase("a2a/attention", q.device):
         o, t_o = attn(q, k, v, *t, softmax_scale=scale)
     with _phase("a2a/all_to_all", q.device):
         if not with_tangent:
-            return _a2a(_HeadsToSeq, o[None], cp, group)[0], None
-        out = _a2a(_HeadsToSeq, torch.stack([o, t_o.to(o.dtype)]), cp, group)
+            return _a2a(_HeadsToSeq, [o], cp, group)[0], None
+        out = _a2a(_HeadsToSeq, [o, t_o.to(o.dtype).detach()], cp, group)
     return out[0], out[1].detach()
 
 
