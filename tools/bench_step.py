@@ -30,6 +30,7 @@ import torch
 
 from megatron_rcm.cli import configure_logging
 from megatron_rcm.config.loader import load_config
+from megatron_rcm.models.config_fields import recomputed_fraction
 from megatron_rcm.training.flops import model_flops, step_flops
 from megatron_rcm.training.kernel_profile import device_kernels, format_shares, kernel_shares
 from megatron_rcm.training.phases import instrument_network
@@ -104,7 +105,10 @@ def bench(args) -> dict:
     if trainer.critic is not None:
         instrument_network(trainer.critic, t, "critic_forward")
     rank0 = trainer.rank == 0
-    recompute = cfg.model.recompute
+    wan_cfg, pp = trainer.wan_cfg, cfg.parallel.pipeline_parallel
+    recompute = {"on": cfg.model.recompute, "method": wan_cfg.recompute_method,
+                 "num_layers": wan_cfg.recompute_num_layers,
+                 "fraction": recomputed_fraction(wan_cfg, wan_cfg.num_layers // pp)}
 
     C, F, H, W = cfg.data.latent_shape
     fwd, jvp = model_flops(trainer.wan_cfg, (C, F, H, W), cfg.data.text_len)
@@ -113,7 +117,8 @@ def bench(args) -> dict:
     world = torch.distributed.get_world_size()
     results: dict = {"config": args.config, "overrides": overrides, "world_size": world,
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                     "peak_tflops_per_gpu": peak, "flops_per_forward": fwd.total, "kinds": {}}
+                     "peak_tflops_per_gpu": peak, "flops_per_forward": fwd.total, "recompute": recompute,
+                     "kinds": {}}
     kinds = [k for k in args.kinds.split(",") if k]
     for kind in kinds:
         if kind not in KINDS:
@@ -132,7 +137,7 @@ def bench(args) -> dict:
                 times.append(metrics["step_time_s"])
                 phases.append(ph)
                 rollouts.append(n_roll)
-                flops_list.append(step_flops(kind, fwd, jvp, B, n_roll, cfg.model.recompute,
+                flops_list.append(step_flops(kind, fwd, jvp, B, n_roll, recompute["fraction"],
                                              cfg.distill.guidance not in (None, 1.0)))
         dt, flops = statistics.mean(times), statistics.mean(flops_list)
         # every model-parallel rank works on the same samples: the world's FLOPs are the DP ranks' sum
@@ -204,7 +209,10 @@ def format_table(res: dict) -> str:
     kinds = list(res["kinds"])
     phases = sorted({p for k in kinds for p in res["kinds"][k]["phases_s"]}, key=lambda p: (p == "other", p))
     w = 14
-    lines = [f"device {res['device']} x{res['world_size']}, peak {res['peak_tflops_per_gpu']} TFLOP/s per GPU",
+    rc = res["recompute"]
+    lines = [f"device {res['device']} x{res['world_size']}, peak {res['peak_tflops_per_gpu']} TFLOP/s per GPU; "
+             + (f"recompute {rc['method']} ({rc['num_layers']}), {100 * rc['fraction']:.0f}% of the blocks"
+                if rc["on"] else "no recompute"),
              f"{'':<22}" + "".join(f"{k:>{w}}" for k in kinds)]
     row = lambda name, fmt, get: lines.append(f"{name:<22}" + "".join(f"{fmt(get(res['kinds'][k])):>{w}}" for k in kinds))
     row("step time (s)", lambda v: f"{v:.3f}", lambda r: r["step_time_s"])
