@@ -87,3 +87,19 @@ def test_bench_checkpoint_async_stall_excludes_the_write_sync_includes_it(tmp_pa
     # the 2 s the writer sleeps are in the sync stall, not in the async one (margin: a loaded 2-core CI box)
     assert res["async"]["stall_s"] + 1.5 < res["sync"]["stall_s"] and res["async"]["finalized_s"] > 2.0, res
     assert res["sync"]["stall_s"] > 2.0 and res["sync"]["stall_s"] <= res["sync"]["finalized_s"], res
+
+
+def test_bench_step_block_recompute_prints_a_json_line_per_kind(tmp_path):
+    """Block recompute reaches the trainer's models through ``--set model.recompute_method=block``; each kind
+    prints one JSON line with its time, peak memory and the recompute setting (what a sweep over N reads)."""
+    r = _run([str(ROOT / "tools/bench_step.py"), "--config", str(ROOT / "examples/configs/quickstart.yaml"),
+              *TINY, "--kinds", "student", "--warmup", "0", "--iters", "1", "--set", "model.recompute=true",
+              "--set", "model.recompute_method=block", "--set", "model.recompute_num_layers=1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"bench": "step"')]
+    assert [row["kind"] for row in rows] == ["student"], r.stdout[-2000:]
+    layers = 2  # examples/configs/quickstart.yaml: model.overrides.num_layers
+    rc = rows[0]["recompute"]
+    assert rc == {"on": True, "method": "block", "num_layers": 1, "fraction": 1 / layers}, rc
+    assert rows[0]["step_time_s"] > 0 and "peak_memory_gib" in rows[0]
+    assert f"recompute block (1), {100 / layers:.0f}% of the blocks" in r.stdout

@@ -43,5 +43,9 @@ def test_step_flops_compose_passes():
     assert step_flops("warmup", F, J, batch=1) == 2 * 4 + 8 + 2 * 4
     assert step_flops("student", F, J, batch=2, rollout_steps=3) == 2 * (24 + 3 * 4 + 8 + 4 + 8)
     assert step_flops("critic", F, J, batch=1, rollout_steps=2, recompute=True) == 2 * 4 + 4 + 3 * 4
+    # block recompute of a quarter of the blocks: a quarter of a forward more per backward
+    assert step_flops("critic", F, J, batch=1, rollout_steps=2, recompute=0.25) == 2 * 4 + 4 + 2.25 * 4
+    with pytest.raises(ValueError, match=r"share of the blocks in \[0, 1\], got 2"):
+        step_flops("critic", F, J, batch=1, recompute=2)
     with pytest.raises(ValueError, match="step kind"):
         step_flops("teacher", F, J, batch=1)

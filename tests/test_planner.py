@@ -84,6 +84,29 @@ def test_memory_falls_with_tp_cp_and_recompute(calibrated, problem_14b):
     assert gib(tp=8, dp=16) < gib(tp=8, dp=1)
 
 
+def test_block_recompute_interpolates_memory_and_time(calibrated, problem_14b):
+    """Block recompute of N of a stage's blocks: the blocks not recomputed keep their activations (memory
+    linear in N between recompute off and on) and skip their recompute forward (time likewise); N at least
+    the stage's blocks is full recompute."""
+    _, mem, tm = calibrated
+    lay = lambda **kw: Layout(**{"tp": 8, "cp": 1, "pp": 2, "dp": 1, **kw})  # noqa: E731  20 blocks per stage
+    gib = lambda layout: mem.peak_gib(problem_14b, layout, "student")  # noqa: E731
+    sec = lambda layout: tm.step(problem_14b, layout, "student").total  # noqa: E731
+    on, off = lay(), lay(recompute=False)
+    for n, f in ((5, 0.25), (10, 0.5), (15, 0.75)):
+        part = lay(recompute_layers=n)
+        assert part.recompute_fraction(40) == f and part.name().startswith("TP8 CP1 PP2 DP1 rc" + str(n))
+        assert gib(part) == pytest.approx(gib(off) + f * (gib(on) - gib(off)), rel=1e-12)
+        assert sec(part) == pytest.approx(sec(off) + f * (sec(on) - sec(off)), rel=1e-12)
+    assert gib(on) < gib(lay(recompute_layers=10)) < gib(off) and sec(on) > sec(lay(recompute_layers=10)) > sec(off)
+    assert gib(lay(recompute_layers=20)) == gib(on) == gib(lay(recompute_layers=40))
+    assert lay(recompute=False, recompute_layers=5).recompute_fraction(40) == 0.0
+    # calibrating on a block-recompute run recovers alpha (the kept blocks' estimate is subtracted first)
+    part = lay(recompute_layers=10)
+    again = type(mem).calibrate(problem_14b, part, {"student": gib(part)})
+    assert again.alpha["student"] == pytest.approx(mem.alpha["student"], rel=1e-9)
+
+
 def test_calibration_reproduces_the_measurement(calibrated):
     cal, mem, tm = calibrated
     assert set(cal.kinds) == {"warmup", "student", "critic"}

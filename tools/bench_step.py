@@ -30,7 +30,9 @@ import torch
 
 from megatron_rcm.cli import configure_logging
 from megatron_rcm.config.loader import load_config
+from megatron_rcm.models.config_fields import recomputed_fraction
 from megatron_rcm.training.flops import model_flops, step_flops
+from megatron_rcm.training.kernel_profile import device_kernels, format_shares, kernel_shares
 from megatron_rcm.training.phases import instrument_network
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -72,6 +74,23 @@ def _bytes_under(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def profile_step(trainer, step: int) -> dict:
+    """Kernel-class shares of one step (``trainer.step = step``) under ``torch.profiler`` (CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.step = step
+    trainer.timers.collect()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        metrics = trainer.train_step()
+        torch.cuda.synchronize()
+    trainer.timers.collect()
+    shares = kernel_shares(device_kernels(prof.events()))
+    shares["rollout_steps"] = int(metrics.get("dmd/rollout_steps", metrics.get("critic/rollout_steps", 0)))
+    shares["step"] = step
+    return shares
+
+
 def bench(args) -> dict:
     from megatron_rcm.training import Trainer
 
@@ -86,6 +105,10 @@ def bench(args) -> dict:
     if trainer.critic is not None:
         instrument_network(trainer.critic, t, "critic_forward")
     rank0 = trainer.rank == 0
+    wan_cfg, pp = trainer.wan_cfg, cfg.parallel.pipeline_parallel
+    recompute = {"on": cfg.model.recompute, "method": wan_cfg.recompute_method,
+                 "num_layers": wan_cfg.recompute_num_layers,
+                 "fraction": recomputed_fraction(wan_cfg, wan_cfg.num_layers // pp)}
 
     C, F, H, W = cfg.data.latent_shape
     fwd, jvp = model_flops(trainer.wan_cfg, (C, F, H, W), cfg.data.text_len)
@@ -94,7 +117,8 @@ def bench(args) -> dict:
     world = torch.distributed.get_world_size()
     results: dict = {"config": args.config, "overrides": overrides, "world_size": world,
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                     "peak_tflops_per_gpu": peak, "flops_per_forward": fwd.total, "kinds": {}}
+                     "peak_tflops_per_gpu": peak, "flops_per_forward": fwd.total, "recompute": recompute,
+                     "kinds": {}}
     kinds = [k for k in args.kinds.split(",") if k]
     for kind in kinds:
         if kind not in KINDS:
@@ -113,7 +137,7 @@ def bench(args) -> dict:
                 times.append(metrics["step_time_s"])
                 phases.append(ph)
                 rollouts.append(n_roll)
-                flops_list.append(step_flops(kind, fwd, jvp, B, n_roll, cfg.model.recompute,
+                flops_list.append(step_flops(kind, fwd, jvp, B, n_roll, recompute["fraction"],
                                              cfg.distill.guidance not in (None, 1.0)))
         dt, flops = statistics.mean(times), statistics.mean(flops_list)
         # every model-parallel rank works on the same samples: the world's FLOPs are the DP ranks' sum
@@ -121,6 +145,9 @@ def bench(args) -> dict:
         names = sorted({k for p in phases for k in p})
         per_phase = {k: statistics.mean(p.get(k, 0.0) for p in phases) for k in names}
         per_phase["other"] = max(0.0, dt - sum(per_phase.values()))
+        if args.profile:
+            results.setdefault("profile", {})[kind] = profile_step(trainer, _steps_for(kind, trainer,
+                                                                                       len(steps) + 1)[-1])
         results["kinds"][kind] = {
             "step_time_s": dt, "step_times_s": times, "rollout_steps": rollouts, "flops_per_step": flops,
             "tflops_per_gpu": tflops_per_gpu, "mfu": tflops_per_gpu / peak if peak else None,
@@ -143,6 +170,15 @@ def bench(args) -> dict:
     trainer.close()
     if rank0:
         print(format_table(results))
+        for kind, r in results["kinds"].items():
+            print(json.dumps({"bench": "step", "kind": kind, "world_size": world, "overrides": overrides,
+                              "step_time_s": r["step_time_s"], "mfu": r["mfu"],
+                              "tflops_per_gpu": r["tflops_per_gpu"], "peak_memory_gib": r["peak_memory_gib"],
+                              "recompute": recompute}), flush=True)
+        for kind, shares in results.get("profile", {}).items():
+            print(format_shares(kind, shares))
+            print(json.dumps({"bench": "step_profile", "kind": kind, "world_size": world, "overrides": overrides,
+                              **shares}), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
@@ -173,7 +209,10 @@ def format_table(res: dict) -> str:
     kinds = list(res["kinds"])
     phases = sorted({p for k in kinds for p in res["kinds"][k]["phases_s"]}, key=lambda p: (p == "other", p))
     w = 14
-    lines = [f"device {res['device']} x{res['world_size']}, peak {res['peak_tflops_per_gpu']} TFLOP/s per GPU",
+    rc = res["recompute"]
+    lines = [f"device {res['device']} x{res['world_size']}, peak {res['peak_tflops_per_gpu']} TFLOP/s per GPU; "
+             + (f"recompute {rc['method']} ({rc['num_layers']}), {100 * rc['fraction']:.0f}% of the blocks"
+                if rc["on"] else "no recompute"),
              f"{'':<22}" + "".join(f"{k:>{w}}" for k in kinds)]
     row = lambda name, fmt, get: lines.append(f"{name:<22}" + "".join(f"{fmt(get(res['kinds'][k])):>{w}}" for k in kinds))
     row("step time (s)", lambda v: f"{v:.3f}", lambda r: r["step_time_s"])
@@ -209,12 +248,16 @@ def main(argv=None) -> int:
     ap.add_argument("--sync-checkpoint", action="store_true",
                     help="time a synchronous save (training waits for the write) instead of an asynchronous one")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: by device)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more step of each kind under torch.profiler: GPU time per kernel class (CUDA only)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("-v", "--verbose", action="store_true", help="Megatron-Core's INFO logs and warnings too")
     args = ap.parse_args(argv)
     configure_logging(args.verbose)
     if args.warmup < 0 or args.iters < 1:
         ap.error(f"--warmup must be >= 0 and --iters >= 1 (got {args.warmup}, {args.iters})")
+    if args.profile and not torch.cuda.is_available():
+        ap.error("--profile classifies CUDA kernels: it needs a GPU")
     bench(args)
     return 0
 

@@ -41,8 +41,17 @@ class ModelConfig:
     the teacher; a resumed run takes all three from its own checkpoint."""
 
     recompute: bool = False
-    """Activation recompute (Megatron ``recompute_granularity=full``, uniform, one layer per chunk) for the
-    trained networks: trades one extra forward for activation memory."""
+    """Activation recompute (Megatron ``recompute_granularity=full``) for the trained networks: trades one
+    extra forward of the recomputed blocks for their activation memory."""
+
+    recompute_method: str = "uniform"
+    """With ``recompute``: ``uniform`` (every block, Megatron's uniform method with one layer per chunk) or
+    ``block`` (the first ``recompute_num_layers`` blocks of each pipeline stage; the rest keep their
+    activations: faster where the memory allows)."""
+
+    recompute_num_layers: int | None = None
+    """Blocks recomputed per pipeline stage with ``recompute_method=block`` (1 .. the model's num_layers;
+    null or 1 with ``uniform``)."""
 
     fused_elementwise: str | bool = "auto"
     """Wan models: fused primal+tangent Triton kernels for the block's elementwise chains (norm + modulation,
@@ -59,9 +68,27 @@ class ModelConfig:
     newer) or ``mxfp8`` (MXFP8 block scaling, Blackwell). Delayed scaling is refused (the student is called
     several times per step)."""
 
+    def _validate_recompute(self) -> None:
+        from megatron_rcm.models.config_fields import RECOMPUTE_METHODS
+
+        _check(self.recompute_method in RECOMPUTE_METHODS, "model.recompute_method", self.recompute_method,
+               "one of " + ", ".join(RECOMPUTE_METHODS))
+        n = self.recompute_num_layers
+        if self.recompute_method == "block":
+            if not self.recompute:
+                raise ConfigError("model.recompute_method='block' needs model.recompute=true (which blocks to "
+                                  "recompute when recompute is on)")
+            _check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, "model.recompute_num_layers", n,
+                   "a positive integer with recompute_method=block (blocks recomputed per pipeline stage)")
+        else:
+            _check(n in (None, 1), "model.recompute_num_layers", n,
+                   "null or 1 with recompute_method=uniform (every block; recompute_method=block recomputes "
+                   "the first N)")
+
     def validate(self) -> None:
         _check(self.params_dtype in ("bf16", "fp16", "fp32"), "model.params_dtype", self.params_dtype,
                "one of bf16, fp16, fp32")
+        self._validate_recompute()
         _check(self.fused_elementwise in ("auto", True, False), "model.fused_elementwise",
                self.fused_elementwise, "one of auto, true, false")
         from megatron_rcm.models.te_support import DELAYED_REFUSED, TRANSFORMER_IMPLS

@@ -2,14 +2,21 @@
 
 * Norm epsilon: ``layernorm_epsilon`` (every LayerNorm / RMSNorm of the model that has no epsilon of its
   own). The name ``norm_eps`` (the converters' architecture records, ``model.overrides``) maps onto it.
-* Activation recompute: Megatron's ``recompute_granularity="full"``, ``recompute_method="uniform"``,
-  ``recompute_num_layers=1`` (re-run each transformer block in the backward); the models implement that
-  setting only, and refuse others.
+* Activation recompute, Megatron's ``recompute_granularity="full"`` with
+  - ``recompute_method="uniform"``, ``recompute_num_layers=1``: every transformer block is re-run in the
+    backward (primal and, in the JVP pass, its tangent), one block at a time;
+  - ``recompute_method="block"``, ``recompute_num_layers=N``: the first N blocks of each pipeline stage are
+    re-run, the rest keep their activations (Megatron's block method; N at least the stage's block count
+    recomputes all of them, like uniform).
+  The models implement these settings only, and refuse others (``selective``, uniform with N > 1).
 """
 
 from __future__ import annotations
 
-__all__ = ["FIELD_ALIASES", "check_recompute", "map_field_aliases", "recompute_blocks", "recompute_fields"]
+__all__ = ["FIELD_ALIASES", "RECOMPUTE_METHODS", "check_recompute", "map_field_aliases", "recomputed_block",
+           "recomputed_fraction", "recompute_fields"]
+
+RECOMPUTE_METHODS = ("uniform", "block")
 
 FIELD_ALIASES = {"norm_eps": "layernorm_epsilon"}
 """Override names users write -> the ``TransformerConfig`` field they set."""
@@ -22,11 +29,14 @@ _REMOVED = {
 }
 
 
-def recompute_fields(on: bool) -> dict:
-    """The ``TransformerConfig`` recompute fields for block recompute on or off."""
-    if on:
+def recompute_fields(on: bool, method: str = "uniform", num_layers: int | None = None) -> dict:
+    """The ``TransformerConfig`` recompute fields: off, every block (``uniform``), or the first
+    ``num_layers`` blocks of each pipeline stage (``block``)."""
+    if not on:
+        return dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+    if method == "uniform":
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    return dict(recompute_granularity=None, recompute_method=None, recompute_num_layers=None)
+    return dict(recompute_granularity="full", recompute_method=method, recompute_num_layers=num_layers)
 
 
 def map_field_aliases(overrides: dict, config_name: str) -> dict:
@@ -45,21 +55,42 @@ def map_field_aliases(overrides: dict, config_name: str) -> dict:
 
 
 def check_recompute(cfg) -> None:
-    """Refuse recompute settings the models do not implement (they recompute whole blocks, one at a time)."""
-    if cfg.recompute_granularity is None:
-        return
+    """Refuse recompute settings the models do not implement (they recompute whole blocks, one at a time:
+    all of them, or the first N of each stage)."""
+    name = type(cfg).__name__
     got = (cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers)
-    if got != ("full", "uniform", 1):
+    if cfg.recompute_granularity is None:
+        if got[1:] != (None, None):
+            raise ValueError(f"{name}: recompute_method={got[1]!r}, recompute_num_layers={got[2]!r} given with "
+                             "recompute_granularity=None (no recompute); set recompute_granularity='full'")
+        return
+    supported = ("('full', 'uniform', 1) for every block, ('full', 'block', N) with 1 <= N <= num_layers "
+                 f"(={cfg.num_layers}) for the first N blocks of each pipeline stage, or "
+                 "recompute_granularity=None for none")
+    if got[0] != "full" or got[1] not in RECOMPUTE_METHODS or (got[1] == "uniform" and got[2] != 1):
         raise NotImplementedError(
-            f"{type(cfg).__name__}: recompute_granularity={got[0]!r}, recompute_method={got[1]!r}, "
-            f"recompute_num_layers={got[2]!r} is not implemented; block recompute is "
-            "('full', 'uniform', 1), or recompute_granularity=None for none"
+            f"{name}: recompute_granularity={got[0]!r}, recompute_method={got[1]!r}, "
+            f"recompute_num_layers={got[2]!r} is not implemented; recompute is {supported}"
         )
+    n = got[2]
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= cfg.num_layers:
+        raise ValueError(f"{name}: recompute_method='block' needs recompute_num_layers in 1..num_layers "
+                         f"(={cfg.num_layers}), got {n!r}; recompute is {supported}")
 
 
-def recompute_blocks(cfg) -> bool:
-    """Whether each transformer block is re-run in the backward (Megatron's full, uniform, 1 layer)."""
-    return cfg.recompute_granularity == "full"
+def recomputed_block(cfg, local_index: int) -> bool:
+    """Whether the block at ``local_index`` of this stage's blocks is re-run in the backward: all of them
+    under ``uniform``, the first ``recompute_num_layers`` under ``block`` (Megatron's methods)."""
+    if cfg.recompute_granularity != "full":
+        return False
+    return cfg.recompute_method == "uniform" or local_index < cfg.recompute_num_layers
+
+
+def recomputed_fraction(cfg, layers_per_stage: int) -> float:
+    """Share of a stage's ``layers_per_stage`` blocks that are re-run in the backward (0 .. 1)."""
+    if layers_per_stage <= 0:
+        raise ValueError(f"layers_per_stage must be positive, got {layers_per_stage}")
+    return sum(recomputed_block(cfg, i) for i in range(layers_per_stage)) / layers_per_stage
 
 
 def _parallel_size(overrides: dict, field: str, getter: str) -> int:

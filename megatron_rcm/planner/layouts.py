@@ -70,6 +70,9 @@ class Layout:
     """"p2p" (ring) or "a2a" (Ulysses) when cp > 1."""
     status: str = "ok"
     """"ok", or why the trainer cannot run it yet (its prediction is still made)."""
+    recompute_layers: int | None = None
+    """With ``recompute``: blocks recomputed per pipeline stage (Megatron's ``block`` method: the first N of
+    the stage); None recomputes every block (``uniform``)."""
 
     @property
     def gpus(self) -> int:
@@ -83,9 +86,16 @@ class Layout:
     def implemented(self) -> bool:
         return self.status == "ok"
 
+    def recompute_fraction(self, num_layers: int) -> float:
+        """Share of a stage's ``num_layers / pp`` blocks that are re-run in each backward."""
+        if not self.recompute:
+            return 0.0
+        per_stage = num_layers / self.pp
+        return 1.0 if self.recompute_layers is None else min(self.recompute_layers, per_stage) / per_stage
+
     def name(self) -> str:
         cp = f"CP{self.cp}" + (f"-{self.cp_comm}" if self.cp > 1 else "")
-        rc = "rc" if self.recompute else "no-rc"
+        rc = "no-rc" if not self.recompute else "rc" if self.recompute_layers is None else f"rc{self.recompute_layers}"
         return (f"TP{self.tp} {cp} PP{self.pp} DP{self.dp} {rc} mb{self.micro_batch}"
                 + (f"x{self.num_micro_batches}" if self.num_micro_batches > 1 else ""))
 

@@ -1,6 +1,6 @@
 """Measured runs: a ``tools/bench_step.py`` JSON file read back into the planner's (problem, layout, measurements).
 
-The file names its config and overrides; the layout comes from ``parallel.*``, ``model.recompute`` and
+The file names its config and overrides; the layout comes from ``parallel.*``, ``model.recompute`` (with ``recompute_method`` / ``recompute_num_layers``) and
 ``data.micro_batch_size`` / ``optimizer.grad_accumulation_steps`` of that config, the data-parallel size from
 ``world_size``. Relative config paths are looked up from the working directory, then from the repository root.
 """
@@ -64,8 +64,10 @@ def load_measured(path: str | Path) -> Measured:
     world = int(data["world_size"])
     if world % (tp * cp * pp):
         raise ValueError(f"{path}: world_size {world} is not a multiple of TP*CP*PP = {tp}*{cp}*{pp}")
+    block = cfg.model.recompute and cfg.model.recompute_method == "block"
     layout = Layout(tp, cp, pp, world // (tp * cp * pp), cfg.model.recompute, cfg.data.micro_batch_size,
-                    cfg.optimizer.grad_accumulation_steps, getattr(par, "cp_comm_type", "p2p") if cp > 1 else None)
+                    cfg.optimizer.grad_accumulation_steps, getattr(par, "cp_comm_type", "p2p") if cp > 1 else None,
+                    recompute_layers=cfg.model.recompute_num_layers if block else None)
     kinds = {}
     for kind, k in data["kinds"].items():
         missing = [x for x in ("step_time_s", "phases_s", "rollout_steps", "peak_memory_gib") if x not in k]

@@ -8,8 +8,9 @@ over TP and all counted on the worst pipeline stage):
     EMA       4 P_loc                                       fp32, sharded like the weights (TP, PP) only
     activations  alpha_kind * b * S / (CP TP) * D * (layers / PP) * min(m, PP)     bytes
 with alpha_kind (bytes per token, per hidden unit, per layer, per sample) solved from a measured peak
-(recompute on) after subtracting the static part; recompute off adds the stored tensors of the block that
-recompute re-creates, 2 (19 D + 2 F_h) bytes per token per layer (an estimate, not calibrated). The reported
+(recompute on) after subtracting the static part; each block that is not recomputed (recompute off: all;
+block recompute of N per stage: layers / PP - N) adds the stored tensors that recompute re-creates,
+2 (19 D + 2 F_h) bytes per token per layer (an estimate, not calibrated). The reported
 memory adds ``CONTEXT_ALLOWANCE_GIB`` for what ``max_memory_allocated`` does not see.
 """
 
@@ -65,6 +66,13 @@ def _token_layer_units(problem, layout) -> float:
     return tokens * cfg.hidden_size * cfg.num_layers / layout.pp * in_flight
 
 
+def _kept_per_unit(cfg, layout) -> float:
+    """Bytes per token x hidden unit x layer that the blocks not recomputed keep beyond a recomputed block:
+    2 (19 D + 2 F_h) / D per block, times the share of the stage's blocks not recomputed."""
+    extra = 2 * (19 * cfg.hidden_size + 2 * cfg.ffn_hidden_size) / cfg.hidden_size
+    return extra * (1.0 - layout.recompute_fraction(cfg.num_layers))
+
+
 @dataclass(frozen=True)
 class MemoryModel:
     """Memory per GPU from ``alpha`` (bytes per token x hidden unit x layer x sample, recompute on, per step kind)."""
@@ -78,22 +86,18 @@ class MemoryModel:
             raise ValueError("memory calibration needs a run with model.recompute=true")
         static = static_bytes(problem.wan_cfg, layout)
         units = _token_layer_units(problem, layout)
+        kept = _kept_per_unit(problem.wan_cfg, layout)  # 0 when every block is recomputed
         alpha = {}
         for kind, gib in peak_gib.items():
             act = gib * GIB - static
             if act <= 0:
                 raise ValueError(f"measured peak of the {kind} step ({gib:.1f} GiB) is below the static memory "
                                  f"({static / GIB:.1f} GiB): the calibration run does not match the model")
-            alpha[kind] = act / units
+            alpha[kind] = act / units - kept
         return cls(alpha)
 
     def activation_bytes(self, problem, layout, kind: str) -> float:
-        cfg = problem.wan_cfg
-        act = self.alpha[kind] * _token_layer_units(problem, layout)
-        if not layout.recompute:
-            extra = 2 * (19 * cfg.hidden_size + 2 * cfg.ffn_hidden_size) / cfg.hidden_size
-            act += extra * _token_layer_units(problem, layout)
-        return act
+        return (self.alpha[kind] + _kept_per_unit(problem.wan_cfg, layout)) * _token_layer_units(problem, layout)
 
     def peak_gib(self, problem, layout, kind: str) -> float:
         """Predicted ``max_memory_allocated`` of a step of ``kind`` (GiB), without the allowance."""

@@ -50,7 +50,8 @@ PASSES = {
     "critic": lambda n, g, rc: {"fwd": n + 1 + rc, "jvp": 0, "bwd": 1},
 }
 """Passes of one network per sample and step kind (the FLOP model's list, docs/throughput.md): g teacher
-forwards (2 with CFG), n rollout forwards, one recompute forward per backward when rc = 1."""
+forwards (2 with CFG), n rollout forwards, rc recompute forwards per backward (rc: the share of the blocks
+recomputed, 1 with every block)."""
 OVERHEAD_PHASES = ("optimizer", "ema", "grad_reduce", "data", "other")
 
 
@@ -105,7 +106,8 @@ class TimingModel:
     def _flops(problem, layout, kind: str, rollout: float) -> float:
         fwd, jvp = model_flops(problem.wan_cfg, problem.latent_CFHW, problem.text_len)
         samples = layout.micro_batch * layout.num_micro_batches
-        return step_flops(kind, fwd, jvp, samples, rollout, layout.recompute, problem.guidance)
+        return step_flops(kind, fwd, jvp, samples, rollout, layout.recompute_fraction(problem.wan_cfg.num_layers),
+                          problem.guidance)
 
     def flops_per_gpu(self, problem, layout, kind: str, rollout: float | None = None) -> float:
         """The FLOP model's step FLOPs of one data-parallel rank's samples, split over TP x CP x PP."""
@@ -115,7 +117,7 @@ class TimingModel:
     def step(self, problem, layout, kind: str, rollout: float | None = None) -> StepTime:
         cfg, L = problem.wan_cfg, layout
         n = problem.rollout_mean if rollout is None else rollout
-        passes = PASSES[kind](n, 2 if problem.guidance else 1, int(L.recompute))
+        passes = PASSES[kind](n, 2 if problem.guidance else 1, L.recompute_fraction(cfg.num_layers))
         bubble = (L.num_micro_batches + L.pp - 1) / L.num_micro_batches
         rate = self.rate[kind]
         compute = self.flops_per_gpu(problem, L, kind, n) / rate * bubble

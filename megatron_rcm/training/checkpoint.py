@@ -176,7 +176,7 @@ def read_meta(path: Path) -> dict:
 REFUSED_CHANGES = ("model.preset", "model.overrides", "distill.algorithm")
 # Not reported: layout (checkpoints are layout-agnostic), bookkeeping, where things are written.
 IGNORED_CHANGES = ("parallel", "checkpoint", "logging", "training.output_dir", "training.device",
-                   "model.recompute")
+                   "model.recompute", "model.recompute_method", "model.recompute_num_layers")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

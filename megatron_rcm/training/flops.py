@@ -13,7 +13,7 @@ One forward of one sample, F = lin + attn:
     attn = 4 S^2 D + 4 S L D (+ 4 S N D)   Q K^T and P V, self- and cross-attention, per layer
 The JVP pass (primal and tangent in one pass, rcm_math.md sec. 9): every linear runs twice (W x, W t_x;
 the context's k/v and the text embedding once: they have no tangent), self-attention six products
-instead of two (3x), cross-attention four instead of two (2x). A backward costs twice its forward; recompute adds one forward.
+instead of two (3x), cross-attention four instead of two (2x). A backward costs twice its forward; recompute adds one forward (of the recomputed share of the blocks).
 
 Passes per step (B samples, n rollout steps):
     warm-up sCM student  teacher CFG (2F) + JVP pass + backward of the primal (2F [+F recompute])
@@ -60,10 +60,14 @@ def model_flops(cfg, latent_CFHW, text_len: int, image_tokens: int = 0) -> tuple
 
 
 def step_flops(kind: str, fwd: PassFlops, jvp: PassFlops, batch: int, rollout_steps: int = 1,
-               recompute: bool = False, guidance: bool = True) -> float:
-    """FLOPs of one training step of ``kind`` ("warmup", "student", "critic") over ``batch`` samples."""
+               recompute: bool | float = False, guidance: bool = True) -> float:
+    """FLOPs of one training step of ``kind`` ("warmup", "student", "critic") over ``batch`` samples.
+    ``recompute``: the share of the blocks re-run in each backward (True: all; ``block`` recompute of N of L
+    blocks: N / L, ``config_fields.recomputed_fraction``)."""
     F = fwd.total
-    bwd = 2 * F + (F if recompute else 0.0)
+    if not 0.0 <= float(recompute) <= 1.0:
+        raise ValueError(f"recompute is a share of the blocks in [0, 1], got {recompute}")
+    bwd = 2 * F + float(recompute) * F
     teacher = (2 if guidance else 1) * F
     scm = teacher + jvp.total + bwd
     if kind == "warmup":

@@ -47,7 +47,8 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     overrides["params_dtype"] = DTYPES[model_cfg.params_dtype]
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"
-    overrides.update(recompute_fields(model_cfg.recompute if recompute is None else recompute))
+    overrides.update(recompute_fields(model_cfg.recompute if recompute is None else recompute,
+                                      model_cfg.recompute_method, model_cfg.recompute_num_layers))
     if not cosmos:
         overrides.setdefault("fused_elementwise", model_cfg.fused_elementwise)
     overrides["transformer_impl"] = model_cfg.transformer_impl

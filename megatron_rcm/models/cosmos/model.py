@@ -26,7 +26,7 @@ from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from megatron_rcm.models.config_fields import recompute_blocks
+from megatron_rcm.models.config_fields import recomputed_block
 from megatron_rcm.models.cosmos.block import CosmosBlock
 from megatron_rcm.models.cosmos.config import CosmosConfig
 from megatron_rcm.models.cosmos.layers import AdaLNLoRA, CosmosTimeEmbedding, LearnablePosEmbedding
@@ -205,9 +205,9 @@ class CosmosModel(MegatronModule):
         rope_cos, rope_sin = rope_cos_sin(
             grid, cfg.rope_dims, cfg.rope_scale, cfg.rope_fps, cfg.base_fps, x.device, cdt
         )
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             args = (x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin)
-            if recompute_blocks(cfg) and torch.is_grad_enabled():
+            if recomputed_block(cfg, i) and torch.is_grad_enabled():  # primal and tangent re-run together
                 x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x, t_x = block(*args)

@@ -36,7 +36,8 @@ class WanConfig(TransformerConfig):
 
     Megatron's fields used as they are (``models/config_fields.py``): ``layernorm_epsilon`` is the epsilon of
     every LayerNorm / RMSNorm (override name ``norm_eps`` maps onto it); activation recompute of each block
-    is ``recompute_granularity="full"``, ``recompute_method="uniform"``, ``recompute_num_layers=1``."""
+    is ``recompute_granularity="full"``, ``recompute_method="uniform"``, ``recompute_num_layers=1``, of the first
+    N blocks of each stage ``recompute_method="block"``, ``recompute_num_layers=N``."""
 
     model_type: str = "t2v"
     """"t2v" or "i2v" (I2V adds the CLIP-feature projection and the image cross-attention)."""

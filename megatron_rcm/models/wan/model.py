@@ -39,7 +39,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from megatron_rcm.models.config_fields import recompute_blocks
+from megatron_rcm.models.config_fields import recomputed_block
 from megatron_rcm.models.jvp import compute_dtype, linear_jvp, silu_jvp
 from megatron_rcm.models.wan import impl_keys
 from megatron_rcm.models.wan.block import WanBlock, modulate_jvp
@@ -292,9 +292,9 @@ class WanModel(MegatronModule):
         rope = rope_cos_sin(grid, cfg.rope_dims, cfg.rope_theta, x.device, cdt)
         rope_cos, rope_sin = shard.shard(rope[0]), shard.shard(rope[1])
 
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             args = (x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard)
-            if recompute_blocks(cfg) and torch.is_grad_enabled():
+            if recomputed_block(cfg, i) and torch.is_grad_enabled():  # primal and tangent re-run together
                 x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x, t_x = block(*args)
