@@ -179,6 +179,14 @@ class CosmosModel(MegatronModule):
         rank = parallel_state.get_tensor_model_parallel_rank()
         return frame[rank * s : (rank + 1) * s]
 
+    def frame_timestep(self, timestep_BF: torch.Tensor, x_shape) -> torch.Tensor:
+        """A time per latent frame [B, F] in the layout ``forward`` takes: as it is (``rcm.condition_frames``)."""
+        if timestep_BF.shape != (x_shape[0], x_shape[2]):
+            raise ValueError(
+                f"timestep per frame must be [B, F] of x {tuple(x_shape)}, got {tuple(timestep_BF.shape)}"
+            )
+        return timestep_BF
+
     def forward(self, x_BCFHW, timestep_B, context_BLE, clip_fea=None, padding_mask=None):
         return self.forward_jvp(x_BCFHW, None, timestep_B, None, context_BLE, clip_fea, padding_mask)[0]
 
