@@ -177,3 +177,15 @@ def test_example_configs_build(size, layers, hidden, lr):
     check_timestep_scale(cfg.model, cfg.distill)
     assert (wcfg.num_layers, wcfg.hidden_size, wcfg.text_dim) == (layers, hidden, 1024)
     assert cfg.optimizer.lr == lr and cfg.distill.timestep_scale == 1.0
+
+
+def test_video2world_example_config_builds():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "configs" / "cosmos_predict2_2b_v2w.yaml"
+    cfg = load_config(path, ["data.source=mock"])
+    wcfg = build_wan_config(cfg.model, cfg.data, recompute=False)
+    check_timestep_scale(cfg.model, cfg.distill)
+    check_condition_frames(cfg.model, cfg.distill, cfg.data)
+    assert (wcfg.model_type, wcfg.in_channels, wcfg.num_layers) == ("v2w", 17, 28)
+    assert cfg.distill.condition_frames == 1 and cfg.distill.condition_mask_channel
