@@ -189,3 +189,30 @@ def test_wan_frame_timestep_is_ti2v_expand_timesteps():
     mask[0] = 0
     ref = torch.stack([(mask[:, ::2, ::2] * ti).flatten() for ti in t])
     assert torch.equal(ts, ref)
+
+
+def test_wan_ti2v_first_frame_clean_and_jvp():
+    """Wan (TI2V's mechanism): the denoiser keeps the first frame and its F_jvp matches torch.func.jvp."""
+    from megatron_rcm.models.wan import WanModel, wan_config
+
+    torch.manual_seed(0)
+    net = WanModel(wan_config("wan-tiny-t2v", params_dtype=torch.float64)).double()
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(B, C, F_, S, S, generator=gen, dtype=torch.float64)
+    cond = Conditioning(
+        context=torch.randn(B, 5, 32, generator=gen, dtype=torch.float64),
+        frames=ConditionFrames(x0[:, :, :1]),
+    )
+    den = TrigFlowDenoiser(net, 1000.0)
+    t = torch.tensor([0.5, 1.1], dtype=torch.float64)
+    x_t = add_noise(x0, torch.randn(x0.shape, generator=gen, dtype=torch.float64), t)
+    dx = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    dt = torch.tensor([0.3, 0.9], dtype=torch.float64)
+    with torch.no_grad():
+        out = den(x_t, t, cond)
+        F, dF = den.F_jvp(x_t, t, dx, dt, cond)
+    assert torch.equal(out.x0[:, :, :1], x0[:, :, :1])
+    with plain_linears():
+        F_ref, dF_ref = torch.func.jvp(lambda x, tt: den(x, tt, cond).F, (x_t, t), (dx, dt))
+    assert rel_err(F, F_ref) <= 1e-12
+    assert rel_err(dF, dF_ref) <= 1e-10  # float64 round-off
