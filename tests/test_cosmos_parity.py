@@ -39,6 +39,40 @@ def test_forward_matches_diffusers_fp32(kind):
     assert rel_err(v, v_ref) <= 1e-5
 
 
+def _per_frame(inp, seed=11):
+    """The inputs with a timestep (and its tangent) per latent frame [B, F]: frame 0 at the clean time 0,
+    as Video2World's conditioning frame."""
+    gen = torch.Generator().manual_seed(seed)
+    B, F_ = inp["x"].shape[0], inp["x"].shape[2]
+    dtype = inp["x"].dtype
+    timestep = torch.rand(B, F_, generator=gen, dtype=dtype)
+    timestep[:, 0] = 0
+    return dict(inp, timestep=timestep, t_timestep=torch.randn(B, F_, generator=gen, dtype=dtype))
+
+
+@pytest.mark.parametrize("kind", ["t2i", "v2w"])
+def test_per_frame_timestep_matches_diffusers_fp32(kind):
+    """timestep [B, F] against diffusers' 5-D timestep [B, 1, F, 1, 1] (its per-token embeddings)."""
+    ref = make_diffusers(kind, seed=6)
+    ours = make_ours(kind, ref, qk_norm_eps=DIFFUSERS_QK_EPS)
+    inp = _per_frame(make_inputs(kind, frames=3))
+    v_ref = run_diffusers(ref, dict(inp, timestep=inp["timestep"][:, None, :, None, None]), kind)
+    v = _ours_forward(ours, inp)
+    # float32 round-off as the [B] parity above
+    assert rel_err(v, v_ref) <= 1e-5
+    # not vacuous: the frames' times matter (the per-sample time of frame 1 moves the output)
+    v_one = _ours_forward(ours, dict(inp, timestep=inp["timestep"][:, 1]))
+    assert rel_err(v_one, v_ref) > 1e-3
+
+
+def test_per_frame_timestep_constant_over_frames_equals_per_sample():
+    ours = make_ours("v2w", dtype=torch.float64, seed=7)
+    inp = make_inputs("v2w", dtype=torch.float64)
+    F_ = inp["x"].shape[2]
+    v_frames = _ours_forward(ours, dict(inp, timestep=inp["timestep"][:, None].expand(-1, F_)))
+    assert rel_err(v_frames, _ours_forward(ours, inp)) <= 1e-14
+
+
 def test_every_parameter_matters():
     """No vacuous parity: perturbing any single tensor of the oracle moves its output."""
     ref = make_diffusers("t2i")
@@ -132,6 +166,24 @@ def test_jvp_matches_torch_func_jvp_fp64(kind):
     assert rel_err(t_v, t_v_ref) <= 1e-10  # float64 round-off
 
 
+def test_jvp_per_frame_timestep_matches_torch_func_jvp_fp64():
+    ours = make_ours("v2w", dtype=torch.float64, seed=8)
+    inp = _per_frame(make_inputs("v2w", dtype=torch.float64))
+    ctx, pad = inp["context"], inp["padding"]
+    with torch.no_grad():
+        v, t_v = ours.forward_jvp(inp["x"], inp["t_x"], inp["timestep"], inp["t_timestep"], ctx, None, pad)
+        _, t_v_x = ours.forward_jvp(inp["x"], inp["t_x"], inp["timestep"], None, ctx, None, pad)
+    with plain_linears():
+        v_ref, t_v_ref = torch.func.jvp(
+            lambda x, ts: ours(x, ts, ctx, None, pad),
+            (inp["x"], inp["timestep"]),
+            (inp["t_x"], inp["t_timestep"]),
+        )
+    assert rel_err(v, v_ref) <= 1e-12
+    assert rel_err(t_v, t_v_x) > 1e-3  # the per-frame time tangent contributes
+    assert rel_err(t_v, t_v_ref) <= 1e-10  # float64 round-off
+
+
 def test_jvp_of_timestep_alone_matches_finite_difference():
     ours = make_ours("t2i", dtype=torch.float64, seed=4)
     inp = make_inputs("t2i", dtype=torch.float64)
@@ -170,8 +222,12 @@ def test_bad_inputs_name_the_problem():
         ours(inp["x"][..., :7], inp["timestep"], inp["context"])
     with pytest.raises(ValueError, match=r"context must be \[B=2, L, 32\]"):
         ours(inp["x"], inp["timestep"], inp["context"][..., :5])
-    with pytest.raises(NotImplementedError, match="per-frame timesteps"):
-        ours(inp["x"], inp["timestep"][:, None].expand(2, 3), inp["context"])
+    with pytest.raises(ValueError, match=r"timestep must be \[B=2\] \(one per sample\) or \[B=2, F=3\]"):
+        ours(inp["x"], inp["timestep"][:, None].expand(2, 4), inp["context"])
+    with pytest.raises(ValueError, match=r"t_timestep shape \(2,\) != timestep shape \(2, 3\)"):
+        ours.forward_jvp(
+            inp["x"], None, inp["timestep"][:, None].expand(2, 3), inp["timestep"], inp["context"]
+        )
     with pytest.raises(ValueError, match="no CLIP"):
         ours(inp["x"], inp["timestep"], inp["context"], torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="exceeds the position tables"):

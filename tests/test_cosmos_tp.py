@@ -50,9 +50,18 @@ def _reference(kind):
     return full_sd, inp
 
 
-@pytest.mark.parametrize("kind", ["t2i", "v2w"])
-def test_tp2_matches_single_process(kind):
+@pytest.mark.parametrize("kind,per_frame", [("t2i", False), ("v2w", False), ("v2w", True)])
+def test_tp2_matches_single_process(kind, per_frame):
+    """per_frame: timestep [B, F] (frame 0 clean). With 2 frames of 16 tokens each rank's slice would be one
+    whole frame, which could hide a wrong token -> frame index; 3 frames give 48 tokens and rank 1's slice
+    starts mid-frame."""
     full_sd, inp = _reference(kind)
+    if per_frame:
+        inp = make_inputs(kind, frames=3, size=8)
+        inp["w"] = torch.randn(inp["x"].shape[0], 4, *inp["x"].shape[2:])
+        inp["timestep"] = torch.rand(inp["x"].shape[0], 3)
+        inp["timestep"][:, 0] = 0
+        inp["t_timestep"] = torch.randn(inp["x"].shape[0], 3)
     initialize_parallel(tensor_parallel=1)
     v1, t_v1, g1 = _run(kind, full_sd, inp)
     v, t_v, g = spawn(_worker, 2, kind, full_sd, inp)

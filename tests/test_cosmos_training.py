@@ -1,6 +1,6 @@
 """The trainer on a tiny Cosmos DiT (``model.preset: cosmos-*``): a short rCM run on a briefly pre-trained
 teacher (T_scale = 1) brings the 1-step student closer to the teacher's ODE solution; the family switch,
-the timestep-scale check, the Video2World refusal and loading an original-layout teacher file."""
+the timestep-scale check, a short Video2World run with its clean conditioning frame and loading an original-layout teacher file."""
 
 import pytest
 import torch
@@ -9,7 +9,13 @@ from megatron_rcm.config import load_config
 from megatron_rcm.config.schema import ConfigError
 from megatron_rcm.rcm import Conditioning, TrigFlowDenoiser, euler_sample
 from megatron_rcm.training import Trainer
-from megatron_rcm.training.models import build_model, build_wan_config, check_timestep_scale, load_weights
+from megatron_rcm.training.models import (
+    build_model,
+    build_wan_config,
+    check_condition_frames,
+    check_timestep_scale,
+    load_weights,
+)
 from megatron_rcm.training.teacher_pretrain import pretrain_teacher
 
 TINY = [
@@ -84,14 +90,65 @@ def test_short_cosmos_rcm_run(tmp_path):
     assert all(m["scm/nonfinite"] == 0 for m in history if "scm/nonfinite" in m)
 
 
-def test_wrong_timestep_scale_and_video2world_are_refused():
+V2W = [
+    "model.preset=cosmos-tiny-v2w",
+    "model.params_dtype=fp32",
+    "model.overrides={in_channels: 3, out_channels: 2, text_dim: 16, num_layers: 1, hidden_size: 48,"
+    " ffn_hidden_size: 96, num_attention_heads: 4, adaln_lora_dim: 8}",
+    "data.source=mock",
+    "data.micro_batch_size=2",
+    "data.text_len=4",
+    "data.text_dim=16",
+    "data.latent_shape=[2,3,8,8]",
+    "distill.algorithm=rcm",
+    "distill.timestep_scale=1.0",
+    "distill.guidance=null",
+    "distill.tangent_warmup=2",
+    "distill.student_update_freq=2",
+    "distill.condition_frames=1",
+    "distill.condition_mask_channel=true",
+    "logging.progress_bar=false",
+    "logging.log_every=1000",
+    "training.seed=3",
+]
+
+
+def test_short_cosmos_video2world_rcm_run(tmp_path):
+    """Video2World on CPU: sCM warm-up, student and critic steps with the first latent frame given; finite
+    losses, and few-step samples whose conditioning frame is the given one bit for bit."""
+    cfg = load_config(None, [*V2W, "training.max_steps=6", f"training.output_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    history = trainer.train()
+    assert {m["is_student_step"] for m in history} == {0.0, 1.0}
+    for m in history:
+        for k, v in m.items():
+            if k.startswith("loss/"):
+                assert torch.isfinite(torch.tensor(v)), (k, v)
+    assert any("loss/dmd" in m for m in history) and any("loss/critic" in m for m in history)
+    batch = trainer.data.next_batch().to(trainer.device)
+    for steps in (1, 2):
+        out = trainer.sample(steps, batch, use_ema=False)
+        assert torch.equal(out[:, :, :1], batch.latent_BCFHW[:, :, :1].to(out.dtype))
+        assert not torch.equal(out[:, :, 1:], batch.latent_BCFHW[:, :, 1:].to(out.dtype))
+
+
+def test_wrong_timestep_scale_and_video2world_settings_are_refused():
     cfg = load_config(None, [*TINY, "distill.timestep_scale=1000.0"])
     with pytest.raises(
         ConfigError, match=r"distill.timestep_scale=1000.0 .*cosmos-tiny-t2i.*timestep_scale=1"
     ):
         check_timestep_scale(cfg.model, cfg.distill)
-    cfg = load_config(None, [*TINY[1:], "model.preset=cosmos-tiny-v2w"])
-    with pytest.raises(NotImplementedError, match="Video2World: its conditioning frames"):
+    cfg = load_config(None, [*V2W, "distill.condition_frames=0", "distill.condition_mask_channel=false"])
+    with pytest.raises(ConfigError, match="cosmos-tiny-v2w.*is Video2World: set distill.condition_frames"):
+        check_condition_frames(cfg.model, cfg.distill, cfg.data)
+    cfg = load_config(None, [*TINY, "distill.condition_frames=1", "distill.condition_mask_channel=true"])
+    with pytest.raises(ConfigError, match="cosmos-tiny-t2i.*takes no condition-mask channel"):
+        check_condition_frames(cfg.model, cfg.distill, cfg.data)
+    cfg = load_config(None, [*V2W, "data.latent_shape=[2,1,8,8]"])
+    with pytest.raises(ConfigError, match=r"condition_frames=1 leaves no frame to generate.*\[2, 1, 8, 8\]"):
+        check_condition_frames(cfg.model, cfg.distill, cfg.data)
+    cfg = load_config(None, [*V2W, "data.latent_shape=[3,3,8,8]"])
+    with pytest.raises(ConfigError, match=r"3 channels .* in_channels=3 \(latents \+ the condition mask\)"):
         build_wan_config(cfg.model, cfg.data)
 
 
@@ -120,3 +177,15 @@ def test_example_configs_build(size, layers, hidden, lr):
     check_timestep_scale(cfg.model, cfg.distill)
     assert (wcfg.num_layers, wcfg.hidden_size, wcfg.text_dim) == (layers, hidden, 1024)
     assert cfg.optimizer.lr == lr and cfg.distill.timestep_scale == 1.0
+
+
+def test_video2world_example_config_builds():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "configs" / "cosmos_predict2_2b_v2w.yaml"
+    cfg = load_config(path, ["data.source=mock"])
+    wcfg = build_wan_config(cfg.model, cfg.data, recompute=False)
+    check_timestep_scale(cfg.model, cfg.distill)
+    check_condition_frames(cfg.model, cfg.distill, cfg.data)
+    assert (wcfg.model_type, wcfg.in_channels, wcfg.num_layers) == ("v2w", 17, 28)
+    assert cfg.distill.condition_frames == 1 and cfg.distill.condition_mask_channel

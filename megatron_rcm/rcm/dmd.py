@@ -104,29 +104,39 @@ class DMDLoss(NamedTuple):
 
 
 def dmd_loss(
-    G: Tensor, x_fake: Tensor, x_real: Tensor, loss_scale: float, weight_min: float = 1e-5
+    G: Tensor,
+    x_fake: Tensor,
+    x_real: Tensor,
+    loss_scale: float,
+    weight_min: float = 1e-5,
+    mask: Tensor | None = None,
 ) -> DMDLoss:
     """L_DMD = loss_scale * sum((G - sg(G - grad))^2), grad = (x_fake - x_real) / weight  (sec. 4, float64).
 
     ``G`` carries the student graph; ``x_fake`` (critic) and ``x_real`` (guided teacher) are x0 predictions
-    at x_D without graph. d L / d G = 2 loss_scale grad.
+    at x_D without graph. d L / d G = 2 loss_scale grad. ``mask`` (broadcastable to G, the generated-frame
+    mask of ``rcm.condition_frames``) restricts the weight's mean and the loss to where it is 1.
     """
     B = G.shape[0]
     G64 = G.to(torch.float64)
     x_fake, x_real = x_fake.detach().to(torch.float64), x_real.detach().to(torch.float64)
     ok_B = finite_mask(G64.detach(), x_fake, x_real)
     with torch.no_grad():
-        weight_B = (G64 - x_real).abs().flatten(1).mean(dim=1).clamp_min(weight_min)
+        m = torch.ones_like(G64) if mask is None else mask.to(torch.float64).expand_as(G64)
+        weight_B = ((G64 - x_real).abs() * m).flatten(1).sum(dim=1) / m.flatten(1).sum(dim=1)
+        weight_B = weight_B.clamp_min(weight_min)
         weight_B = torch.where(ok_B, weight_B, 1.0)
         grad = (x_fake - x_real) / per_sample(weight_B, G64)
-    diff = torch.where(bcast_mask(ok_B, G64), G64 - (G64 - grad).detach(), 0.0)
+    diff = torch.where(bcast_mask(ok_B, G64), G64 - (G64 - grad).detach(), 0.0) * m
     loss = loss_scale * diff.square().flatten(1).sum(dim=1).sum() / B
     n_ok = ok_B.sum()
     weight = torch.where(ok_B, weight_B, 0.0).sum() / n_ok.clamp_min(1)
     return DMDLoss(loss=loss, weight=weight, num_nonfinite=(B - n_ok).detach())
 
 
-def critic_loss(G: Tensor, x_fake_hat: Tensor, t_D: Tensor, loss_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+def critic_loss(
+    G: Tensor, x_fake_hat: Tensor, t_D: Tensor, loss_scale: float = 1.0, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """(L_critic, number of non-finite samples): sum((G - x_fake_hat)^2 / sin^2 t_D)  (sec. 5, float64).
 
     ``x_fake_hat`` carries the critic graph, ``G`` has none. Non-finite samples are zeroed and counted.
@@ -137,5 +147,7 @@ def critic_loss(G: Tensor, x_fake_hat: Tensor, t_D: Tensor, loss_scale: float = 
     sin2 = per_sample(torch.sin(t_D.to(torch.float64)) ** 2, G64)
     # mask before squaring: d(x^2) at a masked inf would be inf * 0 = nan
     diff = torch.where(bcast_mask(ok_B, G64), G64 - xf64, 0.0)
+    if mask is not None:  # the generated frames only (rcm.condition_frames)
+        diff = diff * mask.to(torch.float64)
     loss = loss_scale * (diff.square() / sin2).flatten(1).sum(dim=1).sum() / B
     return loss, (B - ok_B.sum()).detach()

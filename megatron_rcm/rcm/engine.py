@@ -24,17 +24,23 @@ so restoring the generator state resumes exactly. Order in ``student_loss``: the
 (scm / scm_fd: t ~ p_G, eps; dcm: k ~ U{1..N}, eps), then the DMD term (rollout: eps_0, then
 (t_i, eps_i) for i = 1..n-1; then t_D ~ p_D, eps_D). ``critic_loss``: rollout, then t_D, eps_D.
 Under context parallelism every rank must pass a generator in the same state (same t and eps).
+
+Conditioning frames (``DistillConfig.condition_frames`` = k > 0: Cosmos-Predict2 Video2World, Wan2.2 TI2V):
+the first k latent frames of ``batch.x0`` are given, kept clean in the student's, teacher's and critic's
+inputs and outputs, in the rollout and in few-step sampling, and every loss is taken over the generated
+frames only (``rcm.condition_frames`` holds the math). k = 0 is the unconditioned engine, unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from megatron_rcm.rcm.batch import add_noise
+from megatron_rcm.rcm.condition_frames import ConditionFrames, condition_mask_channel, frame_mask
 from megatron_rcm.rcm.dcm import dcm_grid, dcm_loss, teacher_euler_step
 from megatron_rcm.rcm.dmd import critic_loss as fake_score_loss
 from megatron_rcm.rcm.dmd import dmd_loss, draw_rollout, rollout_steps, student_rollout
@@ -107,6 +113,12 @@ class DistillConfig:
     """Intermediate times of few-step sampling, mid_t[:n-1] for n steps (sec. 8)."""
     batch_cfg: bool = True
     """Evaluate the teacher's conditional and unconditional branches in one network call."""
+    condition_frames: int = 0
+    """k: the first k latent frames of every sample are given and stay clean (``rcm.condition_frames``):
+    Cosmos-Predict2 Video2World (e.g. 1 or 2), Wan2.2 TI2V (1). 0: none (text-to-video/image)."""
+    condition_mask_channel: bool = False
+    """Feed the network the condition-mask channel (1 on the conditioning frames) as ``Conditioning.y``
+    (Cosmos Video2World, whose ``in_channels`` count it); needs ``condition_frames`` > 0."""
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -124,6 +136,10 @@ class DistillConfig:
             if len(self.rollout_times) < self.N_max - 1:
                 raise ValueError(f"rollout_times needs N_max - 1 = {self.N_max - 1} entries")
         self.mid_t = tuple(float(t) for t in self.mid_t)
+        if self.condition_frames < 0 or (self.condition_mask_channel and self.condition_frames == 0):
+            raise ValueError(
+                f"condition_frames={self.condition_frames} must be >= 0, and > 0 with condition_mask_channel"
+            )
         if self.N_max < 1 or self.dcm_num_steps < 1 or self.tangent_warmup < 0:
             raise ValueError("N_max and dcm_num_steps must be >= 1 and tangent_warmup >= 0")
 
@@ -200,6 +216,30 @@ class RCMEngine:
         """Whether the trainer must build a critic (fake score, initialized from the teacher) and its optimizer."""
         return self.config.has_critic
 
+    # -- conditioning frames -------------------------------------------------------------------------
+
+    def with_condition_frames(self, cond: Conditioning, x0: Tensor) -> Conditioning:
+        """``cond`` with the first ``condition_frames`` frames of ``x0`` [B, C, F, H, W] as its clean frames
+        (and, with ``condition_mask_channel``, the mask channel as ``y``); unchanged when k = 0."""
+        k = self.config.condition_frames
+        if k == 0:
+            return cond
+        if x0.ndim != 5 or x0.shape[2] <= k:
+            raise ValueError(
+                f"distill.condition_frames={k} needs latents [B, C, F > {k}, H, W], got shape {tuple(x0.shape)}"
+            )
+        cond = replace(cond, frames=ConditionFrames(x0[:, :, :k]))
+        if self.config.condition_mask_channel:
+            if cond.y is not None:
+                raise ValueError("condition_mask_channel: Conditioning.y is already set (the I2V condition)")
+            cond = replace(cond, y=condition_mask_channel(x0.shape, k, x0.dtype, x0.device))
+        return cond
+
+    def _mask(self, x: Tensor) -> Tensor | None:
+        """The generated-frame mask [1, 1, F, 1, 1] (None without conditioning frames)."""
+        k = self.config.condition_frames
+        return None if k == 0 else frame_mask(x.shape[2], k, x)
+
     # -- student -------------------------------------------------------------------------------------
 
     def student_loss_terms(
@@ -216,17 +256,16 @@ class RCMEngine:
         cfg = self.config
         student, critic, teacher = (_as_denoiser(n, cfg) for n in (student, critic, teacher))
         x0 = batch.x0.to(torch.promote_types(batch.x0.dtype, torch.float32))
+        cond = self.with_condition_frames(batch.cond, x0)
         terms: dict[str, Tensor] = {}
         logs: dict[str, Tensor] = {}
         kind = cfg.consistency
         if kind in ("scm", "scm_fd") and cfg.scm_loss_scale != 0:
-            terms["scm"] = self._scm_term(
-                student, teacher, x0, batch.cond, step, generator, kind == "scm_fd", logs
-            )
+            terms["scm"] = self._scm_term(student, teacher, x0, cond, step, generator, kind == "scm_fd", logs)
         elif kind == "dcm":
-            terms["dcm"] = self._dcm_term(student, teacher, x0, batch.cond, generator, logs)
+            terms["dcm"] = self._dcm_term(student, teacher, x0, cond, generator, logs)
         if cfg.has_critic and step >= cfg.dmd_start and cfg.dmd_loss_scale != 0:
-            terms["dmd"] = self._dmd_term(student, critic, teacher, x0, batch.cond, step, generator, logs)
+            terms["dmd"] = self._dmd_term(student, critic, teacher, x0, cond, step, generator, logs)
         for name, value in terms.items():
             logs[f"loss/{name}"] = value.detach()
         return terms, logs
@@ -269,7 +308,7 @@ class RCMEngine:
             F_theta, dF = student.F_jvp(x_t, t_B, dx_t, dt_B, cond)
         r = tangent_warmup_ratio(step, cfg.tangent_warmup)
         g = scm_target(x_t, t_B, F_theta.detach(), F_T, dF, r, cfg.tangent_warmup_form)
-        out = scm_loss(F_theta, g, cfg.scm_loss_scale, cfg.g_norm_eps)
+        out = scm_loss(F_theta, g, cfg.scm_loss_scale, cfg.g_norm_eps, self._mask(x0))
         logs["scm/g_norm"] = out.g_norm
         logs["scm/nonfinite"] = out.num_nonfinite
         logs["scm/warmup_ratio"] = torch.tensor(r)
@@ -312,7 +351,7 @@ class RCMEngine:
         with torch.no_grad():
             x_fake = critic(x_D, t_D, cond).x0
             x_real = teacher(x_D, t_D, cond, cfg.guidance).x0
-        out = dmd_loss(G, x_fake, x_real, cfg.dmd_loss_scale, cfg.dmd_weight_min)
+        out = dmd_loss(G, x_fake, x_real, cfg.dmd_loss_scale, cfg.dmd_weight_min, self._mask(G))
         logs["dmd/nonfinite"] = out.num_nonfinite
         logs["dmd/weight"] = out.weight
         logs["dmd/rollout_steps"] = torch.tensor(n)
@@ -330,12 +369,13 @@ class RCMEngine:
             raise ValueError(f"algorithm {cfg.algorithm!r} has no critic")
         student, critic = _as_denoiser(student, cfg), _as_denoiser(critic, cfg)
         x0 = batch.x0.to(torch.promote_types(batch.x0.dtype, torch.float32))
+        cond = self.with_condition_frames(batch.cond, x0)
         with torch.no_grad():
-            G, n = self._rollout(
-                student, x0, batch.cond, self.schedule.num_critic_steps(step), generator, False
-            )
+            G, n = self._rollout(student, x0, cond, self.schedule.num_critic_steps(step), generator, False)
         x_D, t_D = self._noised_for_critic(G, generator)
-        loss, nonfinite = fake_score_loss(G, critic(x_D, t_D, batch.cond).x0, t_D, cfg.critic_loss_scale)
+        loss, nonfinite = fake_score_loss(
+            G, critic(x_D, t_D, cond).x0, t_D, cfg.critic_loss_scale, self._mask(G)
+        )
         loss = loss.float()
         return loss, {
             "loss/critic": loss.detach(),
@@ -353,8 +393,15 @@ class RCMEngine:
         num_steps: int,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """Few-step student samples with the configured sigma_max and mid_t (sec. 8)."""
+        """Few-step student samples with the configured sigma_max and mid_t (sec. 8). With
+        ``condition_frames`` k > 0, ``cond`` carries the given frames (``with_condition_frames``), which the
+        samples keep bit for bit."""
         cfg = self.config
+        if cfg.condition_frames and (cond.frames is None or cond.frames.k != cfg.condition_frames):
+            raise ValueError(
+                f"distill.condition_frames={cfg.condition_frames}: sampling needs the given frames in cond "
+                "(RCMEngine.with_condition_frames(cond, latents))"
+            )
         return student_sample(
             _as_denoiser(student, cfg), noise, cond, num_steps, cfg.sigma_max, cfg.mid_t, generator
         )

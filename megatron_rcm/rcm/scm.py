@@ -96,7 +96,10 @@ def scm_target(
         raise ValueError(f"tangent warm-up form must be one of {TANGENT_WARMUP_FORMS}, got {form!r}")
     x_t, F_sg, F_T, dF = (x.to(torch.float64) for x in (x_t, F_sg, F_T, dF))
     t_B = t_B.to(torch.float64)
-    cos_t, sin_t = per_sample(torch.cos(t_B), x_t, promote=True), per_sample(torch.sin(t_B), x_t, promote=True)
+    cos_t, sin_t = (
+        per_sample(torch.cos(t_B), x_t, promote=True),
+        per_sample(torch.sin(t_B), x_t, promote=True),
+    )
     first = -cos_t * torch.sqrt(1.0 - r**2 * sin_t**2) * (F_sg - F_T)
     if form == "release":
         return first - (r * cos_t * sin_t * x_t + dF)
@@ -119,19 +122,27 @@ class SCMLoss(NamedTuple):
     """Number of samples dropped because g or F_theta was not finite."""
 
 
-def scm_loss(F_theta: Tensor, g: Tensor, loss_scale: float, eps: float = 0.1) -> SCMLoss:
+def scm_loss(
+    F_theta: Tensor, g: Tensor, loss_scale: float, eps: float = 0.1, mask: Tensor | None = None
+) -> SCMLoss:
     """L_sCM = loss_scale * sum((F_theta - sg(F_theta) - g_normalized)^2)  (sec. 3).
 
     ``F_theta`` carries the student graph; ``g`` is the unnormalized target of ``scm_target``. Samples
     whose g or F_theta is non-finite are zeroed out of the loss (their gradient is exactly 0) and
-    counted; the batch mean still divides by the full batch size.
+    counted; the batch mean still divides by the full batch size. ``mask`` (broadcastable to g, e.g. the
+    generated-frame mask [1, 1, F, 1, 1] of ``rcm.condition_frames``) restricts g, its norm and the loss to
+    where it is 1.
     """
     B = F_theta.shape[0]
     ok_B = finite_mask(g, F_theta.detach())
     g = torch.where(bcast_mask(ok_B, g), g.to(torch.float64), 0.0)
+    if mask is not None:
+        g = g * mask.to(torch.float64)
     g_n, norm_B = normalize_per_sample(g, eps)
     F64 = F_theta.to(torch.float64)
     diff = torch.where(bcast_mask(ok_B, g_n), F64 - F64.detach() - g_n, 0.0)
+    if mask is not None:
+        diff = diff * mask.to(torch.float64)
     loss = loss_scale * diff.square().flatten(1).sum(dim=1).sum() / B
     n_ok = ok_B.sum()
     g_norm = torch.where(ok_B, norm_B, 0.0).sum() / n_ok.clamp_min(1)
@@ -154,7 +165,10 @@ def finite_difference_dF(
     t_B = t_B.to(torch.float64)
     h_B = torch.clamp(t_B / 2, max=h)
     x64, F_T64 = x_t.to(torch.float64), F_T.to(torch.float64)
-    cos_h, sin_h = per_sample(torch.cos(h_B), x64, promote=True), per_sample(torch.sin(h_B), x64, promote=True)
+    cos_h, sin_h = (
+        per_sample(torch.cos(h_B), x64, promote=True),
+        per_sample(torch.sin(h_B), x64, promote=True),
+    )
     x_prev = (cos_h * x64 - sin_h * F_T64).to(x_t.dtype)
     with torch.no_grad():
         F_prev = F_fn(x_prev, t_B - h_B).to(torch.float64)

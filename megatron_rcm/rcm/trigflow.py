@@ -14,7 +14,8 @@ TrigFlow state ``x_t = cos t x0 + sin t eps`` is the RF state scaled by ``cos t 
               c_skip_F = (cos t - sin t) / (cos t + sin t),  c_out_F = 1 / (cos t + sin t)
 
 The second form of F_hat is the first one simplified (cos^2 t + cos t sin t - 1 = sin t (cos t - sin t));
-it has no 1/sin t, so it is exact at t = 0. All coefficients are evaluated in float64; tensors are
+it has no 1/sin t, so it is exact at t = 0. With ``Conditioning.frames`` (Video2World, Wan2.2 TI2V) the
+first k latent frames stay clean in the network input, x0_hat and F_hat (``rcm.condition_frames``). All coefficients are evaluated in float64; tensors are
 combined in float32 (or float64 when the inputs are float64) and cast to the network's parameter
 dtype only at the network input.
 """
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from megatron_rcm.rcm.batch import per_sample
+from megatron_rcm.rcm.condition_frames import ConditionFrames, frame_timestep_fn
 
 __all__ = [
     "Conditioning",
@@ -164,6 +166,8 @@ class Conditioning:
     before the network; they are not scaled by c_in and have zero tangent."""
     neg_context: Tensor | None = None
     """[B or 1, L', D] negative-prompt embedding for the unconditional branch of CFG, or None."""
+    frames: ConditionFrames | None = None
+    """The clean conditioning frames (the first k latent frames) kept clean through the wrapper, or None."""
 
     @property
     def batch_size(self) -> int:
@@ -189,6 +193,7 @@ def _cat_cond(a: Conditioning, b: Conditioning) -> Conditioning | None:
         context=torch.cat([a.context, b.context]),
         clip_fea=None if a.clip_fea is None else torch.cat([a.clip_fea, b.clip_fea]),
         y=None if a.y is None else torch.cat([a.y, b.y]),
+        frames=None if a.frames is None else a.frames.cat(b.frames),
     )
 
 
@@ -271,12 +276,20 @@ class TrigFlowDenoiser:
             x_in = torch.cat([x_in, cond.y.to(x_in.dtype)], dim=1)
         return x_in.to(p_dtype)
 
+    def _timestep(self, c_noise_B: Tensor, x_in: Tensor, cond: Conditioning) -> Tensor:
+        """c_noise as the network takes it: [B], or with conditioning frames a time per frame (0 on them) in
+        the network's layout (``frame_timestep``: Cosmos [B, F], Wan2.2 TI2V [B, S])."""
+        if cond.frames is None:
+            return c_noise_B
+        return frame_timestep_fn(self.net)(cond.frames.c_noise(c_noise_B, x_in.shape[2]), tuple(x_in.shape))
+
     def _call(self, x_in: Tensor, c_noise_B: Tensor, cond: Conditioning) -> Tensor:
         """v = net(x_in, c_noise) for one conditioning branch, in the compute dtype of x_in."""
         p_dtype, ts_dtype = self._dtypes(x_in)
-        v = self.net(
-            self._net_input(x_in, cond, p_dtype), c_noise_B.to(ts_dtype), cond.context, cond.clip_fea
-        )
+        if cond.frames is not None:
+            x_in = cond.frames.keep_clean(x_in)
+        timestep = self._timestep(c_noise_B, x_in, cond)
+        v = self.net(self._net_input(x_in, cond, p_dtype), timestep.to(ts_dtype), cond.context, cond.clip_fea)
         return v.to(_compute_dtype(x_in))
 
     def raw_velocity(
@@ -317,6 +330,8 @@ class TrigFlowDenoiser:
         v = self.raw_velocity(per_sample(pc.c_in, x_t) * x_t, pc.c_noise, cond, guidance)
         x0 = per_sample(pc.c_skip, x_t) * x_t + per_sample(pc.c_out, x_t) * v
         F = per_sample(pc.c_skip_F, x_t) * x_t + per_sample(pc.c_out_F, x_t) * v
+        if cond.frames is not None:  # clean frames: x0_hat = the data, F_hat = 0 (condition_frames)
+            x0, F = cond.frames.keep_clean(x0), cond.frames.zero(F)
         return TrigFlowOutput(x0=x0, F=F)
 
     def F_jvp(
@@ -343,12 +358,16 @@ class TrigFlowDenoiser:
         dc_noise = dpc.c_noise * dt_B
 
         p_dtype, ts_dtype = self._dtypes(x_t)
+        c_noise = pc.c_noise
+        if cond.frames is not None:  # clean frames: constant input, time 0 with zero tangent
+            x_in, dx_in = cond.frames.keep_clean(x_in), cond.frames.zero(dx_in)
+            c_noise, dc_noise = self._timestep(c_noise, x_in, cond), self._timestep(dc_noise, x_in, cond)
         x_net = self._net_input(x_in, cond, p_dtype)
         dx_net = dx_in if cond.y is None else torch.cat([dx_in, torch.zeros_like(cond.y, dtype=cdt)], dim=1)
         v, dv = _forward_jvp_fn(self.net)(
             x_net,
             dx_net.to(p_dtype),
-            pc.c_noise.to(ts_dtype),
+            c_noise.to(ts_dtype),
             dc_noise.to(ts_dtype),
             cond.context,
             cond.clip_fea,
@@ -362,4 +381,6 @@ class TrigFlowDenoiser:
             + per_sample(pc.c_out_F, x_t) * dv
             + per_sample(dpc.c_out_F * dt_B, x_t) * v.detach()
         )
+        if cond.frames is not None:
+            F, dF = cond.frames.zero(F), cond.frames.zero(dF)
         return F, dF

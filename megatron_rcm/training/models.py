@@ -58,18 +58,15 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid 'model' section (preset {model_cfg.preset!r}): {err}") from err
     if data_cfg is not None:
-        if cosmos and cfg.model_type != "t2i":
-            raise NotImplementedError(
-                f"model.preset={model_cfg.preset!r} is Video2World: its conditioning frames must stay clean in "
-                "the student's input and output (per-frame timesteps, frame replacement in the TrigFlow "
-                "wrapper), which the rCM engine does not implement yet; distill a Text2Image preset"
-            )
         C = int(data_cfg.latent_shape[0])
+        # Video2World: the condition-mask channel (rcm.condition_frames) is counted in in_channels
+        C_in = cfg.in_channels - int(cosmos and cfg.model_type == "v2w")
         if cfg.model_type == "i2v":
             check_i2v_data(cfg, data_cfg, model_cfg.preset)
-        elif data_cfg.source != "digits" and C != cfg.in_channels:
+        elif data_cfg.source != "digits" and C != C_in:
             raise ConfigError(f"data.latent_shape has {C} channels but the model (model.preset="
-                              f"{model_cfg.preset!r}) takes in_channels={cfg.in_channels}")
+                              f"{model_cfg.preset!r}) takes in_channels={cfg.in_channels}"
+                              + (" (latents + the condition mask)" if C_in != cfg.in_channels else ""))
         if data_cfg.text_dim != cfg.text_dim:
             raise ConfigError(f"data.text_dim={data_cfg.text_dim} but the model takes text_dim={cfg.text_dim} "
                               f"(set model.overrides.text_dim or data.text_dim)")
@@ -119,6 +116,25 @@ def check_timestep_scale(model_cfg, distill_cfg) -> None:
     if float(distill_cfg.timestep_scale) != want:
         raise ConfigError(f"distill.timestep_scale={distill_cfg.timestep_scale} but model.preset="
                           f"{model_cfg.preset!r} is fed c_noise = {want:g} * s_rf; set distill.timestep_scale={want:g}")
+
+
+def check_condition_frames(model_cfg, distill_cfg, data_cfg=None) -> None:
+    """Video2World needs ``distill.condition_frames`` > 0 with ``distill.condition_mask_channel`` (its
+    condition-mask input channel); other models take no mask channel; k must leave a frame to generate."""
+    from megatron_rcm.models.cosmos import cosmos_config
+
+    k, mask = int(distill_cfg.condition_frames), bool(distill_cfg.condition_mask_channel)
+    v2w = is_cosmos_preset(model_cfg.preset) and cosmos_config(model_cfg.preset).model_type == "v2w"
+    if v2w and (k == 0 or not mask):
+        raise ConfigError(f"model.preset={model_cfg.preset!r} is Video2World: set distill.condition_frames (the "
+                          f"given latent frames, e.g. 1) > 0 and distill.condition_mask_channel=true (got "
+                          f"{k} and {mask})")
+    if mask and not v2w:
+        raise ConfigError(f"distill.condition_mask_channel=true but model.preset={model_cfg.preset!r} takes no "
+                          "condition-mask channel (Cosmos Video2World does)")
+    if data_cfg is not None and k and int(data_cfg.latent_shape[1]) <= k:
+        raise ConfigError(f"distill.condition_frames={k} leaves no frame to generate: data.latent_shape "
+                          f"{list(data_cfg.latent_shape)} has {data_cfg.latent_shape[1]} latent frames")
 
 
 def check_i2v_data(cfg, data_cfg, preset: str) -> None:

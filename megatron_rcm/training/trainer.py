@@ -45,6 +45,7 @@ from megatron_rcm.training.models import (
     build_model,
     build_net,
     build_wan_config,
+    check_condition_frames,
     check_timestep_scale,
     is_cosmos_preset,
     load_weights,
@@ -111,6 +112,7 @@ class Trainer:
             self.wan_cfg.pipeline_dtype = DTYPES[cfg.model.params_dtype]  # what the stages send each other
             self.wan_cfg.has_cond_embedder = True  # finalize_model_grads sums the replicated embedders' grads
         check_timestep_scale(cfg.model, cfg.distill)
+        check_condition_frames(cfg.model, cfg.distill, cfg.data)
         if self.wan_cfg.fp8 and self.pp_size > 1:
             raise NotImplementedError("model.fp8 with parallel.pipeline_parallel > 1: the FP8 autocast around "
                                       "each pipelined network call is not implemented; set model.fp8: null")
@@ -371,6 +373,8 @@ class Trainer:
             noise = torch.randn(batch.latent_BCFHW.shape, generator=g, device=self.device)
         cond = Conditioning(context=batch.context_BLD, clip_fea=batch.clip_fea_BND, y=batch.y_BCFHW,
                             neg_context=batch.neg_context_BLD)
+        # conditioning frames (distill.condition_frames): the batch's first frames are the given ones
+        cond = self.engine.with_condition_frames(cond, batch.latent_BCFHW.to(noise.dtype))
         module = self.student.module
         if self.pp_size > 1:
             from megatron_rcm.training.pipelined_net import PipelinedNet

@@ -5,7 +5,9 @@
         shift, scale, gate = adaln_sub(emb) + temb           (AdaLN-LoRA: D -> K -> 3 D, plus the shared base)
         x = x + gate * sub(LN(x) * (1 + scale) + shift)
     mlp = fc2(GELU(fc1(.)))                                  (exact erf GELU, no biases)
-Activations [s, B, D] (s = this rank's tokens under sequence parallelism); emb [B, D], temb [B, 3 D].
+Activations [s, B, D] (s = this rank's tokens under sequence parallelism); emb [B, D], temb [B, 3 D], or
+with a timestep per latent frame emb [F, B, D], temb [F, B, 3 D] and ``frame_of_token`` [s] (the modulation
+of each token is its frame's; ``AdaLNLoRA``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_rcm.models.cosmos.attention import CosmosAttention
 from megatron_rcm.models.cosmos.layers import AdaLNLoRA
-from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_jvp, mul_jvp
+from megatron_rcm.models.jvp import add_tangents, compute_dtype, gelu_jvp, mul_jvp, over_tokens
 from megatron_rcm.models.tp_linears import MLP
 from megatron_rcm.models.wan.block import modulate_jvp
 from megatron_rcm.models.wan.layers import LayerNorm
@@ -39,13 +41,15 @@ class CosmosBlock(MegatronModule):
         h, t_h = self.norm(x, t_x)
         h, t_h = modulate_jvp(h, t_h, shift, t_shift, scale, t_scale)
         y, t_y = sublayer(h.to(dtype), _cast(t_h, dtype))
-        y, t_y = mul_jvp(y.to(cdt), _cast(t_y, cdt), gate[None], None if t_gate is None else t_gate[None])
+        y, t_y = mul_jvp(y.to(cdt), _cast(t_y, cdt), over_tokens(gate), over_tokens(t_gate))
         return (x.to(cdt) + y).to(dtype), _cast(add_tangents(t_x, t_y), dtype)
 
-    def forward(self, x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin):
+    def forward(
+        self, x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin, frame_of_token=None
+    ):
         if pos_emb is not None:
             x = x + pos_emb
-        cond = (emb, t_emb, temb, t_temb)
+        cond = (emb, t_emb, temb, t_temb, frame_of_token)
         x, t_x = self._residual(
             x,
             t_x,

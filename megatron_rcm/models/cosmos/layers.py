@@ -45,7 +45,8 @@ class HeadRMSNorm(MegatronModule):
 
 
 class CosmosTimeEmbedding(MegatronModule):
-    """timestep [B] -> (emb [B, D], temb [B, 3 D]) (diffusers ``CosmosEmbedding``):
+    """timestep [B] -> (emb [B, D], temb [B, 3 D]) (diffusers ``CosmosEmbedding``); any leading shape, e.g.
+    one timestep per latent frame [F, B] -> [F, B, D], [F, B, 3 D]:
 
     f = [cos(t w), sin(t w)],  w_i = 10000^(-i / (D/2))      (the sinusoid, width D)
     emb  = RMSNorm(f) * norm.weight                            (drives every AdaLN-LoRA)
@@ -78,7 +79,14 @@ class CosmosTimeEmbedding(MegatronModule):
 
 
 class AdaLNLoRA(MegatronModule):
-    """(shift, scale[, gate]) = split(linear_2(linear_1(SiLU(emb))) + temb[:, :n D]), each [B, D], in float32."""
+    """(shift, scale[, gate]) = split(linear_2(linear_1(SiLU(emb))) + temb[..., :n D]), each [B, D], in float32.
+
+    With a timestep per latent frame, emb [F, B, D] and temb [F, B, 3 D] give a modulation per frame, and
+    ``frame_of_token`` [s] (the frame of each of this rank's tokens) takes it to this rank's tokens: each
+    part [s, B, D]. Computing per frame and then indexing is what diffusers' per-token modulation equals
+    (every token of a frame has that frame's time) at F instead of s rows; the index is rank-local, so the
+    gradients of these (sequence-parallel marked) weights stay partial sums over the TP ranks' tokens.
+    """
 
     def __init__(self, config, chunks: int):
         super().__init__(config)
@@ -90,14 +98,17 @@ class AdaLNLoRA(MegatronModule):
             mark_sequence_parallel(self.linear_1)
             mark_sequence_parallel(self.linear_2)
 
-    def forward(self, emb, t_emb, temb, t_temb):
+    def forward(self, emb, t_emb, temb, t_temb, frame_of_token=None):
         n = self.chunks * emb.shape[-1]
         h, t_h = silu_jvp(emb, t_emb)
         h, t_h = linear_jvp(self.linear_1, h, t_h)
         h, t_h = linear_jvp(self.linear_2, h, t_h)
         cdt = compute_dtype(h)
-        mod = h.to(cdt) + temb[:, :n].to(cdt)
-        t_mod = None if t_h is None else add_tangents(t_h.to(cdt), _cast(t_temb[:, :n], cdt))
+        mod = h.to(cdt) + temb[..., :n].to(cdt)
+        t_mod = None if t_h is None else add_tangents(t_h.to(cdt), _cast(t_temb[..., :n], cdt))
+        if frame_of_token is not None:  # per frame [F, B, n D] -> this rank's tokens [s, B, n D]
+            mod = mod.index_select(0, frame_of_token)
+            t_mod = None if t_mod is None else t_mod.index_select(0, frame_of_token)
         parts = mod.chunk(self.chunks, dim=-1)
         t_parts = (None,) * self.chunks if t_mod is None else t_mod.chunk(self.chunks, dim=-1)
         return parts, t_parts

@@ -12,6 +12,11 @@ P = prod(patch) * C_out.
 c_noise = s_rf = sigma / (1 + sigma) (T_scale = 1, rcm_math.md sec. 1; diffusers'
 ``Cosmos2TextToImagePipeline`` passes ``current_t = sigma / (sigma + 1)`` with input ``c_in = 1 - t`` and
 output ``c_skip x + c_out v = (1 - t) x - t v``, which is the TrigFlow wrapper's table at T_scale = 1).
+``timestep`` is one per sample [B], or one per latent frame [B, F] (Video2World: the conditioning frames at
+their own, clean time; diffusers takes it as [B, 1, F, 1, 1] and gives every token its frame's time
+embedding and modulation). Per frame, the time embedding and the AdaLN-LoRA modulations are computed for the
+F frames and indexed to this rank's tokens (``frame_of_token``, a slice under sequence parallelism);
+``t_timestep`` then has the same shape. Patch frames pt must be 1 for per-frame timesteps (all presets).
 Video2World's condition mask is an input channel of x (``in_channels`` counts it); the padding mask is
 appended inside (zeros unless given). Weights carry no tangent; the text and the masks are constant.
 """
@@ -22,6 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
@@ -70,8 +76,8 @@ class CosmosHead(MegatronModule):
         if config.sequence_parallel:
             mark_sequence_parallel(self.linear)
 
-    def forward(self, x, t_x, emb, t_emb, temb, t_temb):
-        (shift, scale), (t_shift, t_scale) = self.adaln(emb, t_emb, temb, t_temb)
+    def forward(self, x, t_x, emb, t_emb, temb, t_temb, frame_of_token=None):
+        (shift, scale), (t_shift, t_scale) = self.adaln(emb, t_emb, temb, t_temb, frame_of_token)
         h, t_h = self.norm(x, t_x)
         h, t_h = modulate_jvp(h, t_h, shift, t_shift, scale, t_scale)
         return linear_jvp(self.linear, h.to(x.dtype), None if t_h is None else t_h.to(x.dtype))
@@ -130,13 +136,16 @@ class CosmosModel(MegatronModule):
                 f"{S} tokens (F*H*W / patch = {F_}*{H}*{W} / {pt * ph * pw}) are not divisible by the "
                 f"sequence-parallel size {tp}; change the latent size or the TP size"
             )
-        if timestep.ndim > 1:
-            raise NotImplementedError(
-                f"timestep must be [B={B}], got shape {tuple(timestep.shape)}: per-frame timesteps (Video2World "
-                "conditioning frames at their own time) are not implemented"
+        if timestep.shape not in ((B,), (B, F_)):
+            raise ValueError(
+                f"timestep must be [B={B}] (one per sample) or [B={B}, F={F_}] (one per latent frame), got shape "
+                f"{tuple(timestep.shape)}"
             )
-        if timestep.shape != (B,):
-            raise ValueError(f"timestep must be [B={B}], got shape {tuple(timestep.shape)}")
+        if timestep.ndim == 2 and pt != 1:
+            raise ValueError(
+                f"a timestep per latent frame needs patch frames pt = 1 (one frame per token), got patch "
+                f"{cfg.patch_size}"
+            )
         if context.ndim != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [B={B}, L, {cfg.text_dim}], got shape {tuple(context.shape)}")
         if padding_mask is not None:
@@ -160,6 +169,24 @@ class CosmosModel(MegatronModule):
         t_x = None if t_x is None else torch.cat([t_x, torch.zeros_like(pad, dtype=t_x.dtype)], dim=1)
         return x, t_x
 
+    def _frame_of_token(self, grid_fhw, s: int, device) -> torch.Tensor:
+        """[s] the latent frame of each of this rank's tokens (tokens ordered (f, h, w); under sequence
+        parallelism this rank holds the contiguous slice ``scatter_sequence`` gives it)."""
+        f, h, w = grid_fhw
+        frame = torch.arange(f * h * w, device=device) // (h * w)
+        if s == frame.numel():
+            return frame
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        return frame[rank * s : (rank + 1) * s]
+
+    def frame_timestep(self, timestep_BF: torch.Tensor, x_shape) -> torch.Tensor:
+        """A time per latent frame [B, F] in the layout ``forward`` takes: as it is (``rcm.condition_frames``)."""
+        if timestep_BF.shape != (x_shape[0], x_shape[2]):
+            raise ValueError(
+                f"timestep per frame must be [B, F] of x {tuple(x_shape)}, got {tuple(timestep_BF.shape)}"
+            )
+        return timestep_BF
+
     def forward(self, x_BCFHW, timestep_B, context_BLE, clip_fea=None, padding_mask=None):
         return self.forward_jvp(x_BCFHW, None, timestep_B, None, context_BLE, clip_fea, padding_mask)[0]
 
@@ -177,6 +204,10 @@ class CosmosModel(MegatronModule):
             )
             if t_x_BCFHW.shape != x_BCFHW.shape:
                 raise ValueError(f"t_x shape {tuple(t_x_BCFHW.shape)} != x shape {tuple(x_BCFHW.shape)}")
+            if t_timestep_B.shape != timestep_B.shape:
+                raise ValueError(
+                    f"t_timestep shape {tuple(t_timestep_B.shape)} != timestep shape {tuple(timestep_B.shape)}"
+                )
         dtype = self.patch_embedding.weight.dtype
         cdt = compute_dtype(self.patch_embedding.weight)
         _, _, F_, H, W = x_BCFHW.shape
@@ -198,21 +229,27 @@ class CosmosModel(MegatronModule):
         if self.pos_embedding is not None:
             pos_emb = scatter_sequence(self.pos_embedding(grid)[:, None])  # [s, 1, D], no tangent
 
-        # time: emb [B, D] (AdaLN-LoRA input), temb [B, 3 D] (shared modulation base)
-        (emb, t_emb), (temb, t_temb) = self.time_embedding(timestep_B, t_timestep_B)
+        # time: emb [B, D] (AdaLN-LoRA input), temb [B, 3 D] (shared modulation base); a timestep per frame
+        # [B, F] gives emb [F, B, D], temb [F, B, 3 D], taken to this rank's tokens inside each AdaLN-LoRA
+        timestep, t_timestep, frame_of_token = timestep_B, t_timestep_B, None
+        if timestep_B.ndim == 2:
+            timestep = timestep_B.transpose(0, 1)
+            t_timestep = t_timestep_B.transpose(0, 1) if with_tangent else None
+            frame_of_token = self._frame_of_token(grid, x.shape[0], x.device)
+        (emb, t_emb), (temb, t_temb) = self.time_embedding(timestep, t_timestep)
 
         context = context_BLE.to(dtype).transpose(0, 1)  # [L, B, E], constant
         rope_cos, rope_sin = rope_cos_sin(
             grid, cfg.rope_dims, cfg.rope_scale, cfg.rope_fps, cfg.base_fps, x.device, cdt
         )
         for i, block in enumerate(self.blocks):
-            args = (x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin)
+            args = (x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin, frame_of_token)
             if recomputed_block(cfg, i) and torch.is_grad_enabled():  # primal and tangent re-run together
                 x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x, t_x = block(*args)
 
-        out, t_out = self.head(x, t_x, emb, t_emb, temb, t_temb)
+        out, t_out = self.head(x, t_x, emb, t_emb, temb, t_temb, frame_of_token)
         v = unpatchify(gather_sequence(out), grid, cfg.patch_size, cfg.out_channels)
         if not with_tangent:
             return v, None

@@ -228,6 +228,18 @@ class WanModel(MegatronModule):
                 f"clip_fea must be [B={B}, N, {cfg.image_dim}], got shape {tuple(clip_fea.shape)}"
             )
 
+    def frame_timestep(self, timestep_BF: torch.Tensor, x_shape) -> torch.Tensor:
+        """A time per latent frame [B, F] -> one per token [B, S] (tokens ordered (f, h, w)), the layout of
+        diffusers' Wan2.2 TI2V ``expand_timesteps`` (``rcm.condition_frames``); needs patch frames pt = 1."""
+        B, _, F, H, W = x_shape
+        pt, ph, pw = self.config.patch_size
+        if pt != 1 or timestep_BF.shape != (B, F):
+            raise ValueError(
+                f"a time per latent frame needs timestep [B={B}, F={F}] and patch frames pt = 1, got "
+                f"{tuple(timestep_BF.shape)} and patch {self.config.patch_size}"
+            )
+        return timestep_BF.repeat_interleave((H // ph) * (W // pw), dim=1)
+
     def forward(self, x_BCFHW, timestep_B, context_BLD, clip_fea_BND=None):
         return self.forward_jvp(x_BCFHW, None, timestep_B, None, context_BLD, clip_fea_BND)[0]
 
