@@ -156,3 +156,38 @@ def test_training_config_builds_block_recompute_and_refuses_too_many_layers():
     with pytest.raises(ConfigError, match=r"invalid 'model' section .*recompute_num_layers in 1..num_layers "
                                           r"\(=2\), got 3"):
         build_wan_config(cfg.model)
+
+
+def test_recompute_reenters_the_fp8_region_the_forward_ran_in(monkeypatch):
+    """With FP8 on, a recomputed block re-runs in the backward, outside the trainer's FP8 autocast: it must
+    re-enter the same recipe, or TE's layers recompute in BF16 and save other tensors than the forward (seen on
+    an H200: "A different number of tensors was saved during the original forward and recomputation", 105 vs
+    75). Here the FP8 region is a recording stand-in; TE's own run is tests/test_te_gpu.py."""
+    from megatron_rcm.models import te_support
+
+    region = {"open": False, "recompute_calls": 0}
+
+    class FakeAutocast:
+        def __enter__(self):
+            region["open"] = True
+
+        def __exit__(self, *exc):
+            region["open"] = False
+
+    model, inp = _build("wan", SETTINGS["uniform"][0])
+    model.config.fp8 = "e4m3"  # the recipe fields are read only through the stand-ins below
+    monkeypatch.setattr(te_support, "fp8_active", lambda: region["open"])
+    monkeypatch.setattr(te_support, "fp8_autocast", lambda cfg: FakeAutocast())
+    seen = []
+    for block in model.blocks:
+        block.forward = lambda *a, _f=block.forward, **kw: seen.append(region["open"]) or _f(*a, **kw)
+    with FakeAutocast():  # the trainer's region around one network call
+        v, _ = model.forward_jvp(inp["x"], inp["t_x"], inp["timestep"], inp["t_timestep"], inp["context"])
+    v.sum().backward()  # outside the region, as in the trainer
+    assert seen == [True] * (2 * LAYERS), seen  # forward in FP8, and every recompute back in FP8
+    # without FP8 in the forward the recompute stays out of it
+    seen.clear()
+    model.zero_grad()
+    v, _ = model.forward_jvp(inp["x"], inp["t_x"], inp["timestep"], inp["t_timestep"], inp["context"])
+    v.sum().backward()
+    assert seen == [False] * (2 * LAYERS), seen

@@ -137,6 +137,19 @@ def fp8_autocast(cfg):
     return te_pytorch.autocast(enabled=True, recipe=fp8_recipe(cfg))
 
 
+def recompute_context_fn(cfg):
+    """``context_fn`` for ``torch.utils.checkpoint`` around a recomputed block: the recompute runs in the
+    backward, outside the FP8 region the forward ran in, so it re-enters the same recipe (otherwise TE's
+    layers recompute in BF16 and save other tensors than the forward did). Current and block scaling
+    quantize from the tensors themselves, so the recompute reproduces the forward's FP8 values.
+    ``torch.utils.checkpoint``'s default when the forward ran without FP8."""
+    from torch.utils.checkpoint import noop_context_fn
+
+    if not (cfg.fp8 and fp8_active()):
+        return noop_context_fn
+    return lambda: (contextlib.nullcontext(), fp8_autocast(cfg))
+
+
 def fp8_active() -> bool:
     """True inside an FP8 autocast region (False whenever TE was never imported)."""
     import sys

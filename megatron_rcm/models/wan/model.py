@@ -41,6 +41,7 @@ from torch import nn
 
 from megatron_rcm.models.config_fields import recomputed_block
 from megatron_rcm.models.jvp import compute_dtype, linear_jvp, silu_jvp
+from megatron_rcm.models.te_support import recompute_context_fn
 from megatron_rcm.models.wan import impl_keys
 from megatron_rcm.models.wan.block import WanBlock, modulate_jvp
 from megatron_rcm.models.wan.config import WanConfig
@@ -307,7 +308,9 @@ class WanModel(MegatronModule):
         for i, block in enumerate(self.blocks):
             args = (x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard)
             if recomputed_block(cfg, i) and torch.is_grad_enabled():  # primal and tangent re-run together
-                x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+                x, t_x = torch.utils.checkpoint.checkpoint(
+                    block, *args, use_reentrant=False, context_fn=recompute_context_fn(cfg)
+                )
             else:
                 x, t_x = block(*args)
         if not self.post_process:
