@@ -9,7 +9,8 @@ Layout (docs/parallelism.md, "Pipeline parallelism"):
   stage, the head on the last. The conditioning embeddings (text, time, time projection, CLIP image) are
   needed by every block: each stage holds a copy, identical at initialization, and their gradients are
   summed over the pipeline group (``allreduce_replicated_grads``), so the copies stay identical.
-* A stage boundary carries the block activations ``[s, B, D]``; in the JVP pass the primal and its tangent
+* A stage boundary carries the block activations ``[s, B, D]`` (under context parallelism this CP rank's
+  token shard: ``boundary_seq_length``); in the JVP pass the primal and its tangent
   travel together as one tensor ``[2, s, B, D]`` (``pack_boundary``). The received tangent is detached: the
   tangent carries no gradient, the primal's gradient flows back through Megatron's schedule.
 
@@ -27,6 +28,7 @@ from megatron.core import parallel_state
 __all__ = [
     "PipelineStage",
     "allreduce_replicated_grads",
+    "boundary_seq_length",
     "boundary_shape",
     "global_state_dict",
     "key_on_stage",
@@ -56,8 +58,8 @@ def pp_rank() -> int:
     return parallel_state.get_pipeline_model_parallel_rank()
 
 
-def check_pipeline_layout(num_layers: int, pp: int, vp: int = 1, cp: int = 1) -> None:
-    """Raise ValueError (uneven split, PP x CP) or NotImplementedError (interleaving) naming the numbers."""
+def check_pipeline_layout(num_layers: int, pp: int, vp: int = 1) -> None:
+    """Raise ValueError (uneven split) or NotImplementedError (interleaving) naming the numbers."""
     if pp < 1 or vp < 1:
         raise ValueError(f"pipeline_parallel {pp} and virtual_pipeline {vp} must be >= 1")
     if num_layers % (pp * vp):
@@ -68,11 +70,6 @@ def check_pipeline_layout(num_layers: int, pp: int, vp: int = 1, cp: int = 1) ->
     if vp > 1:
         raise NotImplementedError(
             f"virtual_pipeline {vp} (the interleaved 1F1B schedule) is not implemented; use virtual_pipeline 1"
-        )
-    if pp > 1 and cp > 1:
-        raise NotImplementedError(
-            f"pipeline_parallel {pp} with context_parallel {cp} is not implemented (the model gathers its "
-            "output over the CP group, which Megatron's schedules would count CP times); use one of them"
         )
 
 
@@ -107,6 +104,17 @@ def pipeline_stage(num_layers: int, pp: int | None = None, rank: int | None = No
 def boundary_shape(s: int, B: int, D: int, with_tangent: bool) -> tuple[int, ...]:
     """Shape of the tensor sent between stages: [s, B, D], or [2, s, B, D] with the tangent."""
     return (2, s, B, D) if with_tangent else (s, B, D)
+
+
+def boundary_seq_length(num_tokens: int, config) -> int:
+    """S_pad, the sequence length to tell Megatron's schedules for a sample of S = ``num_tokens`` tokens: they
+    divide it by CP (and TP under sequence parallelism) for the boundary's s, so it is S padded as the model
+    pads it (``parallel/context.py: token_shard``: to a multiple of CP x TP(SP))."""
+    from megatron_rcm.parallel.collectives import tp_world_size
+    from megatron_rcm.parallel.context import token_shard
+
+    multiple = tp_world_size() if config.sequence_parallel else 1
+    return token_shard(num_tokens, multiple, config.context_parallel_size).padded_len
 
 
 def pack_boundary(x_sBD: torch.Tensor, t_x_sBD: torch.Tensor | None) -> torch.Tensor:

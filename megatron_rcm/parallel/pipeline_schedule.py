@@ -5,7 +5,8 @@
 ``get_forward_backward_func()`` picks Megatron's schedule from the pipeline size: no pipelining at PP=1,
 ``forward_backward_pipelining_without_interleaving`` (1F1B: warm-up forwards, steady one-forward-one-
 backward, cool-down backwards; forward-only: forwards alone) at PP > 1. Its p2p (``P2PCommunicator``)
-sends one tensor per boundary, whose shape Megatron computes as [S / CP / TP(SP), B, D]; the JVP pass
+sends one tensor per boundary, whose shape Megatron computes as [S / CP / TP(SP), B, D] (pass the padded
+``seq_length`` of ``parallel/pipeline.py: boundary_seq_length`` under CP); the JVP pass
 prepends the 2 of the stacked (primal, tangent) through ``adjust_tensor_shapes_fn``
 (``parallel/pipeline.py: pack_boundary``).
 

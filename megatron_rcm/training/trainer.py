@@ -169,8 +169,7 @@ class Trainer:
             check_parallel_layout(world, pcfg.tensor_parallel, pcfg.context_parallel, pcfg.pipeline_parallel,
                                   model_cfg.num_attention_heads, pcfg.cp_comm_type,
                                   pcfg.hierarchical_context_parallel_sizes)
-            check_pipeline_layout(model_cfg.num_layers, pcfg.pipeline_parallel, pcfg.virtual_pipeline,
-                                  pcfg.context_parallel)
+            check_pipeline_layout(model_cfg.num_layers, pcfg.pipeline_parallel, pcfg.virtual_pipeline)
         except ValueError as err:
             raise ConfigError(f"invalid 'parallel' section: {err}") from err
 
