@@ -140,8 +140,8 @@ def test_stage_layout_errors():
         check_pipeline_layout(30, 4)
     with pytest.raises(ValueError, match=r"30 transformer layers .* 2 x 4 = 8"):
         check_pipeline_layout(30, 2, 4)
-    with pytest.raises(NotImplementedError, match="virtual_pipeline 3"):
-        check_pipeline_layout(30, 2, 3)
+    with pytest.raises(ValueError, match="virtual_pipeline 2 needs pipeline_parallel > 1"):
+        check_pipeline_layout(30, 1, 2)
     stages = [pipeline_stage(30, 3, r) for r in range(3)]
     assert [(s.layer_offset, s.num_local_layers) for s in stages] == [(0, 10), (10, 10), (20, 10)]
     assert [(s.pre_process, s.post_process) for s in stages] == [(True, False), (False, False), (False, True)]
