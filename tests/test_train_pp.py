@@ -2,8 +2,9 @@
 gradient norms, every parameter gradient of every step (student and critic), the weights after the optimizer
 steps (student, critic, EMA) and few-step samples; a PP=2 checkpoint resumes at PP=1.
 
-PP=2, PP=4 and PP=2 x TP=2 run as gloo processes on CPU with 4 pipeline micro-batches per network call
-(Megatron's schedules: forward-only and 1F1B); PP=1 runs in the test process. Float32, so the tolerance is
+PP=2, PP=4, PP=2 x TP=2 and PP=2 x CP=2 run as gloo processes on CPU with 4 pipeline micro-batches per network
+call (Megatron's schedules: forward-only and 1F1B); PP=1 runs in the test process. Under PP x CP Megatron's
+schedule multiplies each loss by CP, which ``PipelinedNet`` undoes (the trainer already scales by CP). Float32, so the tolerance is
 round-off (1e-5 relative): the stages compute the same products, only sums over micro-batches and stages
 change order.
 """
@@ -31,8 +32,8 @@ TINY4 = [  # tests/test_ckpt_resume.py's TINY with 4 layers (PP=4 needs them)
 ]
 
 
-def _cfg(path, pp=1, tp=1, steps=STEPS, micro=4):
-    extra = [f"parallel.pipeline_parallel={pp}", f"parallel.tensor_parallel={tp}",
+def _cfg(path, pp=1, tp=1, steps=STEPS, micro=4, cp=1):
+    extra = [f"parallel.pipeline_parallel={pp}", f"parallel.tensor_parallel={tp}", f"parallel.context_parallel={cp}",
              f"parallel.pipeline_microbatches={micro}", f"training.max_steps={steps}",
              f"training.output_dir={path}", f"checkpoint.dir={path}/ckpt", f"checkpoint.save_every={STEPS}",
              f"logging.sample_every={STEPS}",
@@ -87,10 +88,10 @@ def _run(cfg):
     return history, grads, weights
 
 
-def _worker(rank, world, root, pp, tp):
+def _worker(rank, world, root, pp, tp, cp=1):
     from megatron_rcm.parallel.state import destroy_parallel
 
-    out = _run(_cfg(f"{root}/pp{pp}-tp{tp}", pp, tp))
+    out = _run(_cfg(f"{root}/pp{pp}-tp{tp}-cp{cp}", pp, tp, cp=cp))
     destroy_parallel()
     return out
 
@@ -109,10 +110,10 @@ def reference(tmp_path_factory):
     return ref
 
 
-@pytest.mark.parametrize("pp,tp", [(2, 1), (4, 1), (2, 2)])
-def test_pp_step_equals_pp1(reference, tmp_path, pp, tp):
+@pytest.mark.parametrize("pp,tp,cp", [(2, 1, 1), (4, 1, 1), (2, 2, 1), (2, 1, 2)])
+def test_pp_step_equals_pp1(reference, tmp_path, pp, tp, cp):
     ref_hist, ref_grads, ref_w = reference
-    hist, grads, w = spawn(_worker, pp * tp, str(tmp_path), pp, tp)
+    hist, grads, w = spawn(_worker, pp * tp * cp, str(tmp_path), pp, tp, cp)
     assert len(hist) == len(ref_hist) == STEPS
     assert {"loss/scm", "loss/dmd"} <= set(ref_hist[2]) and "loss/critic" in ref_hist[3]
     errs = {}
@@ -135,8 +136,8 @@ def test_pp2_checkpoint_resumes_at_pp1(tmp_path):
     """A PP=2 run's checkpoint (global layer numbering) resumes at PP=1 and continues as a PP=1 run does."""
     from megatron_rcm.parallel.state import destroy_parallel
 
-    spawn(_worker, 2, str(tmp_path), 2, 1)  # writes tmp_path/pp2-tp1/ckpt at step STEPS
-    resumed = _run(_cfg(tmp_path / "pp2-tp1", steps=STEPS + 2, micro=1))
+    spawn(_worker, 2, str(tmp_path), 2, 1)  # writes tmp_path/pp2-tp1-cp1/ckpt at step STEPS
+    resumed = _run(_cfg(tmp_path / "pp2-tp1-cp1", steps=STEPS + 2, micro=1))
     longer = _run(_cfg(tmp_path / "pp1-long", steps=STEPS + 2, micro=1))
     destroy_parallel()
     r_hist, l_hist = resumed[0], longer[0][STEPS:]
@@ -161,12 +162,14 @@ def test_pipeline_layout_errors_name_the_numbers(monkeypatch):
         Trainer._check_layout(_cfg("/nonexistent", pp=8))
     cfg = _cfg("/nonexistent", pp=2)
     cfg.parallel.virtual_pipeline = 2
-    with pytest.raises(NotImplementedError, match="virtual_pipeline 2"):
+    with pytest.raises(NotImplementedError, match="virtual_pipeline 2: the interleaved schedule runs at the stage"):
         Trainer._check_layout(cfg)
-    cfg = _cfg("/nonexistent", pp=2)
-    cfg.parallel.context_parallel = 2
-    with pytest.raises(NotImplementedError, match="pipeline_parallel 2 with context_parallel 2"):
-        Trainer._check_layout(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by TP x CP x PP = 1 x 2 x 2 = 4"):
+        Trainer._check_layout(_cfg("/nonexistent", pp=2, cp=2))
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    Trainer._check_layout(_cfg("/nonexistent", pp=2, cp=2))
+    monkeypatch.setenv("WORLD_SIZE", "4")
     Trainer._check_layout(_cfg("/nonexistent", pp=4))
 
 

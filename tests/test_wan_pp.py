@@ -1,6 +1,6 @@
 """Pipeline-parallel Wan equals the single-process model: outputs, tangents and gradients.
 
-PP=2 and PP=4 run as gloo process groups on CPU through Megatron-Core's 1F1B schedule with several
+PP=2, PP=4 and PP=2 x CP=2 run as gloo process groups on CPU through Megatron-Core's 1F1B schedule with several
 micro-batches (``parallel/pipeline_schedule.py``); the reference is one forward of the whole batch in the test
 process. Float32: the blocks compute the same products; only the sums over micro-batches (loss, gradient
 accumulation) and over stages (the replicated conditioning embeddings' gradients) change order, so the
@@ -30,14 +30,14 @@ def _config(kind):
     return cfg
 
 
-def _reference(kind):
+def _reference(kind, size=8):
     from megatron_rcm.models.wan import WanModel
 
     initialize_parallel(tensor_parallel=1)
     model = WanModel(_config(kind))
     randomize_(model, seed=0)
     full_sd = {k: v.detach().clone() for k, v in model.named_parameters()}
-    inp = make_inputs(kind, batch=MICRO, frames=3, size=8)
+    inp = make_inputs(kind, batch=MICRO, frames=3, size=size)
     inp["w"] = torch.randn(MICRO, 4, *inp["x"].shape[2:])
     v, t_v = model.forward_jvp(inp["x"], inp["t_x"], inp["timestep"], inp["t_timestep"], inp["context"], inp["clip"])
     ((v * inp["w"]).sum() / MICRO).backward()  # Megatron divides each micro-batch's loss by their number
@@ -50,12 +50,14 @@ def _microbatches(inp):
     return [{k: None if inp[k] is None else inp[k][i : i + 1] for k in keys} for i in range(MICRO)]
 
 
-def _worker(rank, world, kind, full_sd, inp, drop_tangent):
+def _worker(rank, world, kind, full_sd, inp, drop_tangent, cp=1):
+    from megatron.core import parallel_state as ps
+
     from megatron_rcm.models.wan import WanModel
     from megatron_rcm.parallel import pipeline
     from megatron_rcm.parallel.pipeline_schedule import run_schedule
 
-    initialize_parallel(pipeline_parallel=world)
+    initialize_parallel(pipeline_parallel=world // cp, context_parallel=cp)
     if drop_tangent:  # the negative: the next stage receives a zero tangent
         pack = pipeline.pack_boundary
         pipeline.pack_boundary = lambda x, t_x: pack(x, None if t_x is None else torch.zeros_like(t_x))
@@ -74,11 +76,17 @@ def _worker(rank, world, kind, full_sd, inp, drop_tangent):
 
         return out, loss_func
 
+    _, _, F, H, W = inp["x"].shape
+    seq_length = pipeline.boundary_seq_length(F * (H // 2) * (W // 2), model.config)  # patch (1, 2, 2)
     reduced = run_schedule(
-        model, step, _microbatches(inp), seq_length=3 * 4 * 4, micro_batch_size=1, with_tangent=True,
+        model, step, _microbatches(inp), seq_length=seq_length, micro_batch_size=1, with_tangent=True,
         forward_only=False,
     )
     pipeline.allreduce_replicated_grads(model)
+    if cp > 1:  # each CP rank holds CP x its tokens' share (Megatron's loss x CP): DDP averages over DP x CP
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=ps.get_context_parallel_group())
+            p.grad /= cp
     grads = pipeline.global_state_dict({n: p.grad for n, p in model.named_parameters()}, stage)
     outs = [None] * world
     dist.all_gather_object(outs, (grads, reduced))
@@ -104,6 +112,19 @@ def test_pp_matches_single_process(kind, pp):
     assert errs[worst] <= 1e-5, (worst, errs[worst])
 
 
+def test_pp_cp_matches_single_process():
+    """PP=2 x CP=2: the stage boundaries carry each CP rank's token shard; 27 tokens are padded to 28 (shards
+    of 14), so Megatron must be told the padded length (``boundary_seq_length``)."""
+    full_sd, inp, (v1, t_v1, g1) = _reference("t2v", size=6)
+    v, t_v, g = spawn(_worker, 4, "t2v", full_sd, inp, False, 2)
+    assert rel_err(v, v1) <= 1e-5
+    assert rel_err(t_v, t_v1) <= 1e-5
+    assert g.keys() == g1.keys()
+    errs = {k: rel_err(g[k], g1[k]) for k in g1}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= 1e-5, (worst, errs[worst])
+
+
 def test_pp_dropped_tangent_fails():
     """Sending a zero tangent across the stage boundary changes t_v (the primal and gradients do not)."""
     full_sd, inp, (v1, t_v1, _) = _reference("t2v")
@@ -119,10 +140,8 @@ def test_stage_layout_errors():
         check_pipeline_layout(30, 4)
     with pytest.raises(ValueError, match=r"30 transformer layers .* 2 x 4 = 8"):
         check_pipeline_layout(30, 2, 4)
-    with pytest.raises(NotImplementedError, match="virtual_pipeline 3"):
-        check_pipeline_layout(30, 2, 3)
-    with pytest.raises(NotImplementedError, match="context_parallel 2"):
-        check_pipeline_layout(30, 2, 1, cp=2)
+    with pytest.raises(ValueError, match="virtual_pipeline 2 needs pipeline_parallel > 1"):
+        check_pipeline_layout(30, 1, 2)
     stages = [pipeline_stage(30, 3, r) for r in range(3)]
     assert [(s.layer_offset, s.num_local_layers) for s in stages] == [(0, 10), (10, 10), (20, 10)]
     assert [(s.pre_process, s.post_process) for s in stages] == [(True, False), (False, False), (False, True)]

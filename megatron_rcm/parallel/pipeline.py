@@ -5,11 +5,13 @@ Legend: s tokens on this rank (after context and sequence parallelism), B micro-
 Layout (docs/parallelism.md, "Pipeline parallelism"):
 
 * Stage ``p`` of ``N`` holds the global blocks ``[p L/N, (p + 1) L/N)`` (``L`` layers; ``L`` must divide by
-  ``N x V``, ``V`` the virtual stages of the interleaved schedule). The patch embedding lives on the first
+  ``N x V``). With ``V`` virtual stages (the interleaved schedule) rank ``p`` holds ``V`` model chunks, chunk
+  ``c`` the blocks ``[c L/V + p L/(N V), c L/V + (p + 1) L/(N V))`` (Megatron's assignment). The patch embedding lives on the first
   stage, the head on the last. The conditioning embeddings (text, time, time projection, CLIP image) are
   needed by every block: each stage holds a copy, identical at initialization, and their gradients are
   summed over the pipeline group (``allreduce_replicated_grads``), so the copies stay identical.
-* A stage boundary carries the block activations ``[s, B, D]``; in the JVP pass the primal and its tangent
+* A stage boundary carries the block activations ``[s, B, D]`` (under context parallelism this CP rank's
+  token shard: ``boundary_seq_length``); in the JVP pass the primal and its tangent
   travel together as one tensor ``[2, s, B, D]`` (``pack_boundary``). The received tangent is detached: the
   tangent carries no gradient, the primal's gradient flows back through Megatron's schedule.
 
@@ -27,11 +29,15 @@ from megatron.core import parallel_state
 __all__ = [
     "PipelineStage",
     "allreduce_replicated_grads",
+    "boundary_seq_length",
     "boundary_shape",
+    "check_interleaved_microbatches",
     "global_state_dict",
+    "interleaved_config_fields",
     "key_on_stage",
     "stage_state_dict",
     "check_pipeline_layout",
+    "chunks_sharded_state_dict",
     "pack_boundary",
     "pipeline_stage",
     "pp_rank",
@@ -56,8 +62,8 @@ def pp_rank() -> int:
     return parallel_state.get_pipeline_model_parallel_rank()
 
 
-def check_pipeline_layout(num_layers: int, pp: int, vp: int = 1, cp: int = 1) -> None:
-    """Raise ValueError (uneven split, PP x CP) or NotImplementedError (interleaving) naming the numbers."""
+def check_pipeline_layout(num_layers: int, pp: int, vp: int = 1) -> None:
+    """Raise ValueError naming the numbers when ``num_layers`` do not split into PP x V stages."""
     if pp < 1 or vp < 1:
         raise ValueError(f"pipeline_parallel {pp} and virtual_pipeline {vp} must be >= 1")
     if num_layers % (pp * vp):
@@ -65,15 +71,30 @@ def check_pipeline_layout(num_layers: int, pp: int, vp: int = 1, cp: int = 1) ->
             f"{num_layers} transformer layers do not split evenly over pipeline_parallel x virtual_pipeline "
             f"= {pp} x {vp} = {pp * vp} stages; choose sizes whose product divides {num_layers}"
         )
-    if vp > 1:
-        raise NotImplementedError(
-            f"virtual_pipeline {vp} (the interleaved 1F1B schedule) is not implemented; use virtual_pipeline 1"
+    if vp > 1 and pp == 1:
+        raise ValueError(f"virtual_pipeline {vp} needs pipeline_parallel > 1 (the interleaved schedule)")
+
+
+def check_interleaved_microbatches(num_microbatches: int, pp: int, vp: int) -> None:
+    """Megatron's interleaved schedule runs the micro-batches in groups of ``microbatch_group_size_per_vp_stage``
+    (default PP) per virtual stage and refuses a count that is not a multiple of PP: raise ValueError naming the
+    numbers before any work (``forward_backward_pipelining_with_interleaving``)."""
+    if vp > 1 and (num_microbatches < pp or num_microbatches % pp):
+        raise ValueError(
+            f"the interleaved schedule (pipeline_parallel {pp} x virtual_pipeline {vp}) needs a number of "
+            f"micro-batches that is a multiple of pipeline_parallel {pp}, got {num_microbatches}"
         )
-    if pp > 1 and cp > 1:
-        raise NotImplementedError(
-            f"pipeline_parallel {pp} with context_parallel {cp} is not implemented (the model gathers its "
-            "output over the CP group, which Megatron's schedules would count CP times); use one of them"
-        )
+
+
+def interleaved_config_fields(pp: int, vp: int) -> dict:
+    """The model-config fields Megatron's interleaved schedule reads: the virtual size, the micro-batch group
+    per virtual stage (Megatron's default, PP), and unbatched p2p. Batched p2p (``batch_isend_irecv``) posts
+    the send to the previous stage before the send to the next: at PP=2 both are the same peer, and the
+    receiver matches them in the other order (activations land in the gradient buffer); the unbatched path
+    sends the two directions over two process groups."""
+    if vp == 1:
+        return {}
+    return dict(virtual_pipeline_model_parallel_size=vp, microbatch_group_size_per_vp_stage=pp, batch_p2p_comm=False)
 
 
 @dataclass(frozen=True)
@@ -95,18 +116,38 @@ class PipelineStage:
         )
 
 
-def pipeline_stage(num_layers: int, pp: int | None = None, rank: int | None = None) -> PipelineStage:
-    """The stage of pipeline rank ``rank`` (default: this rank) of ``pp`` (default: Megatron's PP size)."""
+def pipeline_stage(
+    num_layers: int, pp: int | None = None, rank: int | None = None, vp: int = 1, chunk: int = 0
+) -> PipelineStage:
+    """The stage of pipeline rank ``rank`` (default: this rank) of ``pp`` (default: Megatron's PP size); with
+    ``vp`` virtual stages, its model chunk ``chunk``. Megatron's interleaved layer assignment
+    (``get_transformer_layer_offset``): chunk c of rank p holds the L / (PP V) blocks from c L / V + p L / (PP V),
+    so the pipeline runs chunk 0 of ranks 0..PP-1, then chunk 1 of ranks 0..PP-1, ...; the patch embedding is on
+    chunk 0 of rank 0, the head on chunk V-1 of rank PP-1."""
     pp = pp_world_size() if pp is None else pp
     rank = pp_rank() if rank is None else rank
-    check_pipeline_layout(num_layers, pp)
-    n = num_layers // pp
-    return PipelineStage(rank * n, n, rank == 0, rank == pp - 1)
+    check_pipeline_layout(num_layers, pp, vp)
+    if not 0 <= chunk < vp:
+        raise ValueError(f"model chunk {chunk} is not in [0, virtual_pipeline {vp})")
+    n = num_layers // (pp * vp)
+    return PipelineStage(chunk * (num_layers // vp) + rank * n, n, rank == 0 and chunk == 0,
+                         rank == pp - 1 and chunk == vp - 1)
 
 
 def boundary_shape(s: int, B: int, D: int, with_tangent: bool) -> tuple[int, ...]:
     """Shape of the tensor sent between stages: [s, B, D], or [2, s, B, D] with the tangent."""
     return (2, s, B, D) if with_tangent else (s, B, D)
+
+
+def boundary_seq_length(num_tokens: int, config) -> int:
+    """S_pad, the sequence length to tell Megatron's schedules for a sample of S = ``num_tokens`` tokens: they
+    divide it by CP (and TP under sequence parallelism) for the boundary's s, so it is S padded as the model
+    pads it (``parallel/context.py: token_shard``: to a multiple of CP x TP(SP))."""
+    from megatron_rcm.parallel.collectives import tp_world_size
+    from megatron_rcm.parallel.context import token_shard
+
+    multiple = tp_world_size() if config.sequence_parallel else 1
+    return token_shard(num_tokens, multiple, config.context_parallel_size).padded_len
 
 
 def pack_boundary(x_sBD: torch.Tensor, t_x_sBD: torch.Tensor | None) -> torch.Tensor:
@@ -117,12 +158,16 @@ def pack_boundary(x_sBD: torch.Tensor, t_x_sBD: torch.Tensor | None) -> torch.Te
 
 
 def unpack_boundary(h: torch.Tensor, with_tangent: bool):
-    """Inverse of ``pack_boundary``: (x [s, B, D], t_x [s, B, D] detached, or None)."""
+    """Inverse of ``pack_boundary``: (x [s, B, D], t_x [s, B, D] detached, or None). In the JVP pass the input
+    may also be the stacked pair flattened to [2 s, B, D] (the interleaved schedule, whose p2p shapes cannot be
+    adjusted, sends that view: ``pipeline_schedule.py``)."""
     if with_tangent:
+        if h.ndim == 3 and h.shape[0] % 2 == 0:
+            h = h.unflatten(0, (2, -1))
         if h.ndim != 4 or h.shape[0] != 2:
             raise ValueError(
-                f"the JVP pass expects a stage input [2, s, B, D] (primal and tangent stacked), got shape "
-                f"{tuple(h.shape)}"
+                f"the JVP pass expects a stage input [2, s, B, D] or [2 s, B, D] (primal and tangent stacked), "
+                f"got shape {tuple(h.shape)}"
             )
         return h[0], h[1].detach()
     if h.ndim != 3:
@@ -140,26 +185,47 @@ def mark_replicated(module: torch.nn.Module, first_stage: bool) -> None:
 
 
 @torch.no_grad()
-def allreduce_replicated_grads(model: torch.nn.Module) -> None:
+def allreduce_replicated_grads(model) -> None:
     """Sum the gradients of the stage-replicated parameters over the pipeline group (each stage holds the
-    partial gradient through its own blocks). Uses ``main_grad`` (Megatron DDP) when present."""
+    partial gradient through its own blocks) and, for a list of model chunks (the interleaved schedule), over
+    the chunks' copies; every copy gets the sum. Uses ``main_grad`` (Megatron DDP) when present."""
+    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     if pp_world_size() == 1:
         return
-    grads = []
-    for p in model.parameters():
-        if getattr(p, REPLICATED_ATTR, False):
-            g = getattr(p, "main_grad", None)
-            g = p.grad if g is None else g
-            if g is not None:
-                grads.append(g)
-    if not grads:
+    per_chunk = []
+    for chunk in chunks:
+        grads = []
+        for p in chunk.parameters():
+            if getattr(p, REPLICATED_ATTR, False):
+                g = getattr(p, "main_grad", None)
+                g = p.grad if g is None else g
+                if g is not None:
+                    grads.append(g)
+        per_chunk.append(grads)
+    if not per_chunk[0]:
         return
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    if any(len(g) != len(per_chunk[0]) for g in per_chunk):
+        raise ValueError(f"model chunks hold different numbers of replicated gradients: {[len(g) for g in per_chunk]}")
+    flat = sum(torch.cat([g.reshape(-1).float() for g in grads]) for grads in per_chunk)
     dist.all_reduce(flat, group=parallel_state.get_pipeline_model_parallel_group())
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for grads in per_chunk:
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def chunks_sharded_state_dict(chunks, prefix: str = "") -> dict:
+    """One sharded state dict for this rank's model chunks (the interleaved schedule), keyed like a PP=1
+    model's checkpoint: every chunk's blocks (global layer numbers) and ends; the conditioning embeddings that
+    each chunk copies are taken from chunk 0 alone (the copies are equal, and one rank may write each once)."""
+    out = dict(chunks[0].sharded_state_dict(prefix))
+    for c, chunk in enumerate(chunks[1:], start=1):
+        copies = tuple(f"{prefix}{name}." for name in chunk._conditioning_names())
+        for key, sh in chunk.sharded_state_dict(prefix).items():
+            if not key.startswith(copies):
+                out[f"chunk{c}.{key}"] = sh  # the dict key only has to be unique; the checkpoint uses sh.key
+    return out
 
 
 def key_on_stage(key: str, stage: PipelineStage) -> bool:

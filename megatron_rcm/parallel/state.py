@@ -26,11 +26,13 @@ def initialize_parallel(
     seed: int = 1234,
     backend: str | None = None,
     hierarchical_context_parallel_sizes: list[int] | None = None,
+    virtual_pipeline: int = 1,
 ) -> None:
     """Initialize the default process group (from torchrun/Slurm env vars or as a single process) and
     Megatron's model-parallel groups. Raises ValueError when the world size does not factor.
     ``hierarchical_context_parallel_sizes`` [A, R] (A x R = context_parallel): Megatron's two-level CP groups
-    that ``cp_comm_type: a2a+p2p`` runs on."""
+    that ``cp_comm_type: a2a+p2p`` runs on. ``virtual_pipeline`` > 1: Megatron's virtual pipeline size (its
+    schedules then interleave the model chunks)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -69,6 +71,7 @@ def initialize_parallel(
             pipeline_model_parallel_size=pipeline_parallel,
             context_parallel_size=context_parallel,
             hierarchical_context_parallel_sizes=hcp,
+            virtual_pipeline_model_parallel_size=virtual_pipeline if virtual_pipeline > 1 else None,
             create_gloo_process_groups=True,  # DistributedOptimizer checkpointing needs them
         )
     model_parallel_cuda_manual_seed(seed)

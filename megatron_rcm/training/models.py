@@ -303,7 +303,8 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
 
 def export_model(model, path: str | Path) -> Path:
     """Write ``model``'s weights as a dist_checkpointing directory (atomically: temp dir, then rename).
-    Collective: every rank calls it."""
+    ``model`` may be the list of this rank's model chunks (interleaved pipeline). Collective: every rank calls
+    it."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
@@ -319,7 +320,13 @@ def export_model(model, path: str | Path) -> Path:
         tmp.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(prefix=EXPORT_PREFIX), str(tmp))
+    if isinstance(model, (list, tuple)):
+        from megatron_rcm.parallel.pipeline import chunks_sharded_state_dict
+
+        sharded_sd = chunks_sharded_state_dict(model, EXPORT_PREFIX)
+    else:
+        sharded_sd = model.sharded_state_dict(prefix=EXPORT_PREFIX)
+    dist_checkpointing.save(sharded_sd, str(tmp))
     if dist.is_initialized():
         dist.barrier()
     if rank0:

@@ -15,12 +15,20 @@ it needs each network's full output on every rank:
   Once the engine's loss L (computed from the full outputs, identical on every stage) is back-propagated,
   ``backward_pending`` replays each recorded call through the 1F1B schedule with the last stage's loss
   ``<v, dL/dv>`` per micro-batch, whose parameter gradient is exactly ``dL/dv . dv/dtheta``
-  (the chain rule; Megatron divides each micro-batch's loss by m, so the sum is multiplied by m).
+  (the chain rule; Megatron scales each micro-batch's loss by CP / m, ``forward_step_calc_loss`` in
+  ``megatron/core/pipeline_parallel/schedules.py``, so the replayed loss is multiplied by m / CP).
   Exact because no recorded output feeds another recorded call with a graph (the engine detaches the
   inputs: x_t, the rollout's earlier steps, x_D from sg(G)) and the tangent carries no gradient. The replay
   recomputes the forward (as full activation recompute would), primal alone: the primal of a JVP pass
   does not depend on its tangent, so the JVP pass's t_v (stacked with the primal at the stage boundaries)
   is computed once, forward-only.
+
+Under context parallelism (PP x CP) each CP rank runs the same engine on the same sample; the stage
+boundaries carry this CP rank's token shard ([2,] s, b, D with s = S_pad / CP, S_pad the sequence padded as
+``parallel/context.py: token_shard`` pads it) and the last stage's head gathers the whole output over the CP
+group. Megatron's schedule multiplies each loss by CP, expecting a loss over this rank's tokens, which DDP's
+average over the DP x CP ranks then undoes; here the caller's loss is already the whole sample's and already
+scaled for that average (the trainer backpropagates L x CP, as at PP=1), so the replay divides by CP.
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import nn
 
+from megatron_rcm.parallel.context import cp_world_size
+from megatron_rcm.parallel.pipeline import boundary_seq_length
 from megatron_rcm.parallel.pipeline_schedule import run_schedule
 
 __all__ = ["PipelinedNet"]
@@ -94,7 +104,7 @@ class PipelinedNet(nn.Module):
             return out, lambda vt: loss_of(mb, vt)
 
         return run_schedule(
-            self.module, step, mbs, seq_length=(F // pt) * (H // ph) * (W // pw),
+            self.module, step, mbs, seq_length=boundary_seq_length((F // pt) * (H // ph) * (W // pw), cfg),
             micro_batch_size=x_BCFHW.shape[0] // len(mbs), with_tangent=with_tangent, forward_only=forward_only,
         )
 
@@ -122,14 +132,15 @@ class PipelinedNet(nn.Module):
         for mbs, x_BCFHW, _, v in pending:
             if v.grad is None:
                 continue
-            m = len(mbs)
+            m, cp = len(mbs), cp_world_size()
             grads = list(v.grad.chunk(m))
             # primal alone: the primal does not depend on the tangent, which dL/dv already accounts for
             primal = [(x, None, ts, None, ctx, clip) for x, _, ts, _, ctx, clip in mbs]
             index = {id(mb): i for i, mb in enumerate(primal)}
 
-            def loss_of(mb, vt, grads=grads, index=index, m=m):
+            def loss_of(mb, vt, grads=grads, index=index, m=m, cp=cp):
                 g = grads[index[id(mb)]]
-                return (vt[0].float() * g.float()).sum() * m, {}
+                # Megatron scales each micro-batch's loss by CP / m; v.grad already holds the caller's scaling
+                return (vt[0].float() * g.float()).sum() * (m / cp), {}
 
             self._schedule(primal, x_BCFHW, False, False, loss_of)

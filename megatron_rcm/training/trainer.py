@@ -167,12 +167,16 @@ class Trainer:
         if pcfg.pipeline_parallel > 1 and is_cosmos_preset(cfg.model.preset):
             raise NotImplementedError(f"model.preset={cfg.model.preset!r}: the Cosmos model has no pipeline "
                                       "stages yet (Wan has); set parallel.pipeline_parallel=1")
+        if pcfg.virtual_pipeline > 1:
+            raise NotImplementedError(
+                f"parallel.virtual_pipeline {pcfg.virtual_pipeline}: the interleaved schedule runs at the stage level "
+                "(parallel/pipeline_schedule.py: run_schedule with model chunks), but the trainer builds, wraps, "
+                "optimizes and checkpoints one model per network, not a list of chunks; use virtual_pipeline 1")
         try:
             check_parallel_layout(world, pcfg.tensor_parallel, pcfg.context_parallel, pcfg.pipeline_parallel,
                                   model_cfg.num_attention_heads, pcfg.cp_comm_type,
                                   pcfg.hierarchical_context_parallel_sizes)
-            check_pipeline_layout(model_cfg.num_layers, pcfg.pipeline_parallel, pcfg.virtual_pipeline,
-                                  pcfg.context_parallel)
+            check_pipeline_layout(model_cfg.num_layers, pcfg.pipeline_parallel, pcfg.virtual_pipeline)
         except ValueError as err:
             raise ConfigError(f"invalid 'parallel' section: {err}") from err
 
