@@ -31,6 +31,7 @@ import torch
 from megatron_rcm.cli import configure_logging
 from megatron_rcm.config.loader import load_config
 from megatron_rcm.models.config_fields import recomputed_fraction
+from megatron_rcm.ops.attention import SDPA_PREFERENCES, set_sdpa_preference
 from megatron_rcm.training.flops import model_flops, step_flops
 from megatron_rcm.training.kernel_profile import device_kernels, format_shares, kernel_shares
 from megatron_rcm.training.phases import instrument_network
@@ -115,7 +116,7 @@ def bench(args) -> dict:
     B = cfg.data.micro_batch_size * cfg.optimizer.grad_accumulation_steps
     peak = _peak_tflops(args.peak_tflops)
     world = torch.distributed.get_world_size()
-    results: dict = {"config": args.config, "overrides": overrides, "world_size": world,
+    results: dict = {"config": args.config, "overrides": overrides, "sdpa": args.sdpa, "world_size": world,
                      "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                      "peak_tflops_per_gpu": peak, "flops_per_forward": fwd.total, "recompute": recompute,
                      "kinds": {}}
@@ -171,13 +172,13 @@ def bench(args) -> dict:
     if rank0:
         print(format_table(results))
         for kind, r in results["kinds"].items():
-            print(json.dumps({"bench": "step", "kind": kind, "world_size": world, "overrides": overrides,
+            print(json.dumps({"bench": "step", "kind": kind, "world_size": world, "overrides": overrides, "sdpa": args.sdpa,
                               "step_time_s": r["step_time_s"], "mfu": r["mfu"],
                               "tflops_per_gpu": r["tflops_per_gpu"], "peak_memory_gib": r["peak_memory_gib"],
                               "recompute": recompute}), flush=True)
         for kind, shares in results.get("profile", {}).items():
             print(format_shares(kind, shares))
-            print(json.dumps({"bench": "step_profile", "kind": kind, "world_size": world, "overrides": overrides,
+            print(json.dumps({"bench": "step_profile", "kind": kind, "world_size": world, "overrides": overrides, "sdpa": args.sdpa,
                               **shares}), flush=True)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -250,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: by device)")
     ap.add_argument("--profile", action="store_true",
                     help="one more step of each kind under torch.profiler: GPU time per kernel class (CUDA only)")
+    ap.add_argument("--sdpa", default="cudnn", choices=SDPA_PREFERENCES,
+                    help="kernel PyTorch's SDPA tries first for attention without a tangent (CUDA)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("-v", "--verbose", action="store_true", help="Megatron-Core's INFO logs and warnings too")
     args = ap.parse_args(argv)
@@ -258,6 +261,7 @@ def main(argv=None) -> int:
         ap.error(f"--warmup must be >= 0 and --iters >= 1 (got {args.warmup}, {args.iters})")
     if args.profile and not torch.cuda.is_available():
         ap.error("--profile classifies CUDA kernels: it needs a GPU")
+    set_sdpa_preference(args.sdpa)
     bench(args)
     return 0
 

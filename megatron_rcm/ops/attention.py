@@ -32,10 +32,12 @@ __all__ = [
     "ATTENTION_BACKENDS",
     "AttentionOp",
     "KernelAttention",
+    "SDPA_PREFERENCES",
     "TorchAttention",
     "attention_op",
     "attention_reference",
     "check_attention_backend",
+    "set_sdpa_preference",
 ]
 
 
@@ -61,9 +63,38 @@ def attention_reference(q, k, v, t_q=None, t_k=None, t_v=None, softmax_scale=Non
     return attention_jvp_torch(q, k, v, t_q, t_k, t_v, softmax_scale=softmax_scale, layout="sbhd")
 
 
+SDPA_PREFERENCES = ("cudnn", "flash")
+"""Which fused kernel PyTorch's SDPA tries first on CUDA for attention without a tangent (``set_sdpa_preference``):
+"cudnn" (the default; on an H200 cuDNN's Hopper kernels beat FlashAttention-2, docs/benchmarks.md) or "flash"
+(PyTorch's own order here). Each falls back to the next kernel that supports the inputs."""
+_sdpa_preference = "cudnn"
+
+
+def set_sdpa_preference(name: str) -> None:
+    """Pick the SDPA kernel order for CUDA (``SDPA_PREFERENCES``); benchmarks compare the two."""
+    global _sdpa_preference
+    if name not in SDPA_PREFERENCES:
+        raise ValueError(f"unknown SDPA preference {name!r}; expected one of {SDPA_PREFERENCES}")
+    _sdpa_preference = name
+
+
+def _sdpa_order():
+    from torch.nn.attention import SDPBackend
+
+    first = [SDPBackend.CUDNN_ATTENTION] if _sdpa_preference == "cudnn" else []
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return first + rest
+
+
 def _sdpa(q, k, v, softmax_scale):
     to_bn = lambda x: x.permute(1, 2, 0, 3)
-    o = F.scaled_dot_product_attention(to_bn(q), to_bn(k), to_bn(v), scale=softmax_scale)
+    if q.is_cuda:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(_sdpa_order(), set_priority=True):
+            o = F.scaled_dot_product_attention(to_bn(q), to_bn(k), to_bn(v), scale=softmax_scale)
+    else:
+        o = F.scaled_dot_product_attention(to_bn(q), to_bn(k), to_bn(v), scale=softmax_scale)
     return o.permute(2, 0, 1, 3)
 
 
