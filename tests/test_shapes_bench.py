@@ -89,6 +89,19 @@ def test_random_clips_stay_inside_the_frame_and_the_source_resumes_exactly():
         ShapesSource(4, [4, 8, 16, 16], 3, 8, seed=1)
 
 
+def test_source_batch_is_the_clips_rendered_one_by_one():
+    # the batched render must not change the data stream: clip i is sample_clips of its own generator
+    src = ShapesSource(6, [3, 8, 16, 16], 3, 8, seed=3)
+    src.next_batch()
+    batch = src.next_batch()
+    for j, i in enumerate(range(6, 12)):
+        g = torch.Generator().manual_seed(3 * 1_000_003 + i)
+        cond = torch.randint(36, (1,), generator=g)
+        assert int(batch.labels_B[j]) == int(cond)
+        assert torch.equal(batch.latent_BCFHW[j], sample_clips(cond, 8, 16, 16, g)[0])
+        assert torch.equal(batch.context_BLD[j], src.emb_KLD[cond[0]])
+
+
 def test_same_noise_mse_and_spread_against_numpy():
     a, b = torch.randn(5, 3, 2, 8, 8), torch.randn(5, 3, 2, 8, 8)
     assert paired_mse(a, b) == pytest.approx(float(np.mean((a.numpy() - b.numpy()) ** 2)), rel=1e-6)
