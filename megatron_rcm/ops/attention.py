@@ -18,6 +18,7 @@ text): the kernel's four-product fast path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "attention_op",
     "attention_reference",
     "check_attention_backend",
+    "sdpa_preference",
     "set_sdpa_preference",
 ]
 
@@ -86,14 +88,16 @@ def _sdpa_order():
     return first + rest
 
 
+def sdpa_preference():
+    """The context in which SDPA (and ``torch._fused_sdp_choice``) follows ``set_sdpa_preference`` on CUDA."""
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(_sdpa_order(), set_priority=True)
+
+
 def _sdpa(q, k, v, softmax_scale):
     to_bn = lambda x: x.permute(1, 2, 0, 3)
-    if q.is_cuda:
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel(_sdpa_order(), set_priority=True):
-            o = F.scaled_dot_product_attention(to_bn(q), to_bn(k), to_bn(v), scale=softmax_scale)
-    else:
+    with sdpa_preference() if q.is_cuda else contextlib.nullcontext():
         o = F.scaled_dot_product_attention(to_bn(q), to_bn(k), to_bn(v), scale=softmax_scale)
     return o.permute(2, 0, 1, 3)
 

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from megatron_rcm.kernels.attention_jvp_reference import attention_jvp_bhsd
-from megatron_rcm.ops.attention import check_attention_backend
+from megatron_rcm.ops.attention import check_attention_backend, sdpa_preference
 
 __all__ = ["ChunkOps", "Partial", "PartialSum", "chunk_ops", "merge_partials", "sdpa_with_lse"]
 
@@ -230,7 +230,8 @@ def sdpa_with_lse(q, k, v, scale: float):
 
     qb, kb, vb = _bhsd(q), _bhsd(k), _bhsd(v)
     Sq = q.shape[0]
-    choice = torch._fused_sdp_choice(qb, kb, vb, None, 0.0, False, scale=scale)
+    with sdpa_preference():  # the same kernel order as the one-GPU path (ops/attention.set_sdpa_preference)
+        choice = torch._fused_sdp_choice(qb, kb, vb, None, 0.0, False, scale=scale)
     if choice == SDPBackend.CUDNN_ATTENTION.value:
         out = torch.ops.aten._scaled_dot_product_cudnn_attention(qb, kb, vb, None, True, 0.0, False, False, scale=scale)
     elif choice == SDPBackend.FLASH_ATTENTION.value:
