@@ -9,7 +9,7 @@ from megatron_rcm.models.wan import WanModel, wan_config
 from megatron_rcm.parallel.state import initialize_parallel
 from megatron_rcm.planner.layouts import Layout, Problem, enumerate_layouts, latent_grid, video_tokens
 from megatron_rcm.planner.measured import DEFAULT_CALIBRATION, load_measured
-from megatron_rcm.planner.memory import MemoryModel, param_counts
+from megatron_rcm.planner.memory import MemoryModel, param_counts, stepped_in_run
 from megatron_rcm.planner.timing import EFF_RING, IB_GBPS, NVLINK_GBPS, TimingModel, _collective_s
 
 PLAN = ["plan", "--preset", "wan2.1-t2v-14b", "--frames", "81", "--size", "1280x720", "--gpus", "128",
@@ -19,7 +19,8 @@ PLAN = ["plan", "--preset", "wan2.1-t2v-14b", "--frames", "81", "--size", "1280x
 @pytest.fixture(scope="module")
 def calibrated():
     cal = load_measured(DEFAULT_CALIBRATION)
-    mem = MemoryModel.calibrate(cal.problem, cal.layout, {k: v["peak_memory_gib"] for k, v in cal.kinds.items()})
+    mem = MemoryModel.calibrate(cal.problem, cal.layout, {k: v["peak_memory_gib"] for k, v in cal.kinds.items()},
+                                stepped_in_run(cal.kinds))
     return cal, mem, TimingModel.calibrate(cal.problem, cal.layout, cal.kinds)
 
 
@@ -113,7 +114,8 @@ def test_calibration_reproduces_the_measurement(calibrated):
     for kind, m in cal.kinds.items():
         t = tm.step(cal.problem, cal.layout, kind, m["rollout_mean"]).total
         assert abs(t / m["step_time_s"] - 1) < 0.01, kind
-        assert abs(mem.peak_gib(cal.problem, cal.layout, kind) / m["peak_memory_gib"] - 1) < 0.02, kind
+        got = mem.peak_gib(cal.problem, cal.layout, kind, stepped_in_run(cal.kinds)[kind])
+        assert abs(got / m["peak_memory_gib"] - 1) < 0.02, kind
         # the FLOP model here is the one bench_step used for the file
         flops = json.loads(DEFAULT_CALIBRATION.read_text())["kinds"][kind]["flops_per_step"]
         assert tm.flops_per_gpu(cal.problem, cal.layout, kind, m["rollout_mean"]) == pytest.approx(flops, rel=1e-9)
@@ -145,7 +147,7 @@ def test_cli_plan_prints_a_ranked_table_and_json(tmp_path, capsys):
     assert "not implemented" not in text
     assert "TP=16 does not divide the 40 attention heads" in text  # --all: the broken rules, listed
     assert "memory: needs" in text
-    assert "step_1gpu_2026-11-30.json" in text and "+0.0%" in text
+    assert "step_1p3b_fused_2026-11-30.json" in text and "+0.0%" in text
     plan = json.loads(out_json.read_text())
     tok = [r["tokens_per_s_per_gpu"] for r in plan["layouts"]]
     assert tok == sorted(tok, reverse=True)
@@ -178,3 +180,23 @@ def test_cli_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "bad.json: missing key 'overrides'" in capsys.readouterr().err
     assert main([*PLAN[:6], "1280x721", *PLAN[7:]]) == 2
     assert "multiples of 8" in capsys.readouterr().err
+
+
+def test_optimizer_moments_predict_a_run_in_another_order(calibrated):
+    """AdamW allocates its moments at a network's first step. The calibration run measured warm-up, student,
+    critic in that order (no critic moments in the first two); a later run on the same shapes measured critic
+    then student (no student moments in the critic step, both in the student step). The model calibrated on the
+    first predicts the second's peaks within 2 % (10.6 GiB of moments apart from the first run's peaks of the same
+    kinds); without the moments term the calibration itself fails (the warm-up peak lies below the static
+    estimate; checked)."""
+    from megatron_rcm.planner.memory import stepped_in_training
+
+    _, mem, _ = calibrated
+    other = load_measured(DEFAULT_CALIBRATION.parent / "step_1p3b_sdpa_flash_2026-11-30.json")
+    assert list(other.kinds) == ["critic", "student"]
+    stepped = stepped_in_run(other.kinds)
+    assert stepped == {"critic": ("critic",), "student": ("critic", "student")}
+    for kind, m in other.kinds.items():
+        got = mem.peak_gib(other.problem, other.layout, kind, stepped[kind])
+        assert abs(got / m["peak_memory_gib"] - 1) < 0.02, (kind, got, m["peak_memory_gib"])
+    assert stepped_in_training("warmup") == ("student",) and stepped_in_training("critic") == ("student", "critic")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from megatron_rcm.planner.layouts import Problem, enumerate_layouts, latent_grid
 from megatron_rcm.planner.measured import DEFAULT_CALIBRATION, load_measured
-from megatron_rcm.planner.memory import CONTEXT_ALLOWANCE_GIB, MemoryModel
+from megatron_rcm.planner.memory import CONTEXT_ALLOWANCE_GIB, MemoryModel, stepped_in_run
 from megatron_rcm.planner.timing import TimingModel
 
 __all__ = ["add_parser", "run"]
@@ -88,9 +88,10 @@ def check(measured, mem: MemoryModel, tm: TimingModel) -> list[dict]:
     """Predicted vs measured step time and peak memory per step kind of each measured run."""
     rows = []
     for m in measured:
+        stepped = stepped_in_run(m.kinds)  # a network's AdamW moments exist from its first step in the run
         for kind, k in m.kinds.items():
             t = tm.step(m.problem, m.layout, kind, k["rollout_mean"]).total
-            g = mem.peak_gib(m.problem, m.layout, kind)
+            g = mem.peak_gib(m.problem, m.layout, kind, stepped[kind])
             rows.append({"file": m.path, "layout": m.layout.name(), "gpus": m.layout.gpus, "kind": kind,
                          "measured_s": k["step_time_s"], "predicted_s": t,
                          "time_error": t / k["step_time_s"] - 1,
@@ -102,7 +103,8 @@ def check(measured, mem: MemoryModel, tm: TimingModel) -> list[dict]:
 def plan(args) -> dict:
     problem = _problem(args)
     cal = load_measured(args.calibration)
-    mem = MemoryModel.calibrate(cal.problem, cal.layout, {k: v["peak_memory_gib"] for k, v in cal.kinds.items()})
+    mem = MemoryModel.calibrate(cal.problem, cal.layout, {k: v["peak_memory_gib"] for k, v in cal.kinds.items()},
+                                stepped_in_run(cal.kinds))
     tm = TimingModel.calibrate(cal.problem, cal.layout, cal.kinds)
     missing = {"warmup", "student", "critic"} - set(cal.kinds)
     if missing:

@@ -17,8 +17,9 @@ from megatron_rcm.planner.layouts import Layout, Problem
 __all__ = ["DEFAULT_CALIBRATION", "Measured", "load_measured"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CALIBRATION = REPO_ROOT / "docs" / "bench_data" / "step_1gpu_2026-11-30.json"
-"""Wan2.1 1.3B, 480p 77 frames (31,200 tokens), TP=1, recompute on, one H200 (docs/benchmarks.md)."""
+DEFAULT_CALIBRATION = REPO_ROOT / "docs" / "bench_data" / "step_1p3b_fused_2026-11-30.json"
+"""Wan2.1 1.3B, 480p 77 frames (31,200 tokens), TP=1, recompute on, fused elementwise kernels, one H200
+(docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)

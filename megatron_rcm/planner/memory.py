@@ -5,6 +5,8 @@ over TP and all counted on the worst pipeline stage):
     teacher   2 P_loc                                      bf16 weights, frozen
     student   2 P_loc + 4 P_loc + 12 P_loc / (DP CP)        bf16 weights, fp32 main grads, fp32 master + 2 AdamW
     critic    the same                                      moments sharded by the distributed optimizer over DP x CP
+    (student and critic: less the 8 P_loc / (DP CP) AdamW moments until that network's first optimizer step,
+    since AdamW allocates them lazily: the critic's do not exist during the tangent warm-up)
     EMA       4 P_loc                                       fp32, sharded like the weights (TP, PP) only
     activations  alpha_kind * b * S / (CP TP) * D * (layers / PP) * min(m, PP)     bytes
 with alpha_kind (bytes per token, per hidden unit, per layer, per sample) solved from a measured peak
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["CONTEXT_ALLOWANCE_GIB", "KINDS", "MemoryModel", "param_counts"]
+__all__ = ["CONTEXT_ALLOWANCE_GIB", "KINDS", "MemoryModel", "stepped_in_run", "param_counts"]
 
 GIB = 2**30
 KINDS = ("warmup", "student", "critic")
@@ -28,6 +30,8 @@ CONTEXT_ALLOWANCE_GIB = 3.0
 ``torch.cuda.max_memory_allocated`` (what bench_step measures), but on the device. An assumption."""
 BYTES_WEIGHT_BF16, BYTES_MAIN_GRAD, BYTES_ADAM, BYTES_EMA = 2, 4, 12, 4
 """bf16 weights; fp32 main grads (DDP ``grad_reduce_in_fp32``); fp32 master + exp_avg + exp_avg_sq; fp32 EMA."""
+BYTES_ADAM_MOMENTS = 8
+"""exp_avg + exp_avg_sq (fp32), allocated at an optimizer's first step."""
 
 
 def param_counts(cfg) -> tuple[int, int]:
@@ -51,11 +55,36 @@ def _local_params(cfg, layout) -> float:
     return blocks / (layout.tp * layout.pp) + other
 
 
-def static_bytes(cfg, layout) -> float:
-    """Weights, grads, optimizer state and EMA on one GPU (the formula in the module docstring)."""
+def static_bytes(cfg, layout, stepped=("student", "critic")) -> float:
+    """Weights, grads, optimizer state and EMA on one GPU (the formula in the module docstring); ``stepped``:
+    the trained networks whose optimizer has stepped (the others' AdamW moments are not allocated yet)."""
     P = _local_params(cfg, layout)
     trained = BYTES_WEIGHT_BF16 * P + BYTES_MAIN_GRAD * P + BYTES_ADAM * P / (layout.dp * layout.cp)
-    return BYTES_WEIGHT_BF16 * P + 2 * trained + BYTES_EMA * P
+    missing = sum(1 for net in ("student", "critic") if net not in stepped)
+    moments = missing * BYTES_ADAM_MOMENTS * P / (layout.dp * layout.cp)
+    return BYTES_WEIGHT_BF16 * P + 2 * trained - moments + BYTES_EMA * P
+
+
+NETWORK_OF_KIND = {"warmup": "student", "student": "student", "critic": "critic"}
+"""The network whose optimizer a step of each kind updates."""
+
+
+def stepped_in_training(kind: str) -> tuple[str, ...]:
+    """Networks with AdamW moments during a step of ``kind`` in a training run: only the student in the tangent
+    warm-up (the critic has not stepped yet), both afterwards."""
+    return ("student",) if kind == "warmup" else ("student", "critic")
+
+
+def stepped_in_run(kinds_in_order) -> dict:
+    """The same for a benchmark run that measured ``kinds_in_order`` one after the other, each after untimed
+    steps of its own kind (bench_step): a network has moments from the first kind that updates it on."""
+    out, seen = {}, []
+    for kind in kinds_in_order:
+        net = NETWORK_OF_KIND[kind]
+        if net not in seen:
+            seen.append(net)
+        out[kind] = tuple(seen)
+    return out
 
 
 def _token_layer_units(problem, layout) -> float:
@@ -80,15 +109,18 @@ class MemoryModel:
     alpha: dict
 
     @classmethod
-    def calibrate(cls, problem, layout, peak_gib: dict) -> MemoryModel:
-        """Solve alpha_kind from measured peaks (GiB, ``max_memory_allocated``) of a recompute-on run."""
+    def calibrate(cls, problem, layout, peak_gib: dict, stepped: dict | None = None) -> MemoryModel:
+        """Solve alpha_kind from measured peaks (GiB, ``max_memory_allocated``) of a recompute-on run.
+        ``stepped``: kind -> the networks with AdamW moments when that peak was measured (``stepped_in_run``
+        for a bench_step file; default: as in training)."""
         if not layout.recompute:
             raise ValueError("memory calibration needs a run with model.recompute=true")
-        static = static_bytes(problem.wan_cfg, layout)
         units = _token_layer_units(problem, layout)
         kept = _kept_per_unit(problem.wan_cfg, layout)  # 0 when every block is recomputed
         alpha = {}
         for kind, gib in peak_gib.items():
+            nets = stepped_in_training(kind) if stepped is None else stepped[kind]
+            static = static_bytes(problem.wan_cfg, layout, nets)
             act = gib * GIB - static
             if act <= 0:
                 raise ValueError(f"measured peak of the {kind} step ({gib:.1f} GiB) is below the static memory "
@@ -99,9 +131,12 @@ class MemoryModel:
     def activation_bytes(self, problem, layout, kind: str) -> float:
         return (self.alpha[kind] + _kept_per_unit(problem.wan_cfg, layout)) * _token_layer_units(problem, layout)
 
-    def peak_gib(self, problem, layout, kind: str) -> float:
-        """Predicted ``max_memory_allocated`` of a step of ``kind`` (GiB), without the allowance."""
-        return (static_bytes(problem.wan_cfg, layout) + self.activation_bytes(problem, layout, kind)) / GIB
+    def peak_gib(self, problem, layout, kind: str, stepped: tuple | None = None) -> float:
+        """Predicted ``max_memory_allocated`` of a step of ``kind`` (GiB), without the allowance; the optimizer
+        moments as in training, or those of ``stepped`` networks (a benchmark run's conditions)."""
+        nets = stepped_in_training(kind) if stepped is None else stepped
+        static = static_bytes(problem.wan_cfg, layout, nets)
+        return (static + self.activation_bytes(problem, layout, kind)) / GIB
 
     def per_gpu_gib(self, problem, layout) -> float:
         """Device memory the layout needs: the largest step kind's peak plus the allowance."""
