@@ -119,9 +119,6 @@ class Trainer:
         from megatron_rcm.models.te_support import check_fp8_device
 
         check_fp8_device(self.wan_cfg)  # a GPU that cannot run the recipe: one clear error before building
-        if pcfg.context_parallel > 1 and is_cosmos_preset(cfg.model.preset):
-            raise NotImplementedError(f"model.preset={cfg.model.preset!r}: the Cosmos model has no context "
-                                      "parallelism yet (Wan has); set parallel.context_parallel=1")
         self.teacher = teacher if teacher is not None else self._build_teacher()
         self.teacher.requires_grad_(False).eval()
         self.student = self._wrap(self._build_student())

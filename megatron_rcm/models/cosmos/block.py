@@ -5,9 +5,10 @@
         shift, scale, gate = adaln_sub(emb) + temb           (AdaLN-LoRA: D -> K -> 3 D, plus the shared base)
         x = x + gate * sub(LN(x) * (1 + scale) + shift)
     mlp = fc2(GELU(fc1(.)))                                  (exact erf GELU, no biases)
-Activations [s, B, D] (s = this rank's tokens under sequence parallelism); emb [B, D], temb [B, 3 D], or
-with a timestep per latent frame emb [F, B, D], temb [F, B, 3 D] and ``frame_of_token`` [s] (the modulation
-of each token is its frame's; ``AdaLNLoRA``).
+Activations [s, B, D] (s = this rank's tokens under context and sequence parallelism; ``shard``, a
+``TokenShard``, says which under CP); emb [B, D], temb [B, 3 D], or with a timestep per latent frame
+emb [F, B, D], temb [F, B, 3 D] and ``frame_of_token`` [s] (the modulation of each token is its frame's;
+``AdaLNLoRA``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class CosmosBlock(MegatronModule):
         return (x.to(cdt) + y).to(dtype), _cast(add_tangents(t_x, t_y), dtype)
 
     def forward(
-        self, x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin, frame_of_token=None
+        self, x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin, frame_of_token=None,
+        shard=None,
     ):
         if pos_emb is not None:
             x = x + pos_emb
@@ -55,7 +57,7 @@ class CosmosBlock(MegatronModule):
             t_x,
             self.adaln_self_attn,
             cond,
-            lambda h, t_h: self.self_attn(h, t_h, None, rope_cos, rope_sin),
+            lambda h, t_h: self.self_attn(h, t_h, None, rope_cos, rope_sin, shard),
         )
         x, t_x = self._residual(
             x, t_x, self.adaln_cross_attn, cond, lambda h, t_h: self.cross_attn(h, t_h, context)

@@ -162,6 +162,7 @@ PRESETS = tuple(_PRESETS)
 
 def cosmos_config(preset: str, **overrides) -> CosmosConfig:
     """Build a ``CosmosConfig`` from a preset name plus field overrides (parallel sizes as ``wan_config``:
-    TP from ``parallel_state`` unless given, sequence parallelism on whenever TP > 1)."""
-    return config_from_preset(CosmosConfig, _PRESETS, preset, overrides, add_bias_linear=False,
-                              layernorm_epsilon=1e-6)
+    TP and CP from ``parallel_state`` unless given, ``cp_comm_type`` picks the context-parallel attention,
+    sequence parallelism on whenever TP > 1)."""
+    return config_from_preset(CosmosConfig, _PRESETS, preset, overrides, context_parallel=True,
+                              add_bias_linear=False, layernorm_epsilon=1e-6)

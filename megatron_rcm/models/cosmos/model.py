@@ -2,8 +2,18 @@
 forward-mode tangent path (diffusers ``CosmosTransformer3DModel``, the Cosmos-Predict2 configuration).
 
 Legend: B batch, C channels, F/H/W latent frames/rows/cols, f/h/w after patching, S = f*h*w tokens,
-s = S / tp tokens on this rank (sequence parallel), D hidden, L text tokens, E text width,
+S_pad = S padded to a multiple of CP x TP under context parallelism, s_cp = S_pad / CP tokens on this CP
+rank, s = s_cp / tp tokens on this rank (sequence parallel), D hidden, L text tokens, E text width,
 P = prod(patch) * C_out.
+
+Context parallelism (``context_parallel_size`` > 1, ``megatron_rcm.parallel.context``), as ``WanModel``: the
+model takes and returns the full latent on every CP rank; inside, the patchified tokens are padded and each
+CP rank keeps its contiguous shard (``TokenShard``), RoPE and the learnable position embedding use each
+token's global position (the full tables sliced with the same shard), ``frame_of_token`` is the frame of each
+of this rank's tokens (global index; padding rows take frame 0, their outputs are dropped), the text and the
+time embedding stay replicated, self-attention runs over the CP group (Wan's ``ContextParallelAttention``)
+and the head's output is all-gathered over the CP group (backward: each rank keeps its slice of the
+gradient, so the parameter gradients of the CP ranks sum to the full gradient).
 
     forward(x, timestep, context)                      -> v            (RF velocity, [B, C_out, F, H, W])
     forward_jvp(x, t_x, timestep, t_timestep, context) -> (v, t_v)
@@ -15,7 +25,7 @@ output ``c_skip x + c_out v = (1 - t) x - t v``, which is the TrigFlow wrapper's
 ``timestep`` is one per sample [B], or one per latent frame [B, F] (Video2World: the conditioning frames at
 their own, clean time; diffusers takes it as [B, 1, F, 1, 1] and gives every token its frame's time
 embedding and modulation). Per frame, the time embedding and the AdaLN-LoRA modulations are computed for the
-F frames and indexed to this rank's tokens (``frame_of_token``, a slice under sequence parallelism);
+F frames and indexed to this rank's tokens (``frame_of_token``, a slice under context and sequence parallelism);
 ``t_timestep`` then has the same shape. Patch frames pt must be 1 for per-frame timesteps (all presets).
 Video2World's condition mask is an input channel of x (``in_channels`` counts it); the padding mask is
 appended inside (zeros unless given). Weights carry no tangent; the text and the masks are constant.
@@ -27,7 +37,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
@@ -43,6 +52,7 @@ from megatron_rcm.models.wan.layers import LayerNorm, mark_sequence_parallel
 from megatron_rcm.models.wan.model import patchify
 from megatron_rcm.models.wan.spec import get_wan_block_spec
 from megatron_rcm.parallel.collectives import gather_sequence, scatter_sequence, tp_world_size
+from megatron_rcm.parallel.context import TokenShard, gather_from_cp, token_shard
 
 
 def unpatchify(x_SBP: torch.Tensor, grid_fhw, patch, out_channels: int) -> torch.Tensor:
@@ -131,7 +141,7 @@ class CosmosModel(MegatronModule):
             )
         S = (F_ // pt) * (H // ph) * (W // pw)
         tp = tp_world_size()
-        if cfg.sequence_parallel and S % tp:
+        if cfg.sequence_parallel and S % tp and cfg.context_parallel_size == 1:
             raise ValueError(
                 f"{S} tokens (F*H*W / patch = {F_}*{H}*{W} / {pt * ph * pw}) are not divisible by the "
                 f"sequence-parallel size {tp}; change the latent size or the TP size"
@@ -169,15 +179,14 @@ class CosmosModel(MegatronModule):
         t_x = None if t_x is None else torch.cat([t_x, torch.zeros_like(pad, dtype=t_x.dtype)], dim=1)
         return x, t_x
 
-    def _frame_of_token(self, grid_fhw, s: int, device) -> torch.Tensor:
-        """[s] the latent frame of each of this rank's tokens (tokens ordered (f, h, w); under sequence
-        parallelism this rank holds the contiguous slice ``scatter_sequence`` gives it)."""
+    @staticmethod
+    def _frame_of_token(grid_fhw, shard: TokenShard, device) -> torch.Tensor:
+        """[s] the latent frame of each of this rank's tokens (tokens ordered (f, h, w)): this CP rank's
+        ``shard`` of the sequence (padding rows: frame 0, their outputs are dropped), then under sequence
+        parallelism the contiguous slice ``scatter_sequence`` gives this TP rank."""
         f, h, w = grid_fhw
-        frame = torch.arange(f * h * w, device=device) // (h * w)
-        if s == frame.numel():
-            return frame
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        return frame[rank * s : (rank + 1) * s]
+        frame_S = torch.arange(f * h * w, device=device) // (h * w)
+        return scatter_sequence(shard.shard(frame_S))
 
     def frame_timestep(self, timestep_BF: torch.Tensor, x_shape) -> torch.Tensor:
         """A time per latent frame [B, F] in the layout ``forward`` takes: as it is (``rcm.condition_frames``)."""
@@ -218,16 +227,19 @@ class CosmosModel(MegatronModule):
         x, t_x = self._with_padding_mask(
             x_BCFHW.to(dtype), t_x_BCFHW.to(dtype) if with_tangent else None, padding_mask
         )
+        # this CP rank's tokens [s_cp, B, P] (padded at the end), patch embedding, this TP rank's shard
+        S = grid[0] * grid[1] * grid[2]
+        shard = token_shard(S, tp_world_size() if cfg.sequence_parallel else 1, cfg.context_parallel_size)
         x, t_x = linear_jvp(
             self.patch_embedding,
-            patchify(x, cfg.patch_size),
-            patchify(t_x, cfg.patch_size) if with_tangent else None,
+            shard.shard(patchify(x, cfg.patch_size)),
+            shard.shard(patchify(t_x, cfg.patch_size)) if with_tangent else None,
         )
         x = scatter_sequence(x)
         t_x = scatter_sequence(t_x) if with_tangent else None
         pos_emb = None
-        if self.pos_embedding is not None:
-            pos_emb = scatter_sequence(self.pos_embedding(grid)[:, None])  # [s, 1, D], no tangent
+        if self.pos_embedding is not None:  # at each token's global position: [s, 1, D], no tangent
+            pos_emb = scatter_sequence(shard.shard(self.pos_embedding(grid))[:, None])
 
         # time: emb [B, D] (AdaLN-LoRA input), temb [B, 3 D] (shared modulation base); a timestep per frame
         # [B, F] gives emb [F, B, D], temb [F, B, 3 D], taken to this rank's tokens inside each AdaLN-LoRA
@@ -235,22 +247,27 @@ class CosmosModel(MegatronModule):
         if timestep_B.ndim == 2:
             timestep = timestep_B.transpose(0, 1)
             t_timestep = t_timestep_B.transpose(0, 1) if with_tangent else None
-            frame_of_token = self._frame_of_token(grid, x.shape[0], x.device)
+            frame_of_token = self._frame_of_token(grid, shard, x.device)
         (emb, t_emb), (temb, t_temb) = self.time_embedding(timestep, t_timestep)
 
         context = context_BLE.to(dtype).transpose(0, 1)  # [L, B, E], constant
+        # RoPE at each token's global position (padding rows get cos = sin = 0; their outputs are dropped)
         rope_cos, rope_sin = rope_cos_sin(
             grid, cfg.rope_dims, cfg.rope_scale, cfg.rope_fps, cfg.base_fps, x.device, cdt
         )
+        rope_cos, rope_sin = shard.shard(rope_cos), shard.shard(rope_sin)
         for i, block in enumerate(self.blocks):
-            args = (x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin, frame_of_token)
+            args = (
+                x, t_x, emb, t_emb, temb, t_temb, pos_emb, context, rope_cos, rope_sin, frame_of_token, shard
+            )
             if recomputed_block(cfg, i) and torch.is_grad_enabled():  # primal and tangent re-run together
                 x, t_x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
             else:
                 x, t_x = block(*args)
 
         out, t_out = self.head(x, t_x, emb, t_emb, temb, t_temb, frame_of_token)
-        v = unpatchify(gather_sequence(out), grid, cfg.patch_size, cfg.out_channels)
+        v = unpatchify(gather_from_cp(gather_sequence(out), shard), grid, cfg.patch_size, cfg.out_channels)
         if not with_tangent:
             return v, None
-        return v, unpatchify(gather_sequence(t_out), grid, cfg.patch_size, cfg.out_channels)
+        t_v = unpatchify(gather_from_cp(gather_sequence(t_out), shard), grid, cfg.patch_size, cfg.out_channels)
+        return v, t_v
