@@ -190,7 +190,9 @@ class MegatronOptimizer:
             fp16=params_dtype == torch.float16, params_dtype=params_dtype,
             use_distributed_optimizer=distributed, decoupled_weight_decay=True,
         )
-        self.optimizer = get_megatron_optimizer(cfg, [ddp_model])
+        from megatron_rcm.parallel.pipeline import chunk_list
+
+        self.optimizer = get_megatron_optimizer(cfg, chunk_list(ddp_model))  # all model chunks' parameters
         for opt in self._megatron_optimizers():
             if hasattr(opt, "_set_main_param_and_optimizer_states"):
                 load_states_around_step(opt)

@@ -1,0 +1,201 @@
+"""The rCM trainer under the interleaved pipeline schedule (PP=2 x V=2) equals PP=1: the losses, diagnostics and
+gradient norms of a warm-up student step, a student step, an rCM (sCM + DMD) student step and a critic step,
+every parameter gradient of every step (each chunk's copy of the replicated conditioning embeddings checked on
+its own), the weights after the optimizer steps (student, critic, EMA) and few-step samples; a PP=2 x V=2
+checkpoint resumes at PP=1 and a PP=1 checkpoint at PP=2 x V=2 with bit-equal weights.
+
+PP=2 x V=2 runs as 2 gloo processes on CPU: 4 layers, so each rank holds 2 chunks of one block (rank 0: blocks 0
+and 2, rank 1: blocks 1 and 3), 4 pipeline micro-batches per network call (a multiple of PP, as Megatron's
+interleaved schedule needs). PP=1 runs in the test process. Float32, so the tolerance is round-off (1e-5
+relative): the chunks compute the same products, only sums over micro-batches, chunks and stages change order.
+The negative: the replicated embeddings' gradient not summed across the chunks (chunk 1's copies unmarked, so
+Megatron's ``finalize_model_grads`` leaves them out) must fail the gradient comparison.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from tests.dist_helpers import spawn
+from tests.test_train_pp import COMPARED, STEPS, TOL, _cfg, _rel
+
+PP, VP = 2, 2
+
+
+def _vcfg(path, steps=STEPS, micro=4, vp=VP, pp=PP):
+    cfg = _cfg(path, pp, steps=steps, micro=micro)
+    cfg.parallel.virtual_pipeline = vp
+    return cfg
+
+
+def _gather(module, tensors):
+    """{global key: [one tensor per copy]} of ``tensors`` (keyed like ``module.named_parameters``) over the
+    pipeline group: a stage model's or each ``ModelChunks`` chunk's tensors, TP-gathered, global layer numbers;
+    the replicated conditioning embeddings once per chunk and stage."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_rcm.parallel.pipeline import ModelChunks, global_state_dict
+    from megatron_rcm.parallel.sharding import gather_full_state_dict
+
+    chunks = list(enumerate(module)) if isinstance(module, ModelChunks) else [(None, module)]
+    local: dict[str, list] = {}
+    for c, chunk in chunks:
+        prefix = "" if c is None else f"{c}."
+        saved = {n: p.data for n, p in chunk.named_parameters()}
+        for n, p in chunk.named_parameters():
+            p.data = tensors[prefix + n]
+        try:
+            part = global_state_dict(gather_full_state_dict(chunk), chunk.stage)
+        finally:
+            for n, p in chunk.named_parameters():
+                p.data = saved[n]
+        for k, v in part.items():
+            local.setdefault(k, []).append(v)
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return local
+    parts = [None] * ps.get_pipeline_model_parallel_world_size()
+    dist.all_gather_object(parts, local, group=ps.get_pipeline_model_parallel_group())
+    out: dict[str, list] = {}
+    for part in parts:
+        for k, v in part.items():
+            out.setdefault(k, []).extend(v)
+    return out
+
+
+def _weights(trainer):
+    student = trainer.student.module
+    w = {f"student.{k}": v for k, v in _gather(student, dict(student.named_parameters())).items()}
+    critic = trainer.critic.module
+    w.update({f"critic.{k}": v for k, v in _gather(critic, dict(critic.named_parameters())).items()})
+    w.update({f"ema.{k}": v for k, v in _gather(student, trainer.ema.shadow).items()})
+    return w
+
+
+def _run(cfg, unsummed=False, train=True):
+    from megatron_rcm.parallel.pipeline import REPLICATED_ATTR, ModelChunks
+    from megatron_rcm.training import Trainer
+
+    trainer = Trainer(cfg)
+    if unsummed:  # the negative: chunk 1's copies of the conditioning embeddings left out of the sum
+        for net in (trainer.student, trainer.critic):
+            assert isinstance(net.module, ModelChunks)
+            for p in net.module[1].parameters():
+                if getattr(p, REPLICATED_ATTR, False):
+                    delattr(p, REPLICATED_ATTR)
+    grads = []
+
+    def on_step(tr, metrics):
+        net = tr.student if metrics["is_student_step"] else tr.critic
+        name = "student" if metrics["is_student_step"] else "critic"
+        main = {n: p.main_grad for n, p in net.module.named_parameters()}
+        grads.append({f"{name}.{k}": v for k, v in _gather(net.module, main).items()})
+
+    history = trainer.train(on_step=on_step) if train else []
+    weights = _weights(trainer)
+    if train:
+        weights["samples 2-step"] = [trainer.sample(2, seed=11)]
+    trainer.close()
+    return history, grads, weights
+
+
+def _worker(rank, world, path, steps, unsummed=False, train=True):
+    from megatron_rcm.parallel.state import destroy_parallel
+
+    out = _run(_vcfg(path, steps), unsummed, train)
+    destroy_parallel()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """PP=1, STEPS steps; its checkpoint at step STEPS is under ``root/ref/ckpt``."""
+    from megatron_rcm.parallel.state import destroy_parallel
+
+    root = tmp_path_factory.mktemp("vpp-pp1")
+    ref = _run(_cfg(root / "ref", micro=1))
+    destroy_parallel()
+    return root / "ref", ref
+
+
+def _grad_errors(ref_grads, grads):
+    errs = {}
+    for i, (a, b) in enumerate(zip(ref_grads, grads)):
+        assert a.keys() == b.keys(), i
+        for k, (want,) in a.items():
+            errs.update({f"step {i} {k} copy {j}": _rel(got, want) for j, got in enumerate(b[k])})
+    return errs
+
+
+def _weight_errors(ref_w, w):
+    assert w.keys() == ref_w.keys()
+    return {f"{k} copy {j}": _rel(got, want) for k, (want,) in ref_w.items() for j, got in enumerate(w[k])}
+
+
+def test_vpp_trainer_equals_pp1_and_resumes_at_pp1(reference, tmp_path):
+    from megatron_rcm.parallel.state import destroy_parallel
+
+    ref_dir, (ref_hist, ref_grads, ref_w) = reference
+    hist, grads, w = spawn(_worker, PP, str(tmp_path / "vpp"), STEPS)
+    assert len(hist) == len(ref_hist) == STEPS
+    assert {"loss/scm", "loss/dmd"} <= set(ref_hist[2]) and "loss/critic" in ref_hist[3]
+    errs = {}
+    for i, (a, b) in enumerate(zip(ref_hist, hist)):
+        keys = sorted(k for k in a if k.startswith(COMPARED))
+        assert keys == sorted(k for k in b if k.startswith(COMPARED)), i
+        errs.update({f"step {i} {k}": abs(a[k] - b[k]) / max(abs(a[k]), 1e-30) for k in keys})
+    assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
+    # every block once, each conditioning embedding 4 times (2 chunks x 2 stages)
+    assert len(grads[0]["student.time_embedding.linear_1.weight"]) == PP * VP
+    gerrs = _grad_errors(ref_grads, grads)
+    assert max(gerrs.values()) <= TOL, max(gerrs.items(), key=lambda kv: kv[1])
+    werrs = _weight_errors(ref_w, w)
+    assert max(werrs.values()) <= TOL, max(werrs.items(), key=lambda kv: kv[1])
+
+    # the PP=2 x V=2 checkpoint (step STEPS, global layer numbering) resumes at PP=1 with the same weights
+    _, _, resumed = _run(_cfg(tmp_path / "vpp", steps=STEPS, micro=1), train=False)
+    destroy_parallel()
+    w.pop("samples 2-step")
+    assert resumed.keys() == w.keys()
+    diffs = {k: max((c - resumed[k][0]).abs().max().item() for c in copies) for k, copies in w.items()}
+    assert max(diffs.values()) == 0.0, max(diffs.items(), key=lambda kv: kv[1])
+
+
+def test_pp1_checkpoint_resumes_at_vpp(reference):
+    """The PP=1 reference's checkpoint loads into PP=2 x V=2 chunks: every copy bit-equal to PP=1's weights."""
+    ref_dir, (_, _, ref_w) = reference
+    _, _, w = spawn(_worker, PP, str(ref_dir), STEPS, False, False)
+    ref_w = {k: v for k, v in ref_w.items() if not k.startswith("samples")}
+    assert w.keys() == ref_w.keys()
+    diffs = {k: max((c - ref_w[k][0]).abs().max().item() for c in copies) for k, copies in w.items()}
+    assert max(diffs.values()) == 0.0, max(diffs.items(), key=lambda kv: kv[1])
+
+
+def test_unsummed_chunk_embedding_grads_fail(reference, tmp_path):
+    """Without the sum across chunks, chunk 1's copies (and chunk 0's sums) miss gradient: far off PP=1."""
+    _, (_, ref_grads, _) = reference
+    _, grads, _ = spawn(_worker, PP, str(tmp_path / "unsummed"), 1, True)
+    gerrs = _grad_errors(ref_grads[:1], grads)
+    assert max(gerrs.values()) > 1e-2
+    assert max(v for k, v in gerrs.items() if "blocks." in k) <= TOL  # the blocks' own gradients are unaffected
+
+
+def test_vpp_config_errors_name_the_numbers(monkeypatch):
+    from megatron_rcm.config.schema import ConfigError
+    from megatron_rcm.training import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    Trainer._check_layout(_vcfg("/nonexistent"))
+    with pytest.raises(ConfigError, match=r"multiple of pipeline_parallel 2, got 3"):
+        Trainer._check_layout(_vcfg("/nonexistent", micro=3))
+    with pytest.raises(ConfigError, match=r"4 transformer layers do not split evenly over pipeline_parallel x "
+                                          r"virtual_pipeline = 2 x 4 = 8"):
+        Trainer._check_layout(_vcfg("/nonexistent", vp=4))
+    with pytest.raises(ConfigError, match=r"virtual_pipeline 2 needs pipeline_parallel > 1"):
+        Trainer._check_layout(_vcfg("/nonexistent", pp=1))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    pytest.main([__file__, "-q"])
