@@ -1,6 +1,7 @@
 """Optimizers for the student and the critic, and the linear learning-rate warm-up.
 
-CUDA: Megatron-Core's optimizer (``get_megatron_optimizer``) over the DDP-wrapped model: bf16 params,
+CUDA: Megatron-Core's optimizer (``get_megatron_optimizer``) over the DDP-wrapped model (all its chunks under
+the interleaved pipeline schedule): bf16 params,
 fp32 master weights, gradient clipping, and with ``parallel.distributed_optimizer`` the ZeRO-1
 ``DistributedOptimizer``.
 

@@ -16,7 +16,10 @@ averages them over the data-parallel-with-context group (DP x CP ranks): the los
 before the backward, as Megatron's GPT does, so that the average is the DP mean of the full gradient.
 Under pipeline parallelism each network is this rank's stage, seen by the engine through ``PipelinedNet``
 (``training/pipelined_net.py``: Megatron's schedules, whole outputs on every stage); after the backward of
-the engine's loss, the gradient-carrying calls are replayed through the 1F1B schedule.
+the engine's loss, the gradient-carrying calls are replayed through the 1F1B schedule. With
+``parallel.virtual_pipeline`` V > 1 each network is this rank's V model chunks (``ModelChunks``: DDP per chunk,
+one optimizer and one EMA over all chunks, ``finalize_model_grads`` over the chunk list), run through
+Megatron's interleaved schedule.
 """
 
 from __future__ import annotations
