@@ -52,7 +52,7 @@ def _gather(module, tensors):
             for n, p in chunk.named_parameters():
                 p.data = saved[n]
         for k, v in part.items():
-            local.setdefault(k, []).append(v)
+            local.setdefault(k, []).append(v.cpu())  # all_gather_object below pickles them
     if ps.get_pipeline_model_parallel_world_size() == 1:
         return local
     parts = [None] * ps.get_pipeline_model_parallel_world_size()
