@@ -73,11 +73,14 @@ def _weights(trainer):
     return w
 
 
-def _run(cfg, unsummed=False, train=True):
+def _run(cfg, unsummed=False):
+    """(metrics per step, gradients per step, weights and samples after training, the weights right after a
+    resume or None)."""
     from megatron_rcm.parallel.pipeline import REPLICATED_ATTR, ModelChunks
     from megatron_rcm.training import Trainer
 
     trainer = Trainer(cfg)
+    start = _weights(trainer) if trainer.step > 0 else None
     if unsummed:  # the negative: chunk 1's copies of the conditioning embeddings left out of the sum
         for net in (trainer.student, trainer.critic):
             assert isinstance(net.module, ModelChunks)
@@ -92,18 +95,17 @@ def _run(cfg, unsummed=False, train=True):
         main = {n: p.main_grad for n, p in net.module.named_parameters()}
         grads.append({f"{name}.{k}": v for k, v in _gather(net.module, main).items()})
 
-    history = trainer.train(on_step=on_step) if train else []
+    history = trainer.train(on_step=on_step)
     weights = _weights(trainer)
-    if train:
-        weights["samples 2-step"] = [trainer.sample(2, seed=11)]
+    weights["samples 2-step"] = [trainer.sample(2, seed=11)]
     trainer.close()
-    return history, grads, weights
+    return history, grads, weights, start
 
 
-def _worker(rank, world, path, steps, unsummed=False, train=True):
+def _worker(rank, world, path, steps, unsummed=False):
     from megatron_rcm.parallel.state import destroy_parallel
 
-    out = _run(_vcfg(path, steps), unsummed, train)
+    out = _run(_vcfg(path, steps), unsummed)
     destroy_parallel()
     return out
 
@@ -117,6 +119,34 @@ def reference(tmp_path_factory):
     ref = _run(_cfg(root / "ref", micro=1))
     destroy_parallel()
     return root / "ref", ref
+
+
+@pytest.fixture(scope="module")
+def longer(tmp_path_factory):
+    """PP=1, STEPS + 2 steps: what a resumed run must continue as."""
+    from megatron_rcm.parallel.state import destroy_parallel
+
+    out = _run(_cfg(tmp_path_factory.mktemp("vpp-pp1-long") / "long", steps=STEPS + 2, micro=1))
+    destroy_parallel()
+    return out
+
+
+def _check_resumed(saved, start, continued, longer):
+    """Bit-equal weights right after the resume; the two steps after it as the uninterrupted PP=1 run's (1e-5)."""
+    saved = {k: v for k, v in saved.items() if not k.startswith("samples")}
+    assert start.keys() == saved.keys()
+    diffs = {f"{k} copy {i}/{j}": (a - b).abs().max().item()
+             for k in saved for i, a in enumerate(saved[k]) for j, b in enumerate(start[k])}
+    assert max(diffs.values()) == 0.0, max(diffs.items(), key=lambda kv: kv[1])
+    hist, weights = continued
+    l_hist, _, l_weights, _ = longer
+    assert len(hist) == 2
+    errs = {f"step {STEPS + i} {k}": abs(a[k] - b[k]) / max(abs(a[k]), 1e-30)
+            for i, (a, b) in enumerate(zip(l_hist[STEPS:], hist, strict=True)) for k in a if k.startswith(COMPARED)}
+    # not the samples: a resumed trainer samples the first batch it reads itself (the batch of step STEPS + 1)
+    errs.update(_weight_errors({k: v for k, v in l_weights.items() if not k.startswith("samples")},
+                               {k: v for k, v in weights.items() if not k.startswith("samples")}))
+    assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
 
 
 def _grad_errors(ref_grads, grads):
@@ -133,11 +163,11 @@ def _weight_errors(ref_w, w):
     return {f"{k} copy {j}": _rel(got, want) for k, (want,) in ref_w.items() for j, got in enumerate(w[k])}
 
 
-def test_vpp_trainer_equals_pp1_and_resumes_at_pp1(reference, tmp_path):
+def test_vpp_trainer_equals_pp1_and_resumes_at_pp1(reference, longer, tmp_path):
     from megatron_rcm.parallel.state import destroy_parallel
 
-    ref_dir, (ref_hist, ref_grads, ref_w) = reference
-    hist, grads, w = spawn(_worker, PP, str(tmp_path / "vpp"), STEPS)
+    ref_dir, (ref_hist, ref_grads, ref_w, _) = reference
+    hist, grads, w, _ = spawn(_worker, PP, str(tmp_path / "vpp"), STEPS)
     assert len(hist) == len(ref_hist) == STEPS
     assert {"loss/scm", "loss/dmd"} <= set(ref_hist[2]) and "loss/critic" in ref_hist[3]
     errs = {}
@@ -153,29 +183,28 @@ def test_vpp_trainer_equals_pp1_and_resumes_at_pp1(reference, tmp_path):
     werrs = _weight_errors(ref_w, w)
     assert max(werrs.values()) <= TOL, max(werrs.items(), key=lambda kv: kv[1])
 
-    # the PP=2 x V=2 checkpoint (step STEPS, global layer numbering) resumes at PP=1 with the same weights
-    _, _, resumed = _run(_cfg(tmp_path / "vpp", steps=STEPS, micro=1), train=False)
+    # the PP=2 x V=2 checkpoint (step STEPS, global layer numbering) resumes at PP=1 with the same weights and
+    # continues as the uninterrupted PP=1 run (optimizer, scheduler, EMA count, RNG and data state restored)
+    c_hist, _, c_w, start = _run(_cfg(tmp_path / "vpp", steps=STEPS + 2, micro=1))
     destroy_parallel()
-    w.pop("samples 2-step")
-    assert resumed.keys() == w.keys()
-    diffs = {k: max((c - resumed[k][0]).abs().max().item() for c in copies) for k, copies in w.items()}
-    assert max(diffs.values()) == 0.0, max(diffs.items(), key=lambda kv: kv[1])
+    _check_resumed(w, start, (c_hist, c_w), longer)
 
 
-def test_pp1_checkpoint_resumes_at_vpp(reference):
-    """The PP=1 reference's checkpoint loads into PP=2 x V=2 chunks: every copy bit-equal to PP=1's weights."""
-    ref_dir, (_, _, ref_w) = reference
-    _, _, w = spawn(_worker, PP, str(ref_dir), STEPS, False, False)
-    ref_w = {k: v for k, v in ref_w.items() if not k.startswith("samples")}
-    assert w.keys() == ref_w.keys()
-    diffs = {k: max((c - ref_w[k][0]).abs().max().item() for c in copies) for k, copies in w.items()}
-    assert max(diffs.values()) == 0.0, max(diffs.items(), key=lambda kv: kv[1])
+def test_pp1_checkpoint_resumes_at_vpp(reference, longer, tmp_path):
+    """The PP=1 reference's checkpoint loads into PP=2 x V=2 chunks (every copy bit-equal to PP=1's weights) and
+    continues as the uninterrupted PP=1 run."""
+    import shutil
+
+    ref_dir, (_, _, ref_w, _) = reference
+    shutil.copytree(ref_dir / "ckpt", tmp_path / "from-pp1" / "ckpt")  # the fixture's checkpoint stays as it is
+    hist, _, w, start = spawn(_worker, PP, str(tmp_path / "from-pp1"), STEPS + 2)
+    _check_resumed(ref_w, start, (hist, w), longer)
 
 
 def test_unsummed_chunk_embedding_grads_fail(reference, tmp_path):
     """Without the sum across chunks, chunk 1's copies (and chunk 0's sums) miss gradient: far off PP=1."""
-    _, (_, ref_grads, _) = reference
-    _, grads, _ = spawn(_worker, PP, str(tmp_path / "unsummed"), 1, True)
+    _, (_, ref_grads, _, _) = reference
+    _, grads, _, _ = spawn(_worker, PP, str(tmp_path / "unsummed"), 1, True)
     gerrs = _grad_errors(ref_grads[:1], grads)
     assert max(gerrs.values()) > 1e-2
     assert max(v for k, v in gerrs.items() if "blocks." in k) <= TOL  # the blocks' own gradients are unaffected

@@ -48,9 +48,9 @@ def test_vpp_trainer_on_gpus_equals_pp1_and_resumes_at_pp1(tmp_path):
 
     cfg = _cfg(tmp_path / "ref", micro=1)
     cfg.checkpoint.optim_fully_reshardable = True
-    ref_hist, ref_grads, ref_w = _run(cfg)
+    ref_hist, ref_grads, ref_w, _ = _run(cfg)
     destroy_parallel()
-    hist, grads, w = spawn(_worker, PP, str(tmp_path / "vpp"))
+    hist, grads, w, _ = spawn(_worker, PP, str(tmp_path / "vpp"))
     errs = {}
     for i, (a, b) in enumerate(zip(ref_hist, hist, strict=True)):
         keys = sorted(k for k in a if k.startswith(COMPARED))
@@ -63,8 +63,9 @@ def test_vpp_trainer_on_gpus_equals_pp1_and_resumes_at_pp1(tmp_path):
 
     cfg = _cfg(tmp_path / "vpp", steps=STEPS, micro=1)
     cfg.checkpoint.optim_fully_reshardable = True
-    _, _, resumed = _run(cfg, train=False)
+    _, _, _, resumed = _run(cfg)  # at step STEPS already: loads, trains no step
     destroy_parallel()
     w.pop("samples 2-step")
+    assert resumed.keys() == w.keys()
     diffs = {k: max(_rel(c, resumed[k][0]) for c in copies) for k, copies in w.items()}
     assert max(diffs.values()) == 0.0, max(diffs.items(), key=lambda kv: kv[1])
