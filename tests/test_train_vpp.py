@@ -2,7 +2,8 @@
 gradient norms of a warm-up student step, a student step, an rCM (sCM + DMD) student step and a critic step,
 every parameter gradient of every step (each chunk's copy of the replicated conditioning embeddings checked on
 its own), the weights after the optimizer steps (student, critic, EMA) and few-step samples; a PP=2 x V=2
-checkpoint resumes at PP=1 and a PP=1 checkpoint at PP=2 x V=2 with bit-equal weights.
+checkpoint resumes at PP=1 and a PP=1 checkpoint at PP=2 x V=2 with bit-equal weights, and each continues two
+steps as an uninterrupted PP=1 run does.
 
 PP=2 x V=2 runs as 2 gloo processes on CPU: 4 layers, so each rank holds 2 chunks of one block (rank 0: blocks 0
 and 2, rank 1: blocks 1 and 3), 4 pipeline micro-batches per network call (a multiple of PP, as Megatron's
