@@ -224,6 +224,13 @@ def test_vpp_config_errors_name_the_numbers(monkeypatch):
         Trainer._check_layout(_vcfg("/nonexistent", vp=4))
     with pytest.raises(ConfigError, match=r"virtual_pipeline 2 needs pipeline_parallel > 1"):
         Trainer._check_layout(_vcfg("/nonexistent", pp=1))
+    # sampling a batch that the micro-batches do not divide: 1F1B falls back to 1, the interleaved schedule can't
+    from types import SimpleNamespace
+
+    assert Trainer._pp_microbatches(SimpleNamespace(cfg=_vcfg("/nonexistent")), 8) == 4
+    assert Trainer._pp_microbatches(SimpleNamespace(cfg=_vcfg("/nonexistent", vp=1)), 6) == 1
+    with pytest.raises(ValueError, match=r"sampling a batch of 6 .* parallel.pipeline_microbatches 4 does not divide it"):
+        Trainer._pp_microbatches(SimpleNamespace(cfg=_vcfg("/nonexistent")), 6)
 
 
 if __name__ == "__main__":

@@ -226,16 +226,10 @@ def allreduce_replicated_grads(model) -> None:
 
 
 def chunks_sharded_state_dict(chunks, prefix: str = "") -> dict:
-    """One sharded state dict for this rank's model chunks (the interleaved schedule), keyed like a PP=1
-    model's checkpoint: every chunk's blocks (global layer numbers) and ends; the conditioning embeddings that
-    each chunk copies are taken from chunk 0 alone (the copies are equal, and one rank may write each once)."""
-    out = dict(chunks[0].sharded_state_dict(prefix))
-    for c, chunk in enumerate(chunks[1:], start=1):
-        copies = tuple(f"{prefix}{name}." for name in chunk._conditioning_names())
-        for key, sh in chunk.sharded_state_dict(prefix).items():
-            if not key.startswith(copies):
-                out[f"chunk{c}.{key}"] = sh  # the dict key only has to be unique; the checkpoint uses sh.key
-    return out
+    """One sharded state dict for this rank's model chunks (the interleaved schedule), with the checkpoint keys
+    of a PP=1 model: ``ModelChunks.sharded_state_dict`` (every chunk's blocks by global layer number and its
+    ends; of the conditioning embeddings that each chunk copies, chunk 0 of rank 0 writes the main replica)."""
+    return ModelChunks(list(chunks)).sharded_state_dict(prefix)
 
 
 class ModelChunks(torch.nn.ModuleList):
