@@ -211,6 +211,55 @@ def test_unsummed_chunk_embedding_grads_fail(reference, tmp_path):
     assert max(v for k, v in gerrs.items() if "blocks." in k) <= TOL  # the blocks' own gradients are unaffected
 
 
+def _weights_worker(rank, world, pt_path, ckpt_dir):
+    """Teacher weights into PP=2 x V=2 chunks (``load_weights``): from a full state-dict file, and from the
+    chunks' own export; each chunk must hold exactly its part of the full model."""
+    from megatron_rcm.parallel import pipeline
+    from megatron_rcm.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_rcm.training.models import build_model, export_model, load_weights
+    from tests.test_wan_pp import _config
+
+    initialize_parallel(pipeline_parallel=PP, virtual_pipeline=VP)
+    full_sd = torch.load(pt_path, weights_only=True)
+    errs = {}
+    for name, seed, source in (("file", 7, pt_path), ("export", 9, ckpt_dir)):
+        chunks = build_model(_config("t2v"), seed)  # other draws, overwritten by the load
+        assert isinstance(chunks, pipeline.ModelChunks) and len(chunks) == VP
+        load_weights(chunks, source)
+        for chunk in chunks:
+            want = pipeline.stage_state_dict(full_sd, chunk.stage)
+            got = dict(chunk.named_parameters())
+            assert got.keys() == want.keys(), name
+            errs.update({f"{name} {k}": (got[k] - want[k]).abs().max().item() for k in want})
+        if name == "file":
+            export_model(chunks, ckpt_dir)
+    destroy_parallel()
+    return errs
+
+
+def test_teacher_weights_load_into_chunks_and_export(tmp_path):
+    """``load_weights`` into ``ModelChunks`` (a full file, a chunks' export) and the chunks' export at PP=1."""
+    from megatron_rcm.models.wan import WanModel
+    from megatron_rcm.parallel.state import destroy_parallel, initialize_parallel
+    from megatron_rcm.training.models import load_weights
+    from tests.test_wan_pp import _config
+
+    initialize_parallel(tensor_parallel=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        full_sd = {k: v.detach().clone() for k, v in WanModel(_config("t2v")).named_parameters()}
+    destroy_parallel()
+    torch.save(full_sd, tmp_path / "teacher.pt")
+    errs = spawn(_weights_worker, PP, str(tmp_path / "teacher.pt"), str(tmp_path / "export"))
+    assert max(errs.values()) == 0.0, max(errs.items(), key=lambda kv: kv[1])
+    initialize_parallel(tensor_parallel=1)
+    model = WanModel(_config("t2v"))
+    load_weights(model, tmp_path / "export")
+    destroy_parallel()
+    got = dict(model.named_parameters())
+    assert max((got[k] - full_sd[k]).abs().max().item() for k in got) == 0.0
+
+
 def test_vpp_config_errors_name_the_numbers(monkeypatch):
     from megatron_rcm.config.schema import ConfigError
     from megatron_rcm.training import Trainer
