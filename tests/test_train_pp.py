@@ -160,9 +160,10 @@ def test_pipeline_layout_errors_name_the_numbers(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(ConfigError, match=r"world size 4 is not divisible by TP x CP x PP = 1 x 1 x 8 = 8"):
         Trainer._check_layout(_cfg("/nonexistent", pp=8))
-    cfg = _cfg("/nonexistent", pp=2)
-    cfg.parallel.virtual_pipeline = 2
-    with pytest.raises(NotImplementedError, match="virtual_pipeline 2: the interleaved schedule runs at the stage"):
+    cfg = _cfg("/nonexistent", pp=2, micro=2)
+    cfg.parallel.virtual_pipeline = 4
+    with pytest.raises(ConfigError, match=r"4 transformer layers do not split evenly over pipeline_parallel x "
+                                          r"virtual_pipeline = 2 x 4 = 8"):
         Trainer._check_layout(cfg)
     monkeypatch.setenv("WORLD_SIZE", "6")
     with pytest.raises(ConfigError, match=r"world size 6 is not divisible by TP x CP x PP = 1 x 2 x 2 = 4"):

@@ -271,8 +271,8 @@ class ParallelConfig:
     World size = TP x CP x PP x DP; PP > 1 with CP > 1 is not implemented."""
 
     virtual_pipeline: int = 1
-    """Virtual stages per pipeline rank (the interleaved schedule): validated (layers must divide by
-    PP x V); only 1 is implemented."""
+    """Virtual stages (model chunks) per pipeline rank; > 1 runs Megatron's interleaved schedule (layers must
+    divide by PP x V, ``pipeline_microbatches`` must be a multiple of PP)."""
 
     pipeline_microbatches: int = 1
     """Under pipeline parallelism, the micro-batches each network call's batch is split into for Megatron's

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 __all__ = [
+    "ModelChunks",
     "PipelineStage",
     "allreduce_replicated_grads",
     "boundary_seq_length",
@@ -37,12 +38,14 @@ __all__ = [
     "key_on_stage",
     "stage_state_dict",
     "check_pipeline_layout",
+    "chunk_list",
     "chunks_sharded_state_dict",
     "pack_boundary",
     "pipeline_stage",
     "pp_rank",
     "pp_world_size",
     "unpack_boundary",
+    "vp_world_size",
 ]
 
 # Megatron's parameter attribute for embedders copied on every stage: its finalize_model_grads sums their
@@ -60,6 +63,13 @@ def pp_rank() -> int:
     if not parallel_state.model_parallel_is_initialized():
         return 0
     return parallel_state.get_pipeline_model_parallel_rank()
+
+
+def vp_world_size() -> int:
+    """V, the virtual pipeline size the parallel state was initialized with (1 without the interleaved schedule)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
 
 
 def check_pipeline_layout(num_layers: int, pp: int, vp: int = 1) -> None:
@@ -189,7 +199,7 @@ def allreduce_replicated_grads(model) -> None:
     """Sum the gradients of the stage-replicated parameters over the pipeline group (each stage holds the
     partial gradient through its own blocks) and, for a list of model chunks (the interleaved schedule), over
     the chunks' copies; every copy gets the sum. Uses ``main_grad`` (Megatron DDP) when present."""
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    chunks = chunk_list(model)
     if pp_world_size() == 1:
         return
     per_chunk = []
@@ -216,16 +226,58 @@ def allreduce_replicated_grads(model) -> None:
 
 
 def chunks_sharded_state_dict(chunks, prefix: str = "") -> dict:
-    """One sharded state dict for this rank's model chunks (the interleaved schedule), keyed like a PP=1
-    model's checkpoint: every chunk's blocks (global layer numbers) and ends; the conditioning embeddings that
-    each chunk copies are taken from chunk 0 alone (the copies are equal, and one rank may write each once)."""
-    out = dict(chunks[0].sharded_state_dict(prefix))
-    for c, chunk in enumerate(chunks[1:], start=1):
-        copies = tuple(f"{prefix}{name}." for name in chunk._conditioning_names())
-        for key, sh in chunk.sharded_state_dict(prefix).items():
-            if not key.startswith(copies):
-                out[f"chunk{c}.{key}"] = sh  # the dict key only has to be unique; the checkpoint uses sh.key
-    return out
+    """One sharded state dict for this rank's model chunks (the interleaved schedule), with the checkpoint keys
+    of a PP=1 model: ``ModelChunks.sharded_state_dict`` (every chunk's blocks by global layer number and its
+    ends; of the conditioning embeddings that each chunk copies, chunk 0 of rank 0 writes the main replica)."""
+    return ModelChunks(list(chunks)).sharded_state_dict(prefix)
+
+
+class ModelChunks(torch.nn.ModuleList):
+    """This rank's V model chunks of one network (the interleaved schedule), held as one module so that the
+    trainer builds, optimizes, averages (EMA) and checkpoints it as it does one stage model: parameter and
+    state-dict names are ``{c}.{name}`` (chunk c's own names), Megatron's schedules and ``finalize_model_grads``
+    take ``list(chunks)``. The chunks may be DDP-wrapped; ``module`` is then the chunks they wrap."""
+
+    @property
+    def config(self):
+        return self[0].config
+
+    @property
+    def module(self) -> ModelChunks:
+        """The unwrapped chunks (each DDP chunk's ``module``), built once and not registered as a submodule."""
+        inner = self.__dict__.get("_unwrapped")
+        if inner is None:
+            inner = self.__dict__["_unwrapped"] = ModelChunks([chunk.module for chunk in self])
+        return inner
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("ModelChunks has no forward of its own: run its chunks through Megatron's interleaved "
+                        "schedule (parallel/pipeline_schedule.py: run_schedule)")
+
+    def zero_grad_buffer(self) -> None:
+        for chunk in self:
+            chunk.zero_grad_buffer()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Every chunk's sharded state dict: dict keys ``{prefix}{c}.{name}`` (as ``named_parameters``), checkpoint
+        keys those of a PP=1 model (global layer numbers), so the checkpoint loads at any PP x V. The
+        conditioning embeddings that every chunk copies: chunk c's copy on pipeline rank p gets replica id
+        p + c PP, only chunk 0 of rank 0 writes them, every copy is loaded."""
+        out = {}
+        pp = pp_world_size()
+        for c, chunk in enumerate(self):
+            names = getattr(chunk, "module", chunk)._conditioning_names()  # through a DDP wrapper
+            copies = tuple(f"{prefix}{name}." for name in names)
+            for key, sh in chunk.sharded_state_dict(prefix, sharded_offsets, metadata).items():
+                if c > 0 and key.startswith(copies):
+                    sh.replica_id = (pp_rank() + c * pp, *sh.replica_id[1:])
+                out[f"{prefix}{c}.{key[len(prefix):]}"] = sh
+        return out
+
+
+def chunk_list(model) -> list:
+    """The model chunks of ``model``: a ``ModelChunks`` or list as its list, one model as a list of one."""
+    return list(model) if isinstance(model, (list, tuple, ModelChunks)) else [model]
 
 
 def key_on_stage(key: str, stage: PipelineStage) -> bool:

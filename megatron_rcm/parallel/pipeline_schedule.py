@@ -30,6 +30,7 @@ import torch
 
 from megatron_rcm.parallel.pipeline import (
     check_interleaved_microbatches,
+    chunk_list,
     interleaved_config_fields,
     pp_world_size,
 )
@@ -46,14 +47,14 @@ def run_schedule(
     forward_only: bool,
 ) -> list:
     """Run ``step`` over ``microbatches`` with Megatron's schedule; see the module docstring. ``model`` is the
-    stage model, or the list of this rank's model chunks (the interleaved schedule)."""
+    stage model, or this rank's model chunks (a list or ``ModelChunks``: the interleaved schedule)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel.schedules import get_forward_backward_func
     from megatron.core.utils import get_model_config
 
     if not microbatches:
         raise ValueError("run_schedule needs at least one micro-batch")
-    chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+    chunks = chunk_list(model)
     vp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
     if len(chunks) != vp:
         raise ValueError(f"{len(chunks)} model chunks on this rank, but the parallel state has virtual_pipeline {vp}")

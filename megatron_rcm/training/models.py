@@ -164,21 +164,32 @@ def check_i2v_data(cfg, data_cfg, preset: str) -> None:
 
 def build_model(wan_cfg, seed: int):
     """A WanModel (CosmosModel for a ``CosmosConfig``) with weights drawn from ``seed`` (identical on every
-    rank, whatever the TP size); under pipeline parallelism this rank's stage of it."""
+    rank, whatever the TP size); under pipeline parallelism this rank's stage of it, and with a virtual pipeline
+    size V > 1 (the interleaved schedule) this rank's V model chunks as one ``ModelChunks``."""
     from megatron_rcm.models.cosmos import CosmosConfig, CosmosModel
     from megatron_rcm.models.wan import WanModel
-    from megatron_rcm.parallel.pipeline import pipeline_stage, pp_world_size, stage_state_dict
+    from megatron_rcm.parallel.pipeline import (
+        ModelChunks,
+        pipeline_stage,
+        pp_world_size,
+        stage_state_dict,
+        vp_world_size,
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = (CosmosModel if isinstance(wan_cfg, CosmosConfig) else WanModel)(wan_cfg)
     if pp_world_size() > 1:
-        # this pipeline stage, with the whole model's draws (the same weights as at PP=1; the whole model is
-        # built once on the CPU: random weights are for tests and throughput runs)
-        stage = pipeline_stage(wan_cfg.num_layers)
-        full_sd = model.state_dict()
-        model = WanModel(wan_cfg, **stage.model_kwargs)
-        model.load_state_dict(stage_state_dict(full_sd, stage), strict=True)
+        # this pipeline stage (or its chunks), with the whole model's draws (the same weights as at PP=1; the
+        # whole model is built once on the CPU: random weights are for tests and throughput runs)
+        full_sd, vp = model.state_dict(), vp_world_size()
+        chunks = []
+        for c in range(vp):
+            stage = pipeline_stage(wan_cfg.num_layers, vp=vp, chunk=c)
+            chunk = WanModel(wan_cfg, **stage.model_kwargs)
+            chunk.load_state_dict(stage_state_dict(full_sd, stage), strict=True)
+            chunks.append(chunk)
+        model = chunks[0] if vp == 1 else ModelChunks(chunks)
     return model
 
 
@@ -230,9 +241,14 @@ def load_weights(model, path: str | Path, preset: str | None = None, what: str =
     architecture is a ``ConfigError`` naming ``what`` (the config key), ``preset`` and the shapes
     (``check_architecture``). A ``TwoExpertNet`` loads from a two-expert folder (``load_expert_weights``)."""
     from megatron_rcm.models.wan.experts import TwoExpertNet
+    from megatron_rcm.parallel.pipeline import ModelChunks
 
     if isinstance(model, TwoExpertNet):
         load_expert_weights(model, path, preset, what)
+        return
+    if isinstance(model, ModelChunks):  # the interleaved schedule's chunks: each loads its blocks and ends
+        for chunk in model:
+            load_weights(chunk, path, preset, what)
         return
     path = Path(path)
     if path.is_dir():

@@ -1,6 +1,7 @@
 """Optimizers for the student and the critic, and the linear learning-rate warm-up.
 
-CUDA: Megatron-Core's optimizer (``get_megatron_optimizer``) over the DDP-wrapped model: bf16 params,
+CUDA: Megatron-Core's optimizer (``get_megatron_optimizer``) over the DDP-wrapped model (all its chunks under
+the interleaved pipeline schedule): bf16 params,
 fp32 master weights, gradient clipping, and with ``parallel.distributed_optimizer`` the ZeRO-1
 ``DistributedOptimizer``.
 
@@ -190,7 +191,9 @@ class MegatronOptimizer:
             fp16=params_dtype == torch.float16, params_dtype=params_dtype,
             use_distributed_optimizer=distributed, decoupled_weight_decay=True,
         )
-        self.optimizer = get_megatron_optimizer(cfg, [ddp_model])
+        from megatron_rcm.parallel.pipeline import chunk_list
+
+        self.optimizer = get_megatron_optimizer(cfg, chunk_list(ddp_model))  # all model chunks' parameters
         for opt in self._megatron_optimizers():
             if hasattr(opt, "_set_main_param_and_optimizer_states"):
                 load_states_around_step(opt)

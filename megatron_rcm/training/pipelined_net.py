@@ -23,6 +23,10 @@ it needs each network's full output on every rank:
   does not depend on its tangent, so the JVP pass's t_v (stacked with the primal at the stage boundaries)
   is computed once, forward-only.
 
+With ``parallel.virtual_pipeline`` V > 1 the module is this rank's V model chunks (``ModelChunks``) and every
+call runs Megatron's interleaved schedule over them (m must then be a multiple of PP); the last chunk of the
+last stage (the head) computes the loss, the rest is unchanged.
+
 Under context parallelism (PP x CP) each CP rank runs the same engine on the same sample; the stage
 boundaries carry this CP rank's token shard ([2,] s, b, D with s = S_pad / CP, S_pad the sequence padded as
 ``parallel/context.py: token_shard`` pads it) and the last stage's head gathers the whole output over the CP
@@ -45,11 +49,11 @@ from megatron_rcm.parallel.pipeline_schedule import run_schedule
 __all__ = ["PipelinedNet"]
 
 
-def _stage_forward_jvp(model):
-    """``forward_jvp`` of the stage model, looking through DDP-style wrappers (``.module``)."""
+def _unwrapped(model):
+    """The stage model (or model chunk) inside DDP-style wrappers (``.module``)."""
     while not hasattr(model, "forward_jvp"):
         model = model.module
-    return model.forward_jvp
+    return model
 
 
 def _split(t, m):
@@ -57,7 +61,8 @@ def _split(t, m):
 
 
 class PipelinedNet(nn.Module):
-    """See the module docstring. ``module`` is the stage model (possibly DDP-wrapped)."""
+    """See the module docstring. ``module`` is the stage model (possibly DDP-wrapped), or under the interleaved
+    schedule this rank's ``ModelChunks`` (each chunk possibly DDP-wrapped)."""
 
     def __init__(self, module: nn.Module, num_microbatches: int):
         super().__init__()
@@ -94,12 +99,11 @@ class PipelinedNet(nn.Module):
         cfg = self.module.config
         _, _, F, H, W = x_BCFHW.shape
         pt, ph, pw = cfg.patch_size
-        fwd = _stage_forward_jvp(self.module)
-        last = parallel_state.is_pipeline_last_stage()
 
-        def step(mb, model):
-            out = fwd(*mb)
-            if not last:
+        def step(mb, model):  # model: the stage model, or under the interleaved schedule the chunk to run
+            stage = _unwrapped(model)
+            out = stage.forward_jvp(*mb)
+            if not stage.post_process:
                 return out[0], None
             return out, lambda vt: loss_of(mb, vt)
 

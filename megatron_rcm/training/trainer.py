@@ -16,7 +16,10 @@ averages them over the data-parallel-with-context group (DP x CP ranks): the los
 before the backward, as Megatron's GPT does, so that the average is the DP mean of the full gradient.
 Under pipeline parallelism each network is this rank's stage, seen by the engine through ``PipelinedNet``
 (``training/pipelined_net.py``: Megatron's schedules, whole outputs on every stage); after the backward of
-the engine's loss, the gradient-carrying calls are replayed through the 1F1B schedule.
+the engine's loss, the gradient-carrying calls are replayed through the 1F1B schedule. With
+``parallel.virtual_pipeline`` V > 1 each network is this rank's V model chunks (``ModelChunks``: DDP per chunk,
+one optimizer and one EMA over all chunks, ``finalize_model_grads`` over the chunk list), run through
+Megatron's interleaved schedule.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from megatron_rcm.config.loader import to_dict
 from megatron_rcm.config.preflight import preflight
 from megatron_rcm.config.schema import ConfigError, ExperimentConfig
 from megatron_rcm.data import build_data_source
+from megatron_rcm.parallel.pipeline import ModelChunks, chunk_list, interleaved_config_fields
 from megatron_rcm.training.checkpoint import (
     CheckpointError,
     CheckpointManager,
@@ -76,7 +80,8 @@ class Trainer:
                               "paths are active); use training.device=auto")
         initialize_parallel(pcfg.tensor_parallel, pcfg.pipeline_parallel, pcfg.context_parallel,
                             seed=cfg.training.seed,
-                            hierarchical_context_parallel_sizes=pcfg.hierarchical_context_parallel_sizes)
+                            hierarchical_context_parallel_sizes=pcfg.hierarchical_context_parallel_sizes,
+                            virtual_pipeline=pcfg.virtual_pipeline)
         from megatron.core import parallel_state as ps
 
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else \
@@ -111,6 +116,8 @@ class Trainer:
         if self.pp_size > 1:
             self.wan_cfg.pipeline_dtype = DTYPES[cfg.model.params_dtype]  # what the stages send each other
             self.wan_cfg.has_cond_embedder = True  # finalize_model_grads sums the replicated embedders' grads
+            for k, v in interleaved_config_fields(self.pp_size, pcfg.virtual_pipeline).items():  # V > 1 only
+                setattr(self.wan_cfg, k, v)
         check_timestep_scale(cfg.model, cfg.distill)
         check_condition_frames(cfg.model, cfg.distill, cfg.data)
         if self.wan_cfg.fp8 and self.pp_size > 1:
@@ -158,22 +165,20 @@ class Trainer:
 
         pcfg = cfg.parallel
         world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
-        from megatron_rcm.parallel.pipeline import check_pipeline_layout
+        from megatron_rcm.parallel.pipeline import check_interleaved_microbatches, check_pipeline_layout
 
         model_cfg = build_wan_config(cfg.model)
         if pcfg.pipeline_parallel > 1 and is_cosmos_preset(cfg.model.preset):
             raise NotImplementedError(f"model.preset={cfg.model.preset!r}: the Cosmos model has no pipeline "
                                       "stages yet (Wan has); set parallel.pipeline_parallel=1")
-        if pcfg.virtual_pipeline > 1:
-            raise NotImplementedError(
-                f"parallel.virtual_pipeline {pcfg.virtual_pipeline}: the interleaved schedule runs at the stage level "
-                "(parallel/pipeline_schedule.py: run_schedule with model chunks), but the trainer builds, wraps, "
-                "optimizes and checkpoints one model per network, not a list of chunks; use virtual_pipeline 1")
         try:
             check_parallel_layout(world, pcfg.tensor_parallel, pcfg.context_parallel, pcfg.pipeline_parallel,
                                   model_cfg.num_attention_heads, pcfg.cp_comm_type,
                                   pcfg.hierarchical_context_parallel_sizes)
             check_pipeline_layout(model_cfg.num_layers, pcfg.pipeline_parallel, pcfg.virtual_pipeline)
+            # every network call's micro-batches (parallel.pipeline_microbatches) go through the interleaved
+            # schedule, which needs a multiple of PP
+            check_interleaved_microbatches(pcfg.pipeline_microbatches, pcfg.pipeline_parallel, pcfg.virtual_pipeline)
         except ValueError as err:
             raise ConfigError(f"invalid 'parallel' section: {err}") from err
 
@@ -212,6 +217,8 @@ class Trainer:
         return model
 
     def _wrap(self, module):
+        """Megatron's DDP around the network; under the interleaved schedule around each model chunk, as
+        Megatron-LM does (bucketing only for the first chunk: ``disable_bucketing`` for the others)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
         ddp_cfg = DistributedDataParallelConfig(
@@ -220,6 +227,9 @@ class Trainer:
             use_distributed_optimizer=self.use_megatron_optimizer and self.cfg.parallel.distributed_optimizer,
             check_for_nan_in_grad=False,
         )
+        if isinstance(module, ModelChunks):
+            return ModelChunks([DistributedDataParallel(self.wan_cfg, ddp_cfg, chunk, disable_bucketing=c > 0)
+                                for c, chunk in enumerate(module)])
         return DistributedDataParallel(self.wan_cfg, ddp_cfg, module)
 
     def _engine_nets(self):
@@ -245,8 +255,18 @@ class Trainer:
         return self._pipelined
 
     def _pp_microbatches(self, batch_size: int) -> int:
-        m = self.cfg.parallel.pipeline_microbatches
-        return m if batch_size % m == 0 else 1
+        """The micro-batches of a sampling call: ``parallel.pipeline_microbatches`` when they divide the batch,
+        else 1 (1F1B); the interleaved schedule needs a multiple of PP, so there it is an error naming both."""
+        pcfg = self.cfg.parallel
+        m = pcfg.pipeline_microbatches
+        if batch_size % m == 0:
+            return m
+        if pcfg.virtual_pipeline > 1:
+            raise ValueError(f"sampling a batch of {batch_size} under the interleaved schedule (virtual_pipeline "
+                             f"{pcfg.virtual_pipeline}): parallel.pipeline_microbatches {m} does not divide it, and "
+                             f"1 micro-batch is not a multiple of pipeline_parallel {pcfg.pipeline_parallel}; "
+                             f"sample a batch divisible by {m}")
+        return 1
 
     # ------------------------------------------------------------------------------------------------
     def _distill_batch(self, batch):
@@ -294,7 +314,7 @@ class Trainer:
                 else:
                     sums[k] = sums.get(k, 0.0) + v / self.accum
         with self.timers("grad_reduce"):
-            finalize_model_grads([net])
+            finalize_model_grads(chunk_list(net))  # under V > 1: the replicated embedders summed over chunks
         with self.timers("optimizer"):
             ok, grad_norm = opt.step()
         if not ok:
