@@ -19,7 +19,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
-def test_example_config_builds(path, monkeypatch):
+def test_example_config_builds(path):
     from megatron_rcm.training import Trainer
 
     cfg = load_config(path, ["data.path=/shards"])
@@ -27,8 +27,7 @@ def test_example_config_builds(path, monkeypatch):
     check_timestep_scale(cfg.model, cfg.distill)
     check_condition_frames(cfg.model, cfg.distill, cfg.data)
     p = cfg.parallel
-    monkeypatch.setenv("WORLD_SIZE", str(p.tensor_parallel * p.context_parallel * p.pipeline_parallel))
-    Trainer._check_layout(cfg)
+    Trainer._check_layout(cfg, world=p.tensor_parallel * p.context_parallel * p.pipeline_parallel)
     assert model_cfg.num_attention_heads % p.tensor_parallel == 0
 
 

@@ -156,15 +156,17 @@ class Trainer:
         self._pipelined = None
 
     @staticmethod
-    def _check_layout(cfg) -> None:
+    def _check_layout(cfg, world: int | None = None) -> None:
         """world = TP x CP x PP x DP, the CP attention's constraints and the pipeline split (layers divisible by
-        PP x V), checked before any network is built."""
+        PP x V), checked before any network is built; ``world``: the number of ranks (default: the process
+        group's, else ``WORLD_SIZE``)."""
         import os
 
         from megatron_rcm.parallel.context import check_parallel_layout
 
         pcfg = cfg.parallel
-        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+        if world is None:
+            world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
         from megatron_rcm.parallel.pipeline import check_interleaved_microbatches, check_pipeline_layout
 
         model_cfg = build_wan_config(cfg.model)
