@@ -36,3 +36,41 @@ def spawn(fn, world_size: int, *args):
         out_path = os.path.join(tmp, "result.pt")
         mp.spawn(_entry, args=(fn, world_size, free_port(), out_path, args), nprocs=world_size, join=True)
         return torch.load(out_path, weights_only=False)
+
+
+COMPARED = ("loss/", "grad_norm/", "scm/g_norm", "dmd/weight")
+"""The per-step metrics a parallel trainer run must reproduce from its one-process reference."""
+
+
+def history_errors(ref_hist, got_hist, prefixes=COMPARED) -> dict:
+    """``"step i key" -> |a - b| / |a|`` for every compared metric of every step; asserts that both runs logged
+    the same compared keys at each step."""
+    errs = {}
+    for i, (a, b) in enumerate(zip(ref_hist, got_hist)):
+        keys = sorted(k for k in a if k.startswith(prefixes))
+        assert keys == sorted(k for k in b if k.startswith(prefixes)), i
+        errs.update({f"step {i} {k}": abs(a[k] - b[k]) / max(abs(a[k]), 1e-30) for k in keys})
+    return errs
+
+
+def reduced_full_grads(model) -> dict:
+    """The whole model's parameter gradients after the reductions DDP would do: sequence-parallel parameters'
+    gradients summed over TP, and every gradient over CP (each CP rank holds its tokens' share), then gathered
+    to full (unsharded) tensors. Leaves the parameters as they were."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_rcm.parallel.sharding import gather_full_state_dict
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False):
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+            dist.all_reduce(p.grad, group=ps.get_context_parallel_group())
+    saved = {n: p.data for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.data = p.grad
+    grads = gather_full_state_dict(model)
+    for n, p in model.named_parameters():
+        p.data = saved[n]
+    return grads

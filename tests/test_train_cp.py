@@ -16,12 +16,11 @@ import pytest
 import torch
 
 from megatron_rcm.config import load_config
-from tests.dist_helpers import spawn
+from tests.dist_helpers import history_errors, spawn
 from tests.test_ckpt_resume import TINY
 
 TOL = 1e-5
 STEPS = 4  # student sCM, student sCM, student sCM + DMD, critic (tangent_warmup 2, one student step in 2)
-COMPARED = ("loss/", "grad_norm/", "scm/g_norm", "dmd/weight")
 
 
 def _cfg(path, cp=1, comm="p2p", steps=STEPS):
@@ -115,16 +114,6 @@ def resumed_cp4(runs, cp_root):
     return spawn(_worker_cp4, 4, str(cp_root))
 
 
-def _errors(ref_hist, got_hist):
-    errs = {}
-    for i, (a, b) in enumerate(zip(ref_hist, got_hist)):
-        keys = sorted(k for k in a if k.startswith(COMPARED))
-        assert keys == sorted(k for k in b if k.startswith(COMPARED)), i
-        for k in keys:
-            errs[f"step {i} {k}"] = abs(a[k] - b[k]) / max(abs(a[k]), 1e-30)
-    return errs
-
-
 def _weight_errors(ref_w, got_w):
     return {k: ((got_w[k] - v).abs().max() / v.abs().max().clamp_min(1e-30)).item() for k, v in ref_w.items()}
 
@@ -135,7 +124,7 @@ def test_cp2_step_equals_cp1(runs, comm):
     hist, w = cp2[comm]
     assert len(hist) == len(ref_hist) == STEPS
     assert {"loss/scm", "loss/dmd"} <= set(ref_hist[2]) and "loss/critic" in ref_hist[3]
-    errs = _errors(ref_hist, hist)
+    errs = history_errors(ref_hist, hist)
     assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
     werrs = _weight_errors(ref_w, w)
     assert max(werrs.values()) <= TOL, max(werrs.items(), key=lambda kv: kv[1])
@@ -152,7 +141,7 @@ def test_per_shard_g_normalization_is_caught(runs):
 def test_cp2_checkpoint_resumes_at_cp1(runs):
     _, _, (resumed_hist, resumed_w), (long_hist, long_w) = runs
     assert len(resumed_hist) == 2  # steps 4 and 5, after the CP=2 run's checkpoint at step 4
-    errs = _errors(long_hist[STEPS:], resumed_hist)
+    errs = history_errors(long_hist[STEPS:], resumed_hist)
     assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
     # samples use the first batch each trainer saw (step 4's after the resume, step 0's otherwise): not compared
     weights = {k: v for k, v in long_w.items() if not k.startswith(("samples", "grid"))}
@@ -192,7 +181,7 @@ def test_cp2_checkpoint_resumes_at_cp4(runs, resumed_cp4):
     _, _, _, (long_hist, long_w) = runs
     resumed_hist, resumed_w = resumed_cp4
     assert len(resumed_hist) == 2
-    errs = _errors(long_hist[STEPS:], resumed_hist)
+    errs = history_errors(long_hist[STEPS:], resumed_hist)
     assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
     weights = {k: v for k, v in long_w.items() if not k.startswith(("samples", "grid"))}
     werrs = _weight_errors(weights, resumed_w)

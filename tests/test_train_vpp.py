@@ -19,8 +19,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist_helpers import spawn
-from tests.test_train_pp import COMPARED, STEPS, TOL, _cfg, _rel
+from tests.dist_helpers import COMPARED, history_errors, spawn
+from tests.test_train_pp import STEPS, TOL, _cfg, _rel
 
 PP, VP = 2, 2
 
@@ -171,11 +171,7 @@ def test_vpp_trainer_equals_pp1_and_resumes_at_pp1(reference, longer, tmp_path):
     hist, grads, w, _ = spawn(_worker, PP, str(tmp_path / "vpp"), STEPS)
     assert len(hist) == len(ref_hist) == STEPS
     assert {"loss/scm", "loss/dmd"} <= set(ref_hist[2]) and "loss/critic" in ref_hist[3]
-    errs = {}
-    for i, (a, b) in enumerate(zip(ref_hist, hist)):
-        keys = sorted(k for k in a if k.startswith(COMPARED))
-        assert keys == sorted(k for k in b if k.startswith(COMPARED)), i
-        errs.update({f"step {i} {k}": abs(a[k] - b[k]) / max(abs(a[k]), 1e-30) for k in keys})
+    errs = history_errors(ref_hist, hist)
     assert max(errs.values()) <= TOL, max(errs.items(), key=lambda kv: kv[1])
     # every block once, each conditioning embedding 4 times (2 chunks x 2 stages)
     assert len(grads[0]["student.time_embedding.linear_1.weight"]) == PP * VP

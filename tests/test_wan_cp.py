@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_rcm.convert.wan_keys import to_ours
-from megatron_rcm.parallel.sharding import gather_full_state_dict, load_full_state_dict
+from megatron_rcm.parallel.sharding import load_full_state_dict
 from megatron_rcm.parallel.state import destroy_parallel, initialize_parallel
-from tests.dist_helpers import spawn
+from tests.dist_helpers import reduced_full_grads, spawn
 from tests.wan_helpers import make_diffusers, make_inputs, rel_err
 
 TOL = 1e-5
@@ -27,7 +26,6 @@ PER_TOKEN = "27 tokens, a timestep per token"  # Wan2.2 TI2V: first frame (9 tok
 
 def _run(full_sd: dict, inp: dict, cp_comm_type: str = "p2p"):
     """Forward + JVP + backward of sum(v * w); returns (v, t_v, full gradients summed over CP ranks)."""
-    from megatron.core import parallel_state as ps
 
     from megatron_rcm.models.wan import WanModel, wan_config
 
@@ -35,19 +33,7 @@ def _run(full_sd: dict, inp: dict, cp_comm_type: str = "p2p"):
     load_full_state_dict(model, full_sd)
     v, t_v = model.forward_jvp(inp["x"], inp["t_x"], inp["timestep"], inp["t_timestep"], inp["context"])
     (v * inp["w"]).sum().backward()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for p in model.parameters():
-            if getattr(p, "sequence_parallel", False):
-                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
-            # each CP rank holds its tokens' share of every gradient (what DDP's DP x CP reduction sums)
-            dist.all_reduce(p.grad, group=ps.get_context_parallel_group())
-    saved = {n: p.data for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.data = p.grad
-    grads = gather_full_state_dict(model)
-    for n, p in model.named_parameters():
-        p.data = saved[n]
-    return v.detach(), t_v, grads
+    return v.detach(), t_v, reduced_full_grads(model)
 
 
 def _worker(rank, world, full_sd, inputs):
