@@ -145,5 +145,29 @@ def test_head_groups_config_errors():
     assert check_parallel_layout(4, 2, 2, 1, 12, "a2a", a2a_head_groups=3) == 1
 
 
+def test_trainer_checks_head_groups_before_any_network():
+    """The config path: parallel.cp_a2a_head_groups validated by the schema and by the trainer's layout check
+    (which runs before any network is built), naming the numbers; Cosmos refuses G > 1."""
+    from megatron_rcm.config import load_config
+    from megatron_rcm.config.schema import ConfigError
+    from megatron_rcm.training import Trainer
+    from tests.test_ckpt_resume import TINY  # wan-tiny-t2v: 4 heads
+
+    def cfg(*extra):
+        return load_config(None, [*TINY, "parallel.context_parallel=2", *extra])
+
+    with pytest.raises(ConfigError, match=r"parallel.cp_a2a_head_groups.*0 \(expected a positive integer\)"):
+        cfg("parallel.cp_a2a_head_groups=0")
+    with pytest.raises(ConfigError, match=r"cp_a2a_head_groups 4 must divide the heads per CP rank: 4 heads per "
+                                          r"tensor-parallel rank / context_parallel 2 = 2 heads"):
+        Trainer._check_layout(cfg("parallel.cp_comm_type=a2a", "parallel.cp_a2a_head_groups=4"), world=2)
+    with pytest.raises(ConfigError, match=r"'a2a' only, got 'p2p'"):
+        Trainer._check_layout(cfg("parallel.cp_a2a_head_groups=2"), world=2)
+    with pytest.raises(ConfigError, match=r"implemented for Wan only, not for model.preset='cosmos-tiny-t2i'"):
+        Trainer._check_layout(cfg("model.preset=cosmos-tiny-t2i", "parallel.cp_comm_type=a2a",
+                                  "parallel.cp_a2a_head_groups=2"), world=2)
+    Trainer._check_layout(cfg("parallel.cp_comm_type=a2a", "parallel.cp_a2a_head_groups=2"), world=2)
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
