@@ -143,8 +143,10 @@ def _grads_heads_to_seq(grads, cp: int, G: int, group) -> list[torch.Tensor]:
 
 
 class _PackIn(torch.autograd.Function):
-    """parts (X of [s, B, N, d]) -> G x X views [S_pad, B, n, d] of the receive buffers (filled by
-    ``start_in`` / ``wait_in`` outside autograd). Backward: the inverse all-to-all of the gradients."""
+    """parts (X of [s, B, N, d]) -> G x X views [S_pad, B, n, d] of the receive buffers, group-major (filled
+    by ``start_in`` / ``wait_in`` outside autograd). The first ``n_grad`` parts (q, k, v) carry gradients, the
+    tangents none. Backward: the inverse all-to-all of the gradients (the same parts on every rank: the
+    same graph)."""
 
     @staticmethod
     def forward(ctx, sched: _HeadGroups, n_grad: int, *parts):
