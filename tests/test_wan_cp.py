@@ -1,7 +1,7 @@
 """Context-parallel Wan equals the single-process model: outputs, tangents and every parameter gradient.
 
 One gloo group of 4 CPU processes runs every layout in turn (process start-up dominates the test time):
-CP=4 (p2p, a2a), CP=2 x TP=2 (p2p, a2a), CP=2 x DP=2 (p2p, a2a), each at 48 tokens and at 27 tokens
+CP=4 (p2p, a2a), CP=2 x TP=2 (p2p, a2a), CP=2 x DP=2 (p2p, a2a, a2a with 2 overlapped head groups), each at 48 tokens and at 27 tokens
 (not divisible by CP: the last shard is padded), and at 27 tokens with a timestep per token (Wan2.2 TI2V's
 per-token modulation sharded like the tokens, padding included). The reference is CP=1 in the test process. Float32: the
 sharded run sums the same products in a different order, so the tolerance is round-off (1e-5 relative).
@@ -19,7 +19,8 @@ from tests.dist_helpers import reduced_full_grads, spawn
 from tests.wan_helpers import make_diffusers, make_inputs, rel_err
 
 TOL = 1e-5
-LAYOUTS = [(4, 1, "p2p"), (4, 1, "a2a"), (2, 2, "p2p"), (2, 2, "a2a"), (2, 1, "p2p"), (2, 1, "a2a")]  # (CP, TP, type)
+# (CP, TP, type); "a2a:2": Ulysses with its all-to-all in 2 head groups (parallel.cp_a2a_head_groups)
+LAYOUTS = [(4, 1, "p2p"), (4, 1, "a2a"), (2, 2, "p2p"), (2, 2, "a2a"), (2, 1, "p2p"), (2, 1, "a2a"), (2, 1, "a2a:2")]
 SIZES = {"48 tokens": dict(frames=3, size=8), "27 tokens": dict(frames=3, size=6)}
 PER_TOKEN = "27 tokens, a timestep per token"  # Wan2.2 TI2V: first frame (9 tokens) at t = 0, tangent 0 there
 
@@ -29,7 +30,8 @@ def _run(full_sd: dict, inp: dict, cp_comm_type: str = "p2p"):
 
     from megatron_rcm.models.wan import WanModel, wan_config
 
-    model = WanModel(wan_config("wan-tiny-t2v", cp_comm_type=cp_comm_type))
+    comm, _, groups = cp_comm_type.partition(":")
+    model = WanModel(wan_config("wan-tiny-t2v", cp_comm_type=comm, cp_a2a_head_groups=int(groups or 1)))
     load_full_state_dict(model, full_sd)
     v, t_v = model.forward_jvp(inp["x"], inp["t_x"], inp["timestep"], inp["t_timestep"], inp["context"])
     (v * inp["w"]).sum().backward()

@@ -3,12 +3,14 @@
     torchrun --nproc-per-node 2 tools/bench_cp.py --preset wan2.1-t2v-1.3b --latent 16 20 60 104
     torchrun --nproc-per-node 2 tools/bench_cp.py --preset wan2.1-t2v-14b --layers 2 --latent 16 21 90 160 \
         --no-baseline
+    torchrun --nproc-per-node 2 tools/bench_cp.py --cp-types a2a --a2a-head-groups 2 --no-baseline
     torchrun --nproc-per-node 2 tools/bench_cp.py --device cpu --preset wan-tiny-t2v --latent 4 3 8 8 \
         --warmup 1 --steps 1                                     (smoke test)
 
 One run measures, on the same weights and inputs (mock data):
 * the one-GPU baseline (rank 0 alone, a CP=1 model; the other ranks wait), unless ``--no-baseline``;
-* CP = world size with each ``--cp-types`` flavour.
+* CP = world size with each ``--cp-types`` flavour (Ulysses with its all-to-all in ``--a2a-head-groups`` G
+  head groups overlapped with the attention when G > 1: ``parallel.cp_a2a_head_groups``).
 A step = the engine's rCM student loss (sCM through the JVP + DMD with a rollout of n = 1..4 student steps,
 cycling over the timed steps identically in every layout), its backward (loss x CP), the all-reduce of
 the gradients over the CP group (what DDP's DP x CP reduction adds at DP = 1), and an AdamW step.
@@ -41,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="override num_layers (14B block shapes: 2)")
     p.add_argument("--text-len", type=int, default=512)
     p.add_argument("--cp-types", nargs="+", default=["p2p", "a2a"], choices=["p2p", "a2a"])
+    p.add_argument("--a2a-head-groups", type=int, default=1, metavar="G",
+                   help="Ulysses (a2a) layout: all-to-all in G head groups overlapped with the attention")
     p.add_argument("--no-baseline", action="store_true", help="skip the one-GPU baseline (e.g. 14B at 720p)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
@@ -79,8 +83,9 @@ class Setup:
         from megatron_rcm.models.wan import WanModel, wan_config
 
         def build(recompute: bool):
+            groups = self.args.a2a_head_groups if comm == "a2a" else 1
             cfg = wan_config(self.args.preset, context_parallel_size=cp, cp_comm_type=comm,
-                             perform_initialization=False, **recompute_fields(recompute), **self.overrides)
+                             cp_a2a_head_groups=groups, perform_initialization=False, **recompute_fields(recompute), **self.overrides)
             model = WanModel(cfg)
             model.load_state_dict(self.weights, strict=True)
             return model.to(self.device)
@@ -136,7 +141,8 @@ def run_layout(setup: Setup, cp: int, comm: str, group) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del teacher, student, critic, opt
     return {
-        "layout": "1 GPU" if cp == 1 else f"CP={cp} {comm}",
+        "layout": "1 GPU" if cp == 1 else f"CP={cp} {comm}" + (
+            f" G={args.a2a_head_groups}" if comm == "a2a" and args.a2a_head_groups > 1 else ""),
         "step_s": times,
         "median_step_s": statistics.median(times),
         "grad_allreduce_s": statistics.median(reduce_times),
@@ -157,6 +163,18 @@ def main(argv=None) -> dict:
         raise SystemExit("bench_cp.py: run under torchrun with --nproc-per-node >= 2 (CP = world size)")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_cp.py: --device cuda but CUDA is not available (use --device cpu for a smoke test)")
+    if args.a2a_head_groups != 1:  # before any network is built
+        from megatron_rcm.models.wan import wan_config
+        from megatron_rcm.parallel.cp_attention import check_cp_layout
+
+        if "a2a" not in args.cp_types:
+            raise SystemExit(f"bench_cp.py: --a2a-head-groups {args.a2a_head_groups} applies to the a2a layout; "
+                             f"add a2a to --cp-types (got {args.cp_types})")
+        heads = wan_config(args.preset, context_parallel_size=1).num_attention_heads
+        try:
+            check_cp_layout("a2a", world, heads, a2a_head_groups=args.a2a_head_groups)
+        except ValueError as err:
+            raise SystemExit(f"bench_cp.py: --a2a-head-groups with --preset {args.preset}: {err}") from err
     initialize_parallel(context_parallel=world)
     from megatron.core import parallel_state as ps
 
@@ -166,7 +184,7 @@ def main(argv=None) -> dict:
     setup = Setup(args, device, dtype)
     results = {"preset": args.preset, "layers": args.layers, "latent": list(args.latent), "tokens": setup.tokens,
                "world": world, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "dtype": str(dtype), "warmup": args.warmup, "steps": args.steps, "layouts": []}
+               "dtype": str(dtype), "a2a_head_groups": args.a2a_head_groups, "warmup": args.warmup, "steps": args.steps, "layouts": []}
     if not args.no_baseline:
         if rank == 0:
             try:

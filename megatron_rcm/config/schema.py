@@ -266,6 +266,11 @@ class ParallelConfig:
     """Megatron's name: [A, R] with A x R = context_parallel, for ``cp_comm_type: a2a+p2p``: Ulysses all-to-all
     inside each group of A consecutive CP ranks (A must divide the heads per TP rank), a ring of R groups."""
 
+    cp_a2a_head_groups: int = 1
+    """``cp_comm_type: a2a`` only: G > 1 splits Ulysses' all-to-all into G head groups, each sent
+    asynchronously while the previous group's attention runs (docs/parallelism.md); G must divide the heads
+    per CP rank (heads / TP / CP). 1: one all-to-all each way (not overlapped)."""
+
     pipeline_parallel: int = 1
     """Pipeline-parallel size: the transformer blocks split evenly into this many stages (docs/parallelism.md).
     World size = TP x CP x PP x DP; PP > 1 with CP > 1 is not implemented."""
@@ -287,6 +292,9 @@ class ParallelConfig:
         _check(self.context_parallel >= 1, "parallel.context_parallel", self.context_parallel, ">= 1")
         _check(self.cp_comm_type in ("p2p", "a2a", "a2a+p2p"), "parallel.cp_comm_type", self.cp_comm_type,
                "one of p2p, a2a, a2a+p2p")
+        _check(not isinstance(self.cp_a2a_head_groups, bool) and isinstance(self.cp_a2a_head_groups, int)
+               and self.cp_a2a_head_groups >= 1, "parallel.cp_a2a_head_groups", self.cp_a2a_head_groups,
+               "a positive integer")
         _check(self.pipeline_parallel >= 1, "parallel.pipeline_parallel", self.pipeline_parallel, ">= 1")
         _check(self.virtual_pipeline >= 1, "parallel.virtual_pipeline", self.virtual_pipeline, ">= 1")
         _check(self.pipeline_microbatches >= 1, "parallel.pipeline_microbatches", self.pipeline_microbatches,

@@ -151,9 +151,10 @@ def gather_from_cp(x_s: torch.Tensor, shard: TokenShard) -> torch.Tensor:
 
 
 def check_parallel_layout(world: int, tp: int, cp: int, pp: int, heads: int, comm_type: str,
-                          hierarchical_sizes=None) -> int:
-    """Validate world = TP x CP x PP x DP and the CP attention's needs before anything is built; returns DP.
-    Raises ValueError naming the numbers that do not divide."""
+                          hierarchical_sizes=None, a2a_head_groups=1) -> int:
+    """Validate world = TP x CP x PP x DP and the CP attention's needs (``a2a_head_groups``:
+    ``parallel.cp_a2a_head_groups``) before anything is built; returns DP. Raises ValueError naming the
+    numbers that do not divide."""
     model_parallel = tp * cp * pp
     if world % model_parallel:
         raise ValueError(
@@ -165,5 +166,5 @@ def check_parallel_layout(world: int, tp: int, cp: int, pp: int, heads: int, com
     if cp > 1:
         from megatron_rcm.parallel.cp_attention import check_cp_layout
 
-        check_cp_layout(comm_type, cp, heads // tp, hierarchical_sizes)
+        check_cp_layout(comm_type, cp, heads // tp, hierarchical_sizes, a2a_head_groups)
     return world // model_parallel

@@ -6,7 +6,9 @@ rank, N_c = N / CP, d head dim. In and out: q, k, v, t_q, t_k, t_v, o, t_o [s, B
 Ulysses (``cp_comm_type: a2a``): one all-to-all over the CP group moves q, k, v and t_q, t_k, t_v stacked
 together from [s, B, N, d] (sequence-sharded, all heads) to [S_pad, B, N_c, d] (whole sequence, this rank's
 heads); attention runs on the valid keys [:S]; one all-to-all moves (o, t_o) back. The all-to-all's
-backward is the inverse all-to-all; the tangents carry no gradient. Needs CP | N.
+backward is the inverse all-to-all; the tangents carry no gradient. Needs CP | N. With
+``cp_a2a_head_groups: G`` > 1 the all-to-alls run per head group, asynchronously, overlapped with the other
+groups' attention (``cp_ulysses_groups``; G | N_c).
 
 Ring (``cp_comm_type: p2p``): each rank keeps its queries while (k, v, t_k, t_v) travel around the ring,
 the next chunk's send/recv started before the current chunk's kernel. Partial results are merged through
@@ -40,6 +42,7 @@ from megatron_rcm.parallel.context import (
     cp_group,
     hierarchical_cp_groups,
 )
+from megatron_rcm.parallel.cp_ulysses_groups import check_head_groups, grouped_ulysses
 
 __all__ = ["ContextParallelAttention", "PhaseTimes", "check_cp_layout", "record_phases"]
 
@@ -98,9 +101,12 @@ def _phase(name: str, device: torch.device):
     return contextlib.nullcontext() if _PHASES is None else _PHASES.phase(name, device)
 
 
-def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int, hierarchical_sizes=None) -> None:
+def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int, hierarchical_sizes=None,
+                    a2a_head_groups=1) -> None:
     """Raise ValueError (naming the numbers) for a CP layout the attention cannot run. ``hierarchical_sizes``:
-    [A, R] (Megatron's ``hierarchical_context_parallel_sizes``), required by and only used with 'a2a+p2p'."""
+    [A, R] (Megatron's ``hierarchical_context_parallel_sizes``), required by and only used with 'a2a+p2p'.
+    ``a2a_head_groups`` G (``parallel.cp_a2a_head_groups``): Ulysses' all-to-all in G head groups overlapped
+    with the attention, 'a2a' only; G must divide the heads per CP rank."""
     if comm_type not in CP_COMM_TYPES:
         raise ValueError(f"cp_comm_type must be one of {CP_COMM_TYPES}, got {comm_type!r}")
     if comm_type == "a2a" and heads_per_tp_rank % cp:
@@ -109,6 +115,13 @@ def check_cp_layout(comm_type: str, cp: int, heads_per_tp_rank: int, hierarchica
             f"tensor-parallel rank are not divisible by context_parallel {cp}; use cp_comm_type 'p2p' (ring), "
             "which works for any CP size"
         )
+    if isinstance(a2a_head_groups, bool) or a2a_head_groups != 1:
+        if comm_type != "a2a":
+            raise ValueError(
+                f"cp_a2a_head_groups {a2a_head_groups!r} (the overlapped Ulysses all-to-all) is implemented for "
+                f"cp_comm_type 'a2a' only, got {comm_type!r}; set cp_a2a_head_groups to 1"
+            )
+        check_head_groups(a2a_head_groups, heads_per_tp_rank // cp, cp, heads_per_tp_rank)
     if comm_type != "a2a+p2p":
         if hierarchical_sizes:
             raise ValueError(
@@ -217,6 +230,12 @@ def _a2a(fn, parts, cp, group):
 
 def ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, attn: AttentionOp, scale=None):
     return _ulysses(q, k, v, t_q, t_k, t_v, shard, attn, shard.size, cp_group(), scale)
+
+
+def grouped_ulysses_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, impl, scale=None):
+    """``impl`` = (attention op, G): Ulysses with the all-to-all in G head groups (``cp_ulysses_groups``)."""
+    attn, groups = impl
+    return grouped_ulysses(q, k, v, t_q, t_k, t_v, shard, attn, shard.size, cp_group(), groups, scale, _phase)
 
 
 def _ulysses(q, k, v, t_q, t_k, t_v, shard: TokenShard, attn: AttentionOp, cp: int, group, scale=None):
@@ -373,15 +392,18 @@ def hierarchical_attention(q, k, v, t_q, t_k, t_v, shard: TokenShard, impl, scal
 class ContextParallelAttention:
     """Self-attention over a CP-sharded sequence with the flavour picked once (``cp_comm_type``)."""
 
-    def __init__(self, comm_type: str, cp: int, heads_per_tp_rank: int, backend: str, hierarchical_sizes=None):
-        check_cp_layout(comm_type, cp, heads_per_tp_rank, hierarchical_sizes)
+    def __init__(self, comm_type: str, cp: int, heads_per_tp_rank: int, backend: str, hierarchical_sizes=None,
+                 a2a_head_groups: int = 1):
+        check_cp_layout(comm_type, cp, heads_per_tp_rank, hierarchical_sizes, a2a_head_groups)
         self.comm_type, self.backend = comm_type, check_attention_backend(backend)
         # Ring: the chunk implementation follows the tensors' device (``chunk_ops``); Ulysses: one
         # attention op over the whole sequence, picked here.
         if comm_type == "p2p":
             self._fn, self._impl = ring_attention, backend
-        elif comm_type == "a2a":
+        elif comm_type == "a2a" and a2a_head_groups == 1:
             self._fn, self._impl = ulysses_attention, attention_op(backend)
+        elif comm_type == "a2a":
+            self._fn, self._impl = grouped_ulysses_attention, (attention_op(backend), int(a2a_head_groups))
         else:
             self._fn, self._impl = hierarchical_attention, (int(hierarchical_sizes[0]), backend)
 

@@ -30,10 +30,11 @@ def is_cosmos_preset(preset: str) -> bool:
 
 
 def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp_comm_type: str | None = None,
-                     hierarchical_cp_sizes=None):
+                     hierarchical_cp_sizes=None, cp_a2a_head_groups: int = 1):
     """A ``WanConfig`` (or, for a ``cosmos-*`` preset, a ``CosmosConfig``) from ``model.preset`` +
     ``model.overrides`` + ``model.params_dtype`` + ``model.transformer_impl`` / ``model.fp8`` (+ the
-    context-parallel attention ``parallel.cp_comm_type``); checks that the data shapes fit the model (clear errors naming the keys)."""
+    context-parallel attention ``parallel.cp_comm_type``, ``parallel.cp_a2a_head_groups``); checks that the data
+    shapes fit the model (clear errors naming the keys)."""
     from megatron_rcm.models.cosmos import cosmos_config
     from megatron_rcm.models.wan import wan_config
 
@@ -44,6 +45,12 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
         overrides["cp_comm_type"] = cp_comm_type
     if hierarchical_cp_sizes:
         overrides["hierarchical_context_parallel_sizes"] = list(hierarchical_cp_sizes)
+    if cp_a2a_head_groups != 1:
+        if cosmos:
+            raise ConfigError(f"parallel.cp_a2a_head_groups={cp_a2a_head_groups}: the overlapped Ulysses "
+                              f"all-to-all is implemented for Wan only, not for model.preset={model_cfg.preset!r}; "
+                              "set parallel.cp_a2a_head_groups=1")
+        overrides["cp_a2a_head_groups"] = cp_a2a_head_groups
     overrides["params_dtype"] = DTYPES[model_cfg.params_dtype]
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"

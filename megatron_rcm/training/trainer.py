@@ -111,7 +111,8 @@ class Trainer:
 
         # -- networks -------------------------------------------------------------------------------
         self.wan_cfg = build_wan_config(cfg.model, cfg.data, cp_comm_type=pcfg.cp_comm_type,
-                                        hierarchical_cp_sizes=pcfg.hierarchical_context_parallel_sizes)
+                                        hierarchical_cp_sizes=pcfg.hierarchical_context_parallel_sizes,
+                                        cp_a2a_head_groups=pcfg.cp_a2a_head_groups)
         self.pp_size = pcfg.pipeline_parallel
         if self.pp_size > 1:
             self.wan_cfg.pipeline_dtype = DTYPES[cfg.model.params_dtype]  # what the stages send each other
@@ -169,14 +170,14 @@ class Trainer:
             world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
         from megatron_rcm.parallel.pipeline import check_interleaved_microbatches, check_pipeline_layout
 
-        model_cfg = build_wan_config(cfg.model)
+        model_cfg = build_wan_config(cfg.model, cp_a2a_head_groups=pcfg.cp_a2a_head_groups)  # Wan only when > 1
         if pcfg.pipeline_parallel > 1 and is_cosmos_preset(cfg.model.preset):
             raise NotImplementedError(f"model.preset={cfg.model.preset!r}: the Cosmos model has no pipeline "
                                       "stages yet (Wan has); set parallel.pipeline_parallel=1")
         try:
             check_parallel_layout(world, pcfg.tensor_parallel, pcfg.context_parallel, pcfg.pipeline_parallel,
                                   model_cfg.num_attention_heads, pcfg.cp_comm_type,
-                                  pcfg.hierarchical_context_parallel_sizes)
+                                  pcfg.hierarchical_context_parallel_sizes, pcfg.cp_a2a_head_groups)
             check_pipeline_layout(model_cfg.num_layers, pcfg.pipeline_parallel, pcfg.virtual_pipeline)
             # every network call's micro-batches (parallel.pipeline_microbatches) go through the interleaved
             # schedule, which needs a multiple of PP

@@ -74,7 +74,7 @@ class WanSelfAttention(_WanAttentionBase):
         self.cp_attention = (
             ContextParallelAttention(
                 config.cp_comm_type or "p2p", cp, self.heads_per_rank, config.attention_backend_name,
-                config.hierarchical_context_parallel_sizes,
+                config.hierarchical_context_parallel_sizes, config.cp_a2a_head_groups,
             )
             if cp > 1
             else None

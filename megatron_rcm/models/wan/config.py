@@ -61,6 +61,9 @@ class WanConfig(TransformerConfig):
     """RoPE base."""
     rope_max_seq_len: int = 1024
     """Largest frame/row/column index the RoPE tables cover."""
+    cp_a2a_head_groups: int = 1
+    """Under ``cp_comm_type`` "a2a": Ulysses' all-to-all in this many head groups, overlapped with the
+    attention (``parallel.cp_ulysses_groups``); 1 is one all-to-all each way. Must divide the heads per CP rank."""
     attention_backend_name: str = "auto"
     """Attention implementation (``megatron_rcm.ops.attention.attention_op``, picked at construction): "auto"
     (Triton JVP kernel on CUDA, PyTorch on CPU), "torch" (SDPA, PyTorch reference for the JVP), "triton"."""
