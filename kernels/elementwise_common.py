@@ -50,3 +50,12 @@ def row_chunks(rows: int, programs: int = 264) -> tuple[int, int]:
 
 def contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.contiguous()
+
+
+def check_bias(name: str, x: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """A fused linear bias is one value per feature: [D] for x [..., D]."""
+    if bias is not None and bias.shape != (x.shape[-1],):
+        raise ValueError(
+            f"{name}: bias has shape {tuple(bias.shape)}, expected ({x.shape[-1]},) (x's last dim, x "
+            f"{tuple(x.shape)})"
+        )

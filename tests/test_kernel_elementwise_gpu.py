@@ -112,3 +112,22 @@ def test_gpu_wan_model_fused_matches_unfused(kind):
     assert res[True][2].keys() == res[False][2].keys()
     assert ev <= 3e-2 and et <= 3e-2  # bf16 blocks compound ~1e-2 (tests/test_wan_gpu.py: 8e-3 .. 1e-2)
     assert g_err[worst] <= 1e-1  # gradients through 3 bf16 blocks; reordered sums of [B, D] params
+
+
+# --------------------------------------------------------------------------- linear biases fused in
+@pytest.mark.parametrize("D", [1536, 5120])
+def test_gpu_gated_residual_with_bias(D):
+    args = (act(S, 1, D), tan(S, 1, D), act(S, 1, D), tan(S, 1, D), vec(1, D), vec(1, D), act(D))
+    _compare("gated_residual", args, (0, 2, 4, 6))
+
+
+@pytest.mark.parametrize("D", [1536, 5120])
+def test_gpu_rms_norm_with_bias(D):
+    w = (1 + 0.2 * torch.randn(D, device="cuda")).bfloat16().requires_grad_(True)
+    _compare("rms_norm", (act(S, 1, D), tan(S, 1, D), w, 1e-6, D, act(D)), (0, 2, 5))
+
+
+@pytest.mark.parametrize("F", [8960, 13824])
+def test_gpu_gelu_tanh_with_bias(F):
+    x = (torch.randn(S, 1, F, device="cuda") * 3).bfloat16().requires_grad_(True)
+    _compare("gelu_tanh", (x, tan(S, 1, F), act(F)), (0, 2))

@@ -14,6 +14,12 @@ the two numbers compare like for like:
     q/k RMSNorm: x, t_x -> y, t_y             (4 SD)   x, g -> dx              (3 SD)
     GELU-tanh: x, t_x -> y, t_y               (4 SF)   x, g -> dx              (3 SF)  (F: FFN width)
 times 2 bytes per element.
+
+Bias variants (``+bias``: the linear's ``skip_bias_add`` bias [D] handed to the chain) run three ways:
+``unfused`` (the reference: y + b, then the PyTorch chain), ``fused_add`` (y + b by PyTorch's broadcast add,
+then the fused kernel: the code before the bias fusion) and ``fused`` (the bias added inside the kernel and
+its gradient reduced by the kernel's backward). GB/s counts the same bytes as the bias-free chain (the [D]
+bias neglected), so the extra add / reduction shows as lost bandwidth.
 """
 
 from __future__ import annotations
@@ -26,6 +32,24 @@ import torch
 from megatron_rcm.training.phases import cuda_time_ms
 
 MODELS = {"1.3b": dict(D=1536, N=12, F=8960), "14b": dict(D=5120, N=40, F=13824)}
+
+
+class _AddThenFused:
+    """The fused kernel after PyTorch's broadcast y + b (the path before the bias fusion)."""
+
+    fused = True
+
+    def __init__(self, impl):
+        self.impl = impl
+
+    def gated_residual(self, x, t_x, y, t_y, gate, t_gate, bias):
+        return self.impl.gated_residual(x, t_x, y + bias, t_y, gate, t_gate)
+
+    def rms_norm(self, x, t_x, weight, eps, hidden_size, bias):
+        return self.impl.rms_norm(x + bias, t_x, weight, eps, hidden_size)
+
+    def gelu_tanh(self, x, t_x, bias):
+        return self.impl.gelu_tanh(x + bias, t_x)
 
 
 def _chains(S: int, D: int, N: int, F: int):
@@ -51,6 +75,10 @@ def _chains(S: int, D: int, N: int, F: int):
          (0, 1), 8 * 2 * S_r * D, 4 * 2 * S_r * D),
         ("rms_norm", lambda: (act(S, 1, D), act(S, 1, D), act(D), 1e-6, D), (0, 2), 4 * SD, 3 * SD),
         ("gelu_tanh", lambda: (act(S, 1, F), act(S, 1, F)), (0,), 4 * SF, 3 * SF),
+        ("gated_residual+bias", lambda: (act(S, 1, D), act(S, 1, D), act(S, 1, D), act(S, 1, D), vec(1, D),
+                                         vec(1, D), act(D)), (0, 2, 4, 6), 6 * SD, 3 * SD),
+        ("rms_norm+bias", lambda: (act(S, 1, D), act(S, 1, D), act(D), 1e-6, D, act(D)), (0, 2, 5), 4 * SD, 3 * SD),
+        ("gelu_tanh+bias", lambda: (act(S, 1, F), act(S, 1, F), act(F)), (0, 2), 4 * SF, 3 * SF),
     ]
 
 
@@ -59,6 +87,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=31200, help="tokens per sample (480p 77 frames: 31,200)")
     ap.add_argument("--models", default="1.3b,14b", help="comma list of: " + ", ".join(MODELS))
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--chains", default="", help="comma list of chain names (default: all), e.g. gelu_tanh+bias")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_elementwise.py needs a CUDA GPU")
@@ -67,12 +96,16 @@ def main(argv=None):
 
     initialize_parallel(tensor_parallel=1)
     impls = {"unfused": TorchElementwise(), "fused": FusedElementwise(always=True)}
+    impls_bias = {**impls, "fused_add": _AddThenFused(impls["fused"])}
+    wanted = set(filter(None, args.chains.split(",")))
     for model in args.models.split(","):
         shapes = MODELS[model]
         for name, build, grads, fwd_bytes, bwd_bytes in _chains(args.tokens, **shapes):
+            if wanted and name not in wanted:
+                continue
             base = build()
-            for impl_name, impl in impls.items():
-                fn = getattr(impl, name)
+            for impl_name, impl in (impls_bias if name.endswith("+bias") else impls).items():
+                fn = getattr(impl, name.removesuffix("+bias"))
                 leaves = [x.detach().clone().requires_grad_(i in grads) if torch.is_tensor(x) else x
                           for i, x in enumerate(base)]
                 fwd_ms = cuda_time_ms(lambda: fn(*leaves), 3, args.iters)  # noqa: B023  (with grad: the primal keeps its graph)

@@ -125,23 +125,32 @@ def add_tangents(*ts):
 
 
 def linear_jvp(layer, x, t_x):
-    """Tangent through a linear layer built with ``skip_bias_add=True`` (Megatron TP linears) or a plain
+    """(y + b, t_y): ``linear_jvp_split`` with the bias added to the primal."""
+    y, t_y, b = linear_jvp_split(layer, x, t_x)
+    return (y if b is None else y + b), t_y
+
+
+def linear_jvp_split(layer, x, t_x):
+    """(y, t_y, b): the primal without a ``skip_bias_add`` layer's bias ``b`` (None when the layer has none or
+    adds its own), for a consumer that fuses the add into its kernel (``ops/elementwise.py``: the bias-GELU
+    and bias-residual fusions); the bias has no tangent.
+    Tangent through a linear layer built with ``skip_bias_add=True`` (Megatron TP linears) or a plain
     ``nn.Linear``: t_y = W t_x (no bias). TP collectives are linear, so without autograd the tangent rides
     along the batch dim with its primal ([s, 2b, h]) and shares one GEMM and one collective.
     Transformer Engine linears (Megatron's TE wrappers return ``(y, b)`` too) take the same path, except inside
     an FP8 autocast region: there the tangent is its own call, so current scaling gives it its own scale
     (|t_x| and |x| can differ by orders of magnitude). A layer with its own ``forward_jvp`` runs that."""
     if hasattr(layer, "forward_jvp"):
-        return layer.forward_jvp(x, t_x)
+        return (*layer.forward_jvp(x, t_x), None)
     if isinstance(layer, torch.nn.Linear):
         y = layer(x)
         if t_x is None:
-            return y, None
+            return y, None, None
         with torch.no_grad():
-            return y, F.linear(t_x, layer.weight)
+            return y, F.linear(t_x, layer.weight), None
     if t_x is None:
         y, b = layer(x)
-        return (y if b is None else y + b), None
+        return y, None, b
     if torch.is_grad_enabled() or fp8_active():
         y, b = layer(x)
         with torch.no_grad():
@@ -150,7 +159,7 @@ def linear_jvp(layer, x, t_x):
         batch_dim = 1  # Megatron layout [s, b, h]
         yy, b = layer(torch.cat([x, t_x.to(x.dtype)], dim=batch_dim))
         y, t_y = yy.chunk(2, dim=batch_dim)
-    return (y if b is None else y + b), t_y
+    return y, t_y, b
 
 
 def rms_norm_jvp(x, t_x, eps: float, weight=None):

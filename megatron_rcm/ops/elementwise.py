@@ -6,10 +6,16 @@ activation dtype (the block's dtype), the primal keeping its autograd graph, the
 
 * ``modulated_layer_norm``  LN(x) * (1 + scale) + shift        (norm1 / norm2 + adaLN modulation)
 * ``affine_layer_norm``     LN(x) * w + b                      (norm3, before cross-attention)
-* ``gated_residual``        x + gate * y                       (after self-attention and the FFN)
+* ``gated_residual``        x + gate * (y + b)                 (after self-attention and the FFN)
 * ``rope``                  3D RoPE of q and k                 (self-attention)
-* ``rms_norm``              q/k RMSNorm across heads (TP: sums all-reduced over the TP group)
-* ``gelu_tanh``             GELU(tanh)                         (FFN activation)
+* ``rms_norm``              q/k RMSNorm of (x + b) across heads (TP: sums all-reduced over the TP group)
+* ``gelu_tanh``             GELU(tanh) of (x + b)              (FFN activation)
+
+``b`` (``bias=``, optional) is the bias of the linear before the chain, which Megatron's linears return
+un-added (``skip_bias_add``; ``models.jvp.linear_jvp_split``); it has no tangent. The reference adds it
+first, ``y + b`` in the activation dtype as ``linear_jvp`` does, then runs the chain: exactly the former
+code. The kernels add it in float32 in registers and return its gradient (Megatron's bias-GELU and
+bias-dropout-add fusions): no broadcast add over the activations, forward or backward.
 
 ``TorchElementwise`` is the reference: the PyTorch rules of ``models/jvp.py``, float32 (float64 for float64
 inputs) math, exactly the block's unfused code. ``FusedElementwise`` runs the Triton kernels of
@@ -76,6 +82,11 @@ def _cast(t, dtype):
     return None if t is None else t.to(dtype)
 
 
+def _add_bias(y, bias):
+    """y + b as ``models.jvp.linear_jvp`` adds a ``skip_bias_add`` linear's bias (the reference)."""
+    return y if bias is None else y + bias
+
+
 class TorchElementwise:
     """The reference chains in PyTorch (``models/jvp.py`` rules), float32 math, out in x's dtype."""
 
@@ -92,8 +103,9 @@ class TorchElementwise:
         h, t_h = layer_norm_jvp(x, t_x, eps, weight, bias)
         return h.to(x.dtype), _cast(t_h, x.dtype)
 
-    def gated_residual(self, x, t_x, y, t_y, gate, t_gate):
+    def gated_residual(self, x, t_x, y, t_y, gate, t_gate, bias=None):
         dtype, cdt = x.dtype, compute_dtype(x)
+        y = _add_bias(y, bias)
         y, t_y = mul_jvp(y.to(cdt), _cast(t_y, cdt), over_tokens(gate.to(cdt)), over_tokens(_cast(t_gate, cdt)))
         return (x.to(cdt) + y).to(dtype), _cast(add_tangents(t_x, t_y), dtype)
 
@@ -105,8 +117,9 @@ class TorchElementwise:
             t_q, t_k = apply_rope(t_q, cos, sin), apply_rope(t_k, cos, sin)
         return q, k, t_q, t_k
 
-    def rms_norm(self, x, t_x, weight, eps, hidden_size):
-        """y = x * rsqrt(sum_tp(sum x^2) / D + eps) * w, D = ``hidden_size`` (``TPRMSNorm``)."""
+    def rms_norm(self, x, t_x, weight, eps, hidden_size, bias=None):
+        """y = x * rsqrt(sum_tp(sum x^2) / D + eps) * w, x <- x + bias, D = ``hidden_size`` (``TPRMSNorm``)."""
+        x = _add_bias(x, bias)
         dt = compute_dtype(x)
         xf = x.to(dt)
         ss = all_reduce_sum_tp(xf.pow(2).sum(-1, keepdim=True))
@@ -124,8 +137,8 @@ class TorchElementwise:
             t_y = ((t_xf * rd + xd * t_r) * w.detach()).to(t_x.dtype)
         return y, t_y
 
-    def gelu_tanh(self, x, t_x):
-        return gelu_tanh_jvp(x, t_x)
+    def gelu_tanh(self, x, t_x, bias=None):
+        return gelu_tanh_jvp(_add_bias(x, bias), t_x)
 
 
 def _tp_all_reduce_(t: torch.Tensor) -> torch.Tensor:
@@ -151,7 +164,11 @@ class FusedElementwise(TorchElementwise):
                 "use fused_elementwise=false (or auto)"
             )
 
-    def _applies(self, x) -> bool:
+    def _applies(self, x, bias=None) -> bool:
+        """Kernels for this input; a bias of another dtype (where the reference's y + b would promote)
+        stays on the reference."""
+        if bias is not None and bias.dtype != x.dtype:
+            return False
         return self.always or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
 
     def modulated_layer_norm(self, x, t_x, eps, shift, t_shift, scale, t_scale):
@@ -165,26 +182,26 @@ class FusedElementwise(TorchElementwise):
             return super().affine_layer_norm(x, t_x, eps, weight, bias)
         return self.k["layer_norm"](x, t_x, eps, weight=weight, bias=bias)
 
-    def gated_residual(self, x, t_x, y, t_y, gate, t_gate):
-        if not self._applies(x) or gate.ndim != 2:  # the kernel takes [B, D]; per token: the reference
-            return super().gated_residual(x, t_x, y, t_y, gate, t_gate)
-        return self.k["gate"](x, t_x, y, t_y, gate, t_gate)
+    def gated_residual(self, x, t_x, y, t_y, gate, t_gate, bias=None):
+        if not self._applies(x, bias) or gate.ndim != 2:  # the kernel takes [B, D]; per token: the reference
+            return super().gated_residual(x, t_x, y, t_y, gate, t_gate, bias)
+        return self.k["gate"](x, t_x, y, t_y, gate, t_gate, bias)
 
     def rope(self, q, k, t_q, t_k, cos, sin):
         if not self._applies(q):
             return super().rope(q, k, t_q, t_k, cos, sin)
         return self.k["rope"](q, k, t_q, t_k, cos, sin)
 
-    def rms_norm(self, x, t_x, weight, eps, hidden_size):
-        if not self._applies(x):
-            return super().rms_norm(x, t_x, weight, eps, hidden_size)
+    def rms_norm(self, x, t_x, weight, eps, hidden_size, bias=None):
+        if not self._applies(x, bias):
+            return super().rms_norm(x, t_x, weight, eps, hidden_size, bias)
         all_reduce = _tp_all_reduce_ if tp_world_size() > 1 else None
-        return self.k["rms_norm"](x, t_x, weight, eps, hidden_size, all_reduce)
+        return self.k["rms_norm"](x, t_x, weight, eps, hidden_size, all_reduce, bias)
 
-    def gelu_tanh(self, x, t_x):
-        if not self._applies(x):
-            return super().gelu_tanh(x, t_x)
-        return self.k["gelu"](x, t_x)
+    def gelu_tanh(self, x, t_x, bias=None):
+        if not self._applies(x, bias):
+            return super().gelu_tanh(x, t_x, bias)
+        return self.k["gelu"](x, t_x, bias)
 
 
 def elementwise_ops(fused_elementwise) -> TorchElementwise:

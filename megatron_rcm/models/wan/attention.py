@@ -10,6 +10,9 @@ flavour of ``config.cp_comm_type`` (``megatron_rcm.parallel.cp_attention``), pic
 the attention implementation (``megatron_rcm.ops.attention.attention_op``) is picked at construction too,
 from ``config.attention_backend_name``;
 cross-attention needs nothing (local queries, replicated text K/V).
+Biases: the q and k linears' biases go into the q/k RMSNorm and the output projection's (self-attention)
+into the block's gated residual (``linear_jvp_split``; fused into their kernels under
+``fused_elementwise``); v and the cross-attention's output add theirs (``linear_jvp``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import dataclasses
 
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_rcm.models.jvp import add_tangents, linear_jvp
+from megatron_rcm.models.jvp import add_tangents, linear_jvp, linear_jvp_split
 from megatron_rcm.models.tp_linears import column_linear, norm_column_linear, row_linear
 from megatron_rcm.models.wan.layers import TPRMSNorm
 from megatron_rcm.ops.attention import attention_op
@@ -49,14 +52,19 @@ class _WanAttentionBase(MegatronModule):
         return x_SBD if x_SBD is None else x_SBD.unflatten(-1, (self.heads_per_rank, self.head_dim))
 
     def _query(self, x, t_x):
-        q, t_q = linear_jvp(self.linear_q, x, t_x)
-        q, t_q = self.q_norm(q, t_q)
+        q, t_q, b = linear_jvp_split(self.linear_q, x, t_x)
+        q, t_q = self.q_norm(q, t_q, bias=b)
         return self._heads(q), self._heads(t_q)
 
     def _out(self, o_SBNd, t_o):
+        """(y, t_y, b): the output projection, its bias ``b`` not added."""
         o = o_SBNd.flatten(-2)
         t_o = None if t_o is None else t_o.flatten(-2)
-        return linear_jvp(self.linear_proj, o, t_o)
+        return linear_jvp_split(self.linear_proj, o, t_o)
+
+    def forward(self, *args, **kwargs):
+        y, t_y, b = self.forward_split(*args, **kwargs)
+        return (y if b is None else y + b), t_y
 
 
 class WanSelfAttention(_WanAttentionBase):
@@ -80,11 +88,12 @@ class WanSelfAttention(_WanAttentionBase):
             else None
         )
 
-    def forward(self, x_sBD, t_x, rope_cos, rope_sin, shard=None):
-        """``shard`` (a ``TokenShard``) is required under context parallelism: which tokens this rank holds."""
+    def forward_split(self, x_sBD, t_x, rope_cos, rope_sin, shard=None):
+        """(y, t_y, b), the output projection's bias ``b`` not added (``forward`` adds it). ``shard`` (a
+        ``TokenShard``) is required under context parallelism: which tokens this rank holds."""
         q, t_q = self._query(x_sBD, t_x)
-        k, t_k = linear_jvp(self.linear_k, x_sBD, t_x)
-        k, t_k = self.k_norm(k, t_k)
+        k, t_k, b_k = linear_jvp_split(self.linear_k, x_sBD, t_x)
+        k, t_k = self.k_norm(k, t_k, bias=b_k)
         v, t_v = linear_jvp(self.linear_v, x_sBD, t_x)
         k, t_k, v, t_v = self._heads(k), self._heads(t_k), self._heads(v), self._heads(t_v)
         q, k, t_q, t_k = self.ew.rope(q, k, t_q, t_k, rope_cos, rope_sin)
@@ -121,7 +130,7 @@ class WanCrossAttention(_WanAttentionBase):
         v, _ = linear_jvp(linear_v, ctx_LBD, None)
         return self.attention(q, self._heads(k), self._heads(v), t_q, None, None)
 
-    def forward(self, x_sBD, t_x, context_LBD, context_img_LBD=None):
+    def forward_split(self, x_sBD, t_x, context_LBD, context_img_LBD=None):
         q, t_q = self._query(x_sBD, t_x)
         o, t_o = self._attend(q, t_q, context_LBD, self.linear_k, self.linear_v, self.k_norm)
         if self.with_image:

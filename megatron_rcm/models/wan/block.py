@@ -10,6 +10,8 @@ Activations [s, B, D] (s = this rank's tokens under context and sequence paralle
 (Wan2.2 TI2V: this rank's tokens, each with its own modulation). The norm + modulation, gated residual,
 RoPE, q/k RMSNorm and GELU chains run through ``ops/elementwise.py`` (``config.fused_elementwise``: the
 PyTorch reference or one Triton kernel per chain for primal and tangent), picked here at construction.
+The biases of fc1 (into GELU), of the self-attention output and of fc2 (into the gated residuals) reach
+those chains un-added (``linear_jvp_split``): with the kernels, no broadcast bias add over the activations.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class WanBlock(MegatronModule):
         self.cross_attn = WanCrossAttention(config, spec, with_image=config.model_type == "i2v")
         self.norm2 = LayerNorm(config, D, affine=False)
         self.ew = elementwise_ops(config.fused_elementwise)
-        self.ffn = MLP(config, spec, self.ew.gelu_tanh)
+        self.ffn = MLP(config, spec, self.ew.gelu_tanh, act_takes_bias=True)
 
     def forward(self, x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard=None):
         cdt = compute_dtype(x)
@@ -61,8 +63,8 @@ class WanBlock(MegatronModule):
 
         # self-attention
         h, t_h = ew.modulated_layer_norm(x, t_x, self.norm1.eps, shift_msa, t_shift_msa, scale_msa, t_scale_msa)
-        y, t_y = self.self_attn(h, t_h, rope_cos, rope_sin, shard)
-        x, t_x = ew.gated_residual(x, t_x, y, t_y, gate_msa, t_gate_msa)
+        y, t_y, b = self.self_attn.forward_split(h, t_h, rope_cos, rope_sin, shard)
+        x, t_x = ew.gated_residual(x, t_x, y, t_y, gate_msa, t_gate_msa, bias=b)
 
         # cross-attention (no gate)
         if self.norm3 is None:  # transformer_engine: norm3 is fused into the query linear (TE LayerNormLinear)
@@ -74,5 +76,5 @@ class WanBlock(MegatronModule):
 
         # feed-forward
         h, t_h = ew.modulated_layer_norm(x, t_x, self.norm2.eps, shift_mlp, t_shift_mlp, scale_mlp, t_scale_mlp)
-        y, t_y = self.ffn(h, t_h)
-        return ew.gated_residual(x, t_x, y, t_y, gate_mlp, t_gate_mlp)
+        y, t_y, b = self.ffn.forward_split(h, t_h)
+        return ew.gated_residual(x, t_x, y, t_y, gate_mlp, t_gate_mlp, bias=b)

@@ -68,8 +68,9 @@ class TPRMSNorm(MegatronModule):
         self.weight.partition_stride = 1
         self.ew = elementwise_ops(config.fused_elementwise)  # the reference or the fused kernel, picked here
 
-    def forward(self, x, t_x=None):
-        return self.ew.rms_norm(x, t_x, self.weight, self.eps, self.hidden_size)
+    def forward(self, x, t_x=None, bias=None):
+        """``bias``: the q/k linear's un-added bias (``linear_jvp_split``), normalized as x + bias."""
+        return self.ew.rms_norm(x, t_x, self.weight, self.eps, self.hidden_size, bias)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sd = self.state_dict(prefix="", keep_vars=True)
