@@ -22,8 +22,8 @@ def _run(args, tmp_path):
 def test_bench_step_reports_every_phase_and_kind(tmp_path):
     out = tmp_path / "bench.json"
     r = _run([str(ROOT / "tools/bench_step.py"), "--config", str(ROOT / "examples/configs/quickstart.yaml"),
-              *TINY, "--warmup", "0", "--iters", "2", "--checkpoint", str(tmp_path / "ckpt"), "--json", str(out)],
-             tmp_path)
+              *TINY, "--warmup", "0", "--iters", "2", "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-saves", "2",
+              "--json", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["kinds"]) == {"warmup", "student", "critic"}
@@ -39,7 +39,13 @@ def test_bench_step_reports_every_phase_and_kind(tmp_path):
     assert res["cycle"]["steps"] == 3
     c = res["checkpoint"]
     assert c["async"] and c["bytes"] > 0 and 0 < c["stall_s"] <= c["finalized_s"] and c["write_gb_per_s"] > 0
-    assert "checkpoint save (async): training stalled" in r.stdout
+    assert len(res["checkpoint_saves"]) == 2 and res["checkpoint_saves"][0] == c
+    for save in res["checkpoint_saves"]:  # the stall split into where it went: each part inside the stall
+        ph = save["save_phases_s"]
+        assert set(ph) == {"state_dict_s", "prepare_s", "plan_s", "schedule_s"}, ph
+        assert all(v >= 0 for v in ph.values()) and sum(ph.values()) <= save["stall_s"] * 1.05 + 1e-3, save
+    assert "checkpoint save 1 (async): training stalled" in r.stdout
+    assert "checkpoint save 2 (async): training stalled" in r.stdout
     assert "step time (s)" in r.stdout and "Params for bucket" not in r.stdout + r.stderr
 
 

@@ -167,7 +167,9 @@ def bench(args) -> dict:
 
         root = Path(args.checkpoint) if args.checkpoint != "tmp" else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
         trainer.ckpt = CheckpointManager(str(root), keep_last=1, async_save=not args.sync_checkpoint)
-        results["checkpoint"] = bench_checkpoint(trainer)
+        saves = [bench_checkpoint(trainer) for _ in range(args.checkpoint_saves)]
+        results["checkpoint"] = saves[0]
+        results["checkpoint_saves"] = saves
     trainer.close()
     if rank0:
         print(format_table(results))
@@ -203,7 +205,8 @@ def bench_checkpoint(trainer, poll_every_s: float = 0.05) -> dict:
     finalized = time.perf_counter() - t0
     size = _bytes_under(path)
     return {"async": trainer.ckpt.async_save, "stall_s": stall, "finalized_s": finalized, "bytes": size,
-            "write_gb_per_s": size / finalized / 1e9, "path": str(path)}
+            "write_gb_per_s": size / finalized / 1e9, "path": str(path),
+            "save_phases_s": dict(trainer.ckpt.last_save_phases)}
 
 
 def format_table(res: dict) -> str:
@@ -229,10 +232,10 @@ def format_table(res: dict) -> str:
         mfu = "-" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%"
         lines.append(f"cycle of 1 student + {c['steps'] - 1} critic steps: {c['time_s']:.3f} s, "
                      f"{c['tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {mfu}")
-    if "checkpoint" in res:
-        c = res["checkpoint"]
-        lines.append(f"checkpoint save ({'async' if c['async'] else 'sync'}): training stalled {c['stall_s']:.2f} s; "
-                     f"{c['bytes'] / 1e9:.2f} GB finalized after {c['finalized_s']:.2f} s, "
+    for i, c in enumerate(res.get("checkpoint_saves", [res["checkpoint"]] if "checkpoint" in res else [])):
+        phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in c.get("save_phases_s", {}).items())
+        lines.append(f"checkpoint save {i + 1} ({'async' if c['async'] else 'sync'}): training stalled {c['stall_s']:.2f} s "
+                     f"({phases}); {c['bytes'] / 1e9:.2f} GB finalized after {c['finalized_s']:.2f} s, "
                      f"{c['write_gb_per_s']:.2f} GB/s")
     return "\n".join(lines)
 
@@ -246,6 +249,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=4,
                     help="timed steps of each kind (mean reported; 4 covers rollout lengths 1-4)")
     ap.add_argument("--checkpoint", default=None, help="also time one checkpoint save into DIR ('tmp': a temp dir)")
+    ap.add_argument("--checkpoint-saves", type=int, default=1,
+                    help="with --checkpoint: this many saves one after another (the first pays for fresh pinned "
+                         "host memory; later ones reuse PyTorch's cached host allocations)")
     ap.add_argument("--sync-checkpoint", action="store_true",
                     help="time a synchronous save (training waits for the write) instead of an asynchronous one")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: by device)")

@@ -285,6 +285,7 @@ class CheckpointManager:
         self._calls = None  # Megatron's AsyncCallsQueue, made on the first asynchronous save
         self._pending: _PendingSave | None = None
         self._done: list[SaveResult] = []
+        self.last_save_phases: dict[str, float] = {}  # where the last ``save`` call spent its time (seconds)
         patch_psutil()
 
     @staticmethod
@@ -351,20 +352,25 @@ class CheckpointManager:
         try:
             # the request holds the tensors (live device tensors, Megatron's gathered optimizer state); its
             # preload copies them to host memory when it is scheduled or run, before this returns
+            t_plan = time.perf_counter()
             with _writers_die_with_trainer(tmp):
                 request = dist_checkpointing.save(sharded_state_dict, str(tmp), self._save_strategy(),
                                                   async_sharded_save=True)
             request.add_finalize_fn(functools.partial(self._publish, info, tmp, final))
+            t_sched = time.perf_counter()
+            self.last_save_phases = {"prepare_s": t_plan - t0, "plan_s": t_sched - t_plan}
             if self.async_save:
                 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
                 self._calls = self._calls or AsyncCallsQueue()
                 with _writers_die_with_trainer():
-                    self._calls.schedule_async_request(request)
+                    self._calls.schedule_async_request(request)  # the device-to-host copy, the writer's fork
+                self.last_save_phases["schedule_s"] = time.perf_counter() - t_sched
                 self._pending = self._pending._replace(stall_s=time.perf_counter() - t0)
             else:
                 with _writers_die_with_trainer():
                     request.execute_sync()  # write, barrier, then the finalize functions (_publish last)
+                self.last_save_phases["write_s"] = time.perf_counter() - t_sched
         except BaseException:
             self._pending = None
             raise

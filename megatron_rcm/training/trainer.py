@@ -465,7 +465,11 @@ class Trainer:
         meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size(),
                 "optim_sharding": self.optim_sharding, "config": to_dict(self.cfg)}
         with self.timers("checkpoint"):
-            path = self.ckpt.save(self.step, self.sharded_state_dict(), meta)
+            t0 = time.perf_counter()
+            sd = self.sharded_state_dict()
+            t_sd = time.perf_counter() - t0
+            path = self.ckpt.save(self.step, sd, meta)
+            self.ckpt.last_save_phases = {"state_dict_s": t_sd, **self.ckpt.last_save_phases}
         self.saved_step = self.step
         return path
 
