@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     qs.add_argument("--output-dir", default=None, help="default outputs/quickstart or outputs/shapes")
     qs.add_argument("--seeds", default=None, help="comma-separated training seeds (shapes only; default 0)")
     qs.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps")
+    qs.add_argument("--teacher-batch", type=int, default=None,
+                    help="teacher training batch (shapes only; default 32, sized for the 2-core CPU budget)")
     qs.add_argument("--distill-steps", type=int, default=None, help="distillation steps per method")
     qs.add_argument("--methods", default="rcm,scm,dmd", help="comma-separated distillation algorithms")
     qs.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -80,11 +82,15 @@ def _shapes(args) -> int:
         opts.teacher_steps = args.teacher_steps
     if args.distill_steps is not None:
         opts.distill_steps = args.distill_steps
+    if args.teacher_batch is not None:
+        opts.teacher_batch = args.teacher_batch
     run_shapes_bench(opts)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    configure_logging(any(a in ("-v", "--verbose") for a in argv))  # before the parser imports Megatron-Core
     args = _parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
@@ -115,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.data == "shapes":
             return _shapes(args)
-        if args.seeds is not None:
-            raise ConfigError("--seeds is only supported with --data shapes")
+        if args.seeds is not None or args.teacher_batch is not None:
+            raise ConfigError("--seeds and --teacher-batch are only supported with --data shapes")
         from megatron_rcm.quickstart import QuickstartOptions, run_quickstart
 
         opts = QuickstartOptions(output_dir=args.output_dir or "outputs/quickstart", methods=tuple(args.methods.split(",")),

@@ -109,3 +109,11 @@ def test_bench_step_block_recompute_prints_a_json_line_per_kind(tmp_path):
     assert rc == {"on": True, "method": "block", "num_layers": 1, "fraction": 1 / layers}, rc
     assert rows[0]["step_time_s"] > 0 and "peak_memory_gib" in rows[0]
     assert f"recompute block (1), {100 / layers:.0f}% of the blocks" in r.stdout
+
+
+def test_cli_help_prints_no_library_warnings(tmp_path):
+    """The parser imports Megatron-Core (planner, pipeline commands): its fallback warnings (no Apex / TE) are
+    filtered before that import unless --verbose."""
+    r = _run(["-m", "megatron_rcm.cli", "quickstart", "--help"], tmp_path)
+    assert r.returncode == 0 and "--teacher-batch" in r.stdout, r.stderr[-2000:]
+    assert "Warning" not in r.stderr, r.stderr[-2000:]
