@@ -84,8 +84,10 @@ def _model_case(rank, full_sd, inp):
     from megatron_rcm.parallel.sharding import load_full_state_dict
 
     def run(cp, comm):
+        comm, _, groups = comm.partition(" G=")  # "a2a G=2": Ulysses in 2 head groups overlapped with attention
         cfg = wan_config("wan-tiny-t2v", hidden_size=256, ffn_hidden_size=512, params_dtype=torch.bfloat16,
-                         bf16=True, context_parallel_size=cp, cp_comm_type=comm)
+                         bf16=True, context_parallel_size=cp, cp_comm_type=comm,
+                         cp_a2a_head_groups=int(groups or 1))
         model = WanModel(cfg)
         load_full_state_dict(model, full_sd)
         model = model.to(DEV)
@@ -103,7 +105,7 @@ def _model_case(rank, full_sd, inp):
 
     ref = run(1, "p2p") if rank == 0 else None
     errs = {}
-    for comm in ("p2p", "a2a"):
+    for comm in ("p2p", "a2a", "a2a G=2"):
         v, t_v, grads = run(2, comm)
         if rank == 0:
             errs[f"{comm} v"] = nrel(v, ref[0])
