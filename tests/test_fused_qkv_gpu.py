@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megatron_rcm.models.wan import impl_keys
 from megatron_rcm.parallel.sharding import gather_full_state_dict, load_full_state_dict
 from megatron_rcm.parallel.state import destroy_parallel, initialize_parallel
 from tests.dist_helpers import reduced_full_grads, spawn
@@ -33,11 +34,17 @@ def _full_sd():
     return gather_full_state_dict(model)
 
 
+def _for(model, full_sd):
+    """``full_sd`` (local names) renamed for ``model``'s implementation (TE fuses norm3 into the cross-attention
+    query linear: ``layer_norm_weight``), as tests/test_te_gpu.py loads it."""
+    return impl_keys.adapt_state_dict(full_sd, [n for n, _ in model.named_parameters()])
+
+
 def _run(fused, full_sd, inp, dtype, impl):
     from megatron_rcm.models.wan import WanModel, wan_config
 
     model = WanModel(wan_config("wan-tiny-t2v", fused_qkv=fused, transformer_impl=impl))
-    load_full_state_dict(model, full_sd)
+    load_full_state_dict(model, _for(model, full_sd))
     model = model.to("cuda", dtype)
     b = {k: None if v is None else v.to("cuda", dtype) for k, v in inp.items()}
     b["timestep"] = inp["timestep"].cuda()
@@ -98,7 +105,7 @@ def test_te_fused_checkpoint_loads_unfused(tmp_path):
 
     full_sd = _full_sd()
     src = WanModel(wan_config("wan-tiny-t2v", fused_qkv=True, transformer_impl="transformer_engine")).cuda()
-    load_full_state_dict(src, {k: v.cuda() for k, v in full_sd.items()})
+    load_full_state_dict(src, _for(src, {k: v.cuda() for k, v in full_sd.items()}))
     dist_checkpointing.save(src.sharded_state_dict(prefix="m."), str(tmp_path))
     dst = WanModel(wan_config("wan-tiny-t2v")).cuda()
     load_model(dst, tmp_path, prefix="m.")
