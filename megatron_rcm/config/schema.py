@@ -58,6 +58,10 @@ class ModelConfig:
     gated residual, RoPE, q/k RMSNorm, GELU-tanh; docs/kernels.md): ``auto`` (on for CUDA bf16/fp16
     tensors), ``true``, ``false`` (the PyTorch reference). ``--set model.fused_elementwise=false|true``
     measures a step before/after."""
+    fused_qkv: bool = False
+    """Wan models: the self-attention's q, k, v from one column-parallel linear (one GEMM, under sequence
+    parallelism one all-gather instead of three; docs/throughput.md). Checkpoints keep the q/k/v names and
+    shapes: they resume and load with either setting."""
     transformer_impl: str = "local"
     """Linear layers (Megatron's ``transformer_impl``): ``local`` (Megatron's tensor-parallel linears) or
     ``transformer_engine`` (Transformer Engine's, with a tangent path; needs ``pip install -e ".[te]"``).
@@ -91,6 +95,7 @@ class ModelConfig:
         self._validate_recompute()
         _check(self.fused_elementwise in ("auto", True, False), "model.fused_elementwise",
                self.fused_elementwise, "one of auto, true, false")
+        _check(isinstance(self.fused_qkv, bool), "model.fused_qkv", self.fused_qkv, "true or false")
         from megatron_rcm.models.te_support import DELAYED_REFUSED, TRANSFORMER_IMPLS
 
         _check(self.transformer_impl in TRANSFORMER_IMPLS, "model.transformer_impl", self.transformer_impl,

@@ -153,8 +153,11 @@ def meta_sharded_state_dict(arch: WanArch, prefix: str = "") -> dict:
 
 
 def sharded_tensors(sharded_sd: dict) -> dict[str, ShardedTensor]:
-    """Checkpoint key -> ShardedTensor (the ``_extra_state`` ShardedObjects left out)."""
-    return {v.key: v for v in sharded_sd.values() if isinstance(v, ShardedTensor)}
+    """Checkpoint key -> ShardedTensor (the ``_extra_state`` ShardedObjects left out; a fused QKV linear's
+    tensors under their unfused q/k/v keys)."""
+    from megatron_rcm.models.fused_qkv import checkpoint_tensors
+
+    return {v.key: v for v in checkpoint_tensors(sharded_sd)}
 
 
 class _FetchingPlanner(MCoreSavePlanner):

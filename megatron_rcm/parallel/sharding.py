@@ -1,7 +1,8 @@
 """Move full (unsharded) tensors into a tensor-parallel model and back.
 
 Megatron marks TP-split parameters with ``tensor_model_parallel``, ``partition_dim`` and
-``partition_stride``; everything else is replicated on every TP rank.
+``partition_stride``; everything else is replicated on every TP rank. Full state dicts name a fused QKV
+linear's tensors as the unfused q/k/v (``models.fused_qkv``: each rank's shard is [q_r; k_r; v_r]).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+
+from megatron_rcm.models.fused_qkv import fuse_full_state_dict, unfuse_full_state_dict
 
 
 def _tp():
@@ -26,6 +29,7 @@ def load_full_state_dict(model: torch.nn.Module, full: dict, strict: bool = True
     unexpected keys are listed in a ``KeyError``, and a shape that does not match raises ``ValueError``."""
     tp, rank = _tp()
     params = dict(model.named_parameters())
+    full = fuse_full_state_dict(full, params, tp)
     if strict:
         missing = sorted(set(params) - set(full))
         unexpected = sorted(set(full) - set(params))
@@ -59,4 +63,4 @@ def gather_full_state_dict(model: torch.nn.Module) -> dict:
             dist.all_gather(parts, value.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
             value = torch.cat(parts, dim=p.partition_dim)
         out[name] = value.clone()
-    return out
+    return unfuse_full_state_dict(out, tp)

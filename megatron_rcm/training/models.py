@@ -58,6 +58,10 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
                                       model_cfg.recompute_method, model_cfg.recompute_num_layers))
     if not cosmos:
         overrides.setdefault("fused_elementwise", model_cfg.fused_elementwise)
+        overrides.setdefault("fused_qkv", model_cfg.fused_qkv)
+    elif model_cfg.fused_qkv:
+        raise ConfigError(f"model.fused_qkv=true is implemented for Wan only, not for model.preset="
+                          f"{model_cfg.preset!r}; set model.fused_qkv=false")
     overrides["transformer_impl"] = model_cfg.transformer_impl
     try:
         overrides.update(fp8_mode_fields(model_cfg.fp8))
@@ -218,11 +222,12 @@ def check_architecture(model, found: dict[str, tuple], path, preset: str | None 
                        what: str = "model.teacher_checkpoint") -> None:
     """ConfigError naming the preset, both architectures and the first mismatching tensors when the
     (global, unsharded) shapes ``found`` in a checkpoint do not fit ``model``, before any tensor is read."""
-    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron_rcm.models.fused_qkv import checkpoint_tensors
 
-    # checkpoint keys (ShardedTensor.key: global layer numbers on a pipeline stage), not state-dict keys
+    # checkpoint keys (ShardedTensor.key: global layer numbers on a pipeline stage), not state-dict keys; a fused
+    # QKV linear's tensors under their unfused q/k/v keys
     expected = {v.key[len(EXPORT_PREFIX):]: tuple(v.global_shape)
-                for v in model.sharded_state_dict(prefix=EXPORT_PREFIX).values() if isinstance(v, ShardedTensor)}
+                for v in checkpoint_tensors(model.sharded_state_dict(prefix=EXPORT_PREFIX))}
     found = {k: tuple(v) for k, v in found.items()}
     stage = getattr(model, "stage", None)
     if stage is not None:  # a pipeline stage: the checkpoint's other stages' tensors are not expected here

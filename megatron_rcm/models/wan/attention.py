@@ -10,6 +10,9 @@ flavour of ``config.cp_comm_type`` (``megatron_rcm.parallel.cp_attention``), pic
 the attention implementation (``megatron_rcm.ops.attention.attention_op``) is picked at construction too,
 from ``config.attention_backend_name``;
 cross-attention needs nothing (local queries, replicated text K/V).
+Fused QKV (``config.fused_qkv``, self-attention only): one column-parallel ``linear_qkv`` [3 D_tp, D] per rank,
+its output split locally into this rank's q, k, v (``models.fused_qkv``: one GEMM and under sequence
+parallelism one all-gather instead of three; checkpoints keep the q/k/v names and shapes).
 Biases: the q and k linears' biases go into the q/k RMSNorm and the output projection's (self-attention)
 into the block's gated residual (``linear_jvp_split``; fused into their kernels under
 ``fused_elementwise``); v and the cross-attention's output add theirs (``linear_jvp``).
@@ -21,6 +24,7 @@ import dataclasses
 
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_rcm.models import fused_qkv
 from megatron_rcm.models.jvp import add_tangents, linear_jvp, linear_jvp_split
 from megatron_rcm.models.tp_linears import column_linear, norm_column_linear, row_linear
 from megatron_rcm.models.wan.layers import TPRMSNorm
@@ -31,9 +35,10 @@ from megatron_rcm.parallel.cp_attention import ContextParallelAttention
 
 
 class _WanAttentionBase(MegatronModule):
-    def __init__(self, config, spec, query_norm: bool = False):
+    def __init__(self, config, spec, query_norm: bool = False, query_linear: bool = True):
         """``query_norm``: the query linear takes the block's un-normalized x and applies the block's affine
-        LayerNorm itself (the spec's ``norm_column_linear``)."""
+        LayerNorm itself (the spec's ``norm_column_linear``). ``query_linear=False``: no ``linear_q`` (the
+        subclass projects q itself: the fused QKV linear)."""
         super().__init__(config)
         tp = tp_world_size()
         if config.num_attention_heads % tp != 0:
@@ -44,7 +49,8 @@ class _WanAttentionBase(MegatronModule):
         self.heads_per_rank = config.num_attention_heads // tp
         self.head_dim = config.head_dim
         D = config.hidden_size
-        self.linear_q = (norm_column_linear if query_norm else column_linear)(spec, config, D, D)
+        if query_linear:
+            self.linear_q = (norm_column_linear if query_norm else column_linear)(spec, config, D, D)
         self.q_norm = TPRMSNorm(config, D)
         self.linear_proj = row_linear(spec, config, D, D)
 
@@ -71,10 +77,17 @@ class WanSelfAttention(_WanAttentionBase):
     """x [s, B, D] -> [s, B, D]: q/k RMSNorm across heads, 3D RoPE, full (non-causal) attention."""
 
     def __init__(self, config, spec):
-        super().__init__(config, spec)
+        fused = config.fused_qkv
+        super().__init__(config, spec, query_linear=not fused)
         D = config.hidden_size
-        self.linear_k = column_linear(spec, config, D, D)
-        self.linear_v = column_linear(spec, config, D, D)
+        if fused:  # [q_r; k_r; v_r] rows on rank r; state dicts keep the unfused names (models.fused_qkv)
+            self.linear_qkv = column_linear(spec, config, D, 3 * D)
+            self._register_state_dict_hook(fused_qkv.state_dict_hook)
+            self.register_load_state_dict_pre_hook(fused_qkv.load_state_dict_pre_hook)
+        else:
+            self.linear_qkv = None
+            self.linear_k = column_linear(spec, config, D, D)
+            self.linear_v = column_linear(spec, config, D, D)
         self.k_norm = TPRMSNorm(config, D)
         self.attention = attention_op(config.attention_backend_name)
         self.ew = elementwise_ops(config.fused_elementwise)  # RoPE of q, k and their tangents
@@ -91,10 +104,13 @@ class WanSelfAttention(_WanAttentionBase):
     def forward_split(self, x_sBD, t_x, rope_cos, rope_sin, shard=None):
         """(y, t_y, b), the output projection's bias ``b`` not added (``forward`` adds it). ``shard`` (a
         ``TokenShard``) is required under context parallelism: which tokens this rank holds."""
-        q, t_q = self._query(x_sBD, t_x)
-        k, t_k, b_k = linear_jvp_split(self.linear_k, x_sBD, t_x)
-        k, t_k = self.k_norm(k, t_k, bias=b_k)
-        v, t_v = linear_jvp(self.linear_v, x_sBD, t_x)
+        if self.linear_qkv is None:
+            q, t_q = self._query(x_sBD, t_x)
+            k, t_k, b_k = linear_jvp_split(self.linear_k, x_sBD, t_x)
+            k, t_k = self.k_norm(k, t_k, bias=b_k)
+            v, t_v = linear_jvp(self.linear_v, x_sBD, t_x)
+        else:
+            q, t_q, k, t_k, v, t_v = self._fused_qkv(x_sBD, t_x)
         k, t_k, v, t_v = self._heads(k), self._heads(t_k), self._heads(v), self._heads(t_v)
         q, k, t_q, t_k = self.ew.rope(q, k, t_q, t_k, rope_cos, rope_sin)
         if self.cp_attention is not None:
@@ -102,6 +118,25 @@ class WanSelfAttention(_WanAttentionBase):
         else:
             o, t_o = self.attention(q, k, v, t_q, t_k, t_v)
         return self._out(o, t_o)
+
+    def _fused_qkv(self, x_sBD, t_x):
+        """q, t_q, k, t_k (RMS-normed, [S, B, D_tp]; q split into heads), v, t_v [S, B, D_tp] from one GEMM."""
+        (q, t_q, b_q), (k, t_k, b_k), (v, t_v, b_v) = fused_qkv.split_qkv(
+            *linear_jvp_split(self.linear_qkv, x_sBD, t_x)
+        )
+        q, t_q = self.q_norm(q, t_q, bias=b_q)
+        k, t_k = self.k_norm(k, t_k, bias=b_k)
+        v = v.contiguous() if b_v is None else v + b_v
+        t_v = None if t_v is None else t_v.contiguous()
+        return self._heads(q), self._heads(t_q), k, t_k, v, t_v
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Megatron's default; with the fused QKV linear its weight/bias become the unfused ``linear_{q,k,v}``
+        checkpoint tensors (``models.fused_qkv.qkv_factory``)."""
+        sharded_sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.linear_qkv is None:
+            return sharded_sd
+        return fused_qkv.fused_sharded_state_dict(sharded_sd, prefix, len(sharded_offsets))
 
 
 class WanCrossAttention(_WanAttentionBase):

@@ -71,6 +71,9 @@ class WanConfig(TransformerConfig):
     """Elementwise chains of the block (norm + modulation, gated residual, RoPE, q/k RMSNorm, GELU-tanh;
     ``ops/elementwise.py``, picked at construction): "auto" (fused Triton kernels, primal and tangent in one,
     for CUDA bf16/fp16 tensors; the PyTorch reference otherwise), true (always the kernels), false (never)."""
+    fused_qkv: bool = False
+    """Self-attention q, k, v from one column-parallel linear (one GEMM, under sequence parallelism one
+    all-gather; ``models.fused_qkv``). Checkpoints keep the q/k/v names: they load with either setting."""
     transformer_impl: str = "local"
     """Megatron's field, default "local" here: Megatron's local tensor-parallel linears; "transformer_engine":
     Transformer Engine's (BF16, or FP8 with ``fp8`` + ``fp8_recipe``; ``models.te_support``)."""
@@ -87,6 +90,8 @@ class WanConfig(TransformerConfig):
         check_recompute(self)
         self.fused_elementwise = check_fused_elementwise(self.fused_elementwise, f"{type(self).__name__}.fused_elementwise")
         check_transformer_impl(self)
+        if not isinstance(self.fused_qkv, bool):
+            raise ValueError(f"{type(self).__name__}.fused_qkv={self.fused_qkv!r}: expected true or false")
         if self.model_type not in ("t2v", "i2v"):
             raise ValueError(f"model_type must be 't2v' or 'i2v', got {self.model_type!r}")
         if self.hidden_size % self.num_attention_heads != 0:
