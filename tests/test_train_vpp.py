@@ -74,20 +74,22 @@ def _weights(trainer):
     return w
 
 
-def _run(cfg, unsummed=False):
+def _run(cfg, unsummed=False, unmark=None):
     """(metrics per step, gradients per step, weights and samples after training, the weights right after a
-    resume or None)."""
+    resume or None). ``unmark``: a parameter attribute removed from chunk 1's parameters (negatives)."""
     from megatron_rcm.parallel.pipeline import REPLICATED_ATTR, ModelChunks
     from megatron_rcm.training import Trainer
 
     trainer = Trainer(cfg)
     start = _weights(trainer) if trainer.step > 0 else None
     if unsummed:  # the negative: chunk 1's copies of the conditioning embeddings left out of the sum
+        unmark = REPLICATED_ATTR
+    if unmark is not None:
         for net in (trainer.student, trainer.critic):
             assert isinstance(net.module, ModelChunks)
             for p in net.module[1].parameters():
-                if getattr(p, REPLICATED_ATTR, False):
-                    delattr(p, REPLICATED_ATTR)
+                if getattr(p, unmark, False):
+                    delattr(p, unmark)
     grads = []
 
     def on_step(tr, metrics):

@@ -179,6 +179,56 @@ IGNORED_CHANGES = ("parallel", "checkpoint", "logging", "training.output_dir", "
                    "model.recompute", "model.recompute_method", "model.recompute_num_layers")
 
 
+def one_copy_per_shard(sharded_state_dict: dict) -> dict:
+    """``sharded_state_dict`` without the second and later local copies of a ``ShardedTensor`` (same checkpoint
+    key, global offset and flattened range), keeping a main replica (replica id all zeros) where one is among
+    them. Megatron's fully parallel save (``FullyParallelSaveStrategyWrapper``) picks the writing rank per shard
+    id and sets every local tensor of that id to main replica 0 there, so two local copies of one shard would
+    both become main replicas (``CheckpointingException: Invalid access pattern``). Under the interleaved
+    pipeline schedule each model chunk holds a copy of the conditioning embeddings (identical by construction:
+    ``parallel/pipeline.py``), so with a data-parallel x CP group > 1 the rank holds their shards V times.
+    Raises ValueError naming the key when two copies differ in shape or dtype. Only the save needs this: a load
+    fills every copy."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    def shard_id(sh):
+        rng = sh.flattened_range
+        return sh.key, tuple(sh.global_offset), None if rng is None else (rng.start, rng.stop)
+
+    def is_main(sh):
+        return all(r == 0 for r in (sh.replica_id if isinstance(sh.replica_id, tuple) else (sh.replica_id,)))
+
+    chosen: dict = {}
+
+    def pick(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                pick(v)
+        elif isinstance(x, list):
+            for v in x:
+                pick(v)
+        elif isinstance(x, ShardedTensor):
+            kept = chosen.setdefault(shard_id(x), x)
+            if (kept.local_shape, kept.dtype) != (x.local_shape, x.dtype):
+                raise ValueError(f"two local copies of checkpoint tensor {x.key!r} differ: shape "
+                                 f"{tuple(kept.local_shape)} {kept.dtype} vs {tuple(x.local_shape)} {x.dtype}")
+            if is_main(x) and not is_main(kept):
+                chosen[shard_id(x)] = x
+
+    def keep(x):
+        return not isinstance(x, ShardedTensor) or chosen[shard_id(x)] is x
+
+    def rebuild(x):
+        if isinstance(x, dict):
+            return {k: rebuild(v) for k, v in x.items() if keep(v)}
+        if isinstance(x, list):
+            return [rebuild(v) for v in x if keep(v)]
+        return x
+
+    pick(sharded_state_dict)
+    return rebuild(sharded_state_dict)
+
+
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(d, dict):
         return {prefix: d}
@@ -354,7 +404,8 @@ class CheckpointManager:
             # preload copies them to host memory when it is scheduled or run, before this returns
             t_plan = time.perf_counter()
             with _writers_die_with_trainer(tmp):
-                request = dist_checkpointing.save(sharded_state_dict, str(tmp), self._save_strategy(),
+                request = dist_checkpointing.save(one_copy_per_shard(sharded_state_dict), str(tmp),
+                                                  self._save_strategy(),
                                                   async_sharded_save=True)
             request.add_finalize_fn(functools.partial(self._publish, info, tmp, final))
             t_sched = time.perf_counter()
