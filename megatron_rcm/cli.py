@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.data == "shapes":
             return _shapes(args)
-        if args.seeds is not None or args.teacher_batch is not None:
-            raise ConfigError("--seeds and --teacher-batch are only supported with --data shapes")
+        for flag, value in (("--seeds", args.seeds), ("--teacher-batch", args.teacher_batch)):
+            if value is not None:
+                raise ConfigError(f"{flag} is only supported with --data shapes")
         from megatron_rcm.quickstart import QuickstartOptions, run_quickstart
 
         opts = QuickstartOptions(output_dir=args.output_dir or "outputs/quickstart", methods=tuple(args.methods.split(",")),

@@ -219,6 +219,8 @@ def test_cli_rejects_bad_seeds_before_work(tmp_path, capsys):
 
     assert main(["quickstart", "--seeds", "0", "--output-dir", str(tmp_path)]) == 2
     assert "--seeds is only supported with --data shapes" in capsys.readouterr().err
+    assert main(["quickstart", "--teacher-batch", "64", "--output-dir", str(tmp_path)]) == 2
+    assert "--teacher-batch is only supported with --data shapes" in capsys.readouterr().err
     assert main(["quickstart", "--data", "shapes", "--seeds", "0,x", "--output-dir", str(tmp_path)]) == 2
     assert "'0,x': expected comma-separated integers" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
