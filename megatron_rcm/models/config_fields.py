@@ -84,10 +84,10 @@ def check_recompute(cfg, selective: bool = False) -> None:
             f"{name}: recompute_granularity='selective' (recompute all but the self-attention core) is "
             "implemented for Wan only; use recompute_granularity='full'"
         )
-    granularities = "|".join(RECOMPUTE_GRANULARITIES) if selective else "full"
-    supported = (f"('{granularities}', 'uniform', 1) for every block, ('{granularities}', 'block', N) with "
-                 f"1 <= N <= num_layers (={cfg.num_layers}) for the first N blocks of each pipeline stage, or "
-                 "recompute_granularity=None for none")
+    supported = ("('full', 'uniform', 1) for every block, ('full', 'block', N) with 1 <= N <= num_layers "
+                 f"(={cfg.num_layers}) for the first N blocks of each pipeline stage"
+                 + (" (either with 'selective' for 'full')" if selective else "")
+                 + ", or recompute_granularity=None for none")
     if (got[0] not in RECOMPUTE_GRANULARITIES or got[1] not in RECOMPUTE_METHODS
             or (got[1] == "uniform" and got[2] != 1)):
         raise NotImplementedError(
