@@ -208,7 +208,7 @@ def test_wan_config_takes_selective_with_both_methods():
     with pytest.raises(NotImplementedError, match=r"recompute_granularity='selective', recompute_method=None"):
         wan_helpers.wan_config("wan-tiny-t2v", recompute_granularity="selective")
     with pytest.raises(NotImplementedError, match=r"recompute_granularity='partial'.*\(either with 'selective' "
-                                                  "for 'full'\)"):
+                                                  r"for 'full'\)"):
         wan_helpers.wan_config("wan-tiny-t2v", **recompute_fields(True, granularity="partial"))
 
 
