@@ -96,19 +96,24 @@ def test_bench_checkpoint_async_stall_excludes_the_write_sync_includes_it(tmp_pa
 
 
 def test_bench_step_block_recompute_prints_a_json_line_per_kind(tmp_path):
-    """Block recompute reaches the trainer's models through ``--set model.recompute_method=block``; each kind
-    prints one JSON line with its time, peak memory and the recompute setting (what a sweep over N reads)."""
+    """Block (selective) recompute reaches the trainer's models through ``--set model.recompute_method=block``
+    (``model.recompute_granularity=selective``); each kind prints one JSON line with its time, peak memory and
+    the recompute setting (what a sweep over N reads)."""
     r = _run([str(ROOT / "tools/bench_step.py"), "--config", str(ROOT / "examples/configs/quickstart.yaml"),
               *TINY, "--kinds", "student", "--warmup", "0", "--iters", "1", "--set", "model.recompute=true",
-              "--set", "model.recompute_method=block", "--set", "model.recompute_num_layers=1"], tmp_path)
+              "--set", "model.recompute_method=block", "--set", "model.recompute_num_layers=1",
+              "--set", "model.recompute_granularity=selective"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{"bench": "step"')]
     assert [row["kind"] for row in rows] == ["student"], r.stdout[-2000:]
     layers = 2  # examples/configs/quickstart.yaml: model.overrides.num_layers
     rc = rows[0]["recompute"]
-    assert rc == {"on": True, "method": "block", "num_layers": 1, "fraction": 1 / layers}, rc
+    share = rc.pop("flop_share")  # the self-attention products of the recomputed block are not re-run
+    assert rc == {"on": True, "granularity": "selective", "method": "block", "num_layers": 1,
+                  "fraction": 1 / layers}, rc
+    assert 0 < share < 1 / layers, share
     assert rows[0]["step_time_s"] > 0 and "peak_memory_gib" in rows[0]
-    assert f"recompute block (1), {100 / layers:.0f}% of the blocks" in r.stdout
+    assert f"recompute selective block (1), {100 / layers:.0f}% of the blocks" in r.stdout
 
 
 def test_cli_help_prints_no_library_warnings(tmp_path):

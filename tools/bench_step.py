@@ -32,7 +32,7 @@ from megatron_rcm.cli import configure_logging
 from megatron_rcm.config.loader import load_config
 from megatron_rcm.models.config_fields import recomputed_fraction
 from megatron_rcm.ops.attention import SDPA_PREFERENCES, set_sdpa_preference
-from megatron_rcm.training.flops import model_flops, step_flops
+from megatron_rcm.training.flops import model_flops, recompute_share, step_flops
 from megatron_rcm.training.kernel_profile import device_kernels, format_shares, kernel_shares
 from megatron_rcm.training.phases import instrument_network
 
@@ -107,12 +107,13 @@ def bench(args) -> dict:
         instrument_network(trainer.critic, t, "critic_forward")
     rank0 = trainer.rank == 0
     wan_cfg, pp = trainer.wan_cfg, cfg.parallel.pipeline_parallel
-    recompute = {"on": cfg.model.recompute, "method": wan_cfg.recompute_method,
-                 "num_layers": wan_cfg.recompute_num_layers,
+    recompute = {"on": cfg.model.recompute, "granularity": wan_cfg.recompute_granularity,
+                 "method": wan_cfg.recompute_method, "num_layers": wan_cfg.recompute_num_layers,
                  "fraction": recomputed_fraction(wan_cfg, wan_cfg.num_layers // pp)}
 
     C, F, H, W = cfg.data.latent_shape
     fwd, jvp = model_flops(trainer.wan_cfg, (C, F, H, W), cfg.data.text_len)
+    recompute["flop_share"] = recompute_share(wan_cfg, fwd, (C, F, H, W), recompute["fraction"])
     B = cfg.data.micro_batch_size * cfg.optimizer.grad_accumulation_steps
     peak = _peak_tflops(args.peak_tflops)
     world = torch.distributed.get_world_size()
@@ -138,7 +139,7 @@ def bench(args) -> dict:
                 times.append(metrics["step_time_s"])
                 phases.append(ph)
                 rollouts.append(n_roll)
-                flops_list.append(step_flops(kind, fwd, jvp, B, n_roll, recompute["fraction"],
+                flops_list.append(step_flops(kind, fwd, jvp, B, n_roll, recompute["flop_share"],
                                              cfg.distill.guidance not in (None, 1.0)))
         dt, flops = statistics.mean(times), statistics.mean(flops_list)
         # every model-parallel rank works on the same samples: the world's FLOPs are the DP ranks' sum
@@ -215,7 +216,8 @@ def format_table(res: dict) -> str:
     w = 14
     rc = res["recompute"]
     lines = [f"device {res['device']} x{res['world_size']}, peak {res['peak_tflops_per_gpu']} TFLOP/s per GPU; "
-             + (f"recompute {rc['method']} ({rc['num_layers']}), {100 * rc['fraction']:.0f}% of the blocks"
+             + (f"recompute {rc['granularity']} {rc['method']} ({rc['num_layers']}), {100 * rc['fraction']:.0f}% "
+                "of the blocks"
                 if rc["on"] else "no recompute"),
              f"{'':<22}" + "".join(f"{k:>{w}}" for k in kinds)]
     row = lambda name, fmt, get: lines.append(f"{name:<22}" + "".join(f"{fmt(get(res['kinds'][k])):>{w}}" for k in kinds))

@@ -53,6 +53,12 @@ class ModelConfig:
     """Blocks recomputed per pipeline stage with ``recompute_method=block`` (1 .. the model's num_layers;
     null or 1 with ``uniform``)."""
 
+    recompute_granularity: str = "full"
+    """With ``recompute``, Megatron's names: ``full`` re-runs each recomputed block whole; ``selective`` (Wan
+    only) re-runs all but its self-attention core, whose q, k, v, o stay stored, so the attention kernel (the
+    JVP kernel in the JVP pass) runs once instead of twice (docs/throughput.md). The methods above pick the
+    blocks for both."""
+
     fused_elementwise: str | bool = "auto"
     """Wan models: fused primal+tangent Triton kernels for the block's elementwise chains (norm + modulation,
     gated residual, RoPE, q/k RMSNorm, GELU-tanh; docs/kernels.md): ``auto`` (on for CUDA bf16/fp16
@@ -73,8 +79,13 @@ class ModelConfig:
     several times per step)."""
 
     def _validate_recompute(self) -> None:
-        from megatron_rcm.models.config_fields import RECOMPUTE_METHODS
+        from megatron_rcm.models.config_fields import RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS
 
+        _check(self.recompute_granularity in RECOMPUTE_GRANULARITIES, "model.recompute_granularity",
+               self.recompute_granularity, "one of " + ", ".join(RECOMPUTE_GRANULARITIES))
+        if self.recompute_granularity == "selective" and not self.recompute:
+            raise ConfigError("model.recompute_granularity='selective' needs model.recompute=true (how to "
+                              "recompute when recompute is on)")
         _check(self.recompute_method in RECOMPUTE_METHODS, "model.recompute_method", self.recompute_method,
                "one of " + ", ".join(RECOMPUTE_METHODS))
         n = self.recompute_num_layers

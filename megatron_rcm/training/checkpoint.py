@@ -176,7 +176,8 @@ def read_meta(path: Path) -> dict:
 REFUSED_CHANGES = ("model.preset", "model.overrides", "distill.algorithm")
 # Not reported: layout (checkpoints are layout-agnostic), bookkeeping, where things are written.
 IGNORED_CHANGES = ("parallel", "checkpoint", "logging", "training.output_dir", "training.device",
-                   "model.recompute", "model.recompute_method", "model.recompute_num_layers")
+                   "model.recompute", "model.recompute_method", "model.recompute_num_layers",
+                   "model.recompute_granularity")
 
 
 def one_copy_per_shard(sharded_state_dict: dict) -> dict:

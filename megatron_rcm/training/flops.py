@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["PassFlops", "model_flops", "step_flops"]
+__all__ = ["PassFlops", "model_flops", "recompute_share", "step_flops"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,19 @@ def model_flops(cfg, latent_CFHW, text_len: int, image_tokens: int = 0) -> tuple
     forward = PassFlops(token_lin + context_lin, self_attn + cross_attn)
     jvp = PassFlops(2 * token_lin + context_lin, 3 * self_attn + 2 * cross_attn)
     return forward, jvp
+
+
+def recompute_share(cfg, fwd: PassFlops, latent_CFHW, fraction: float) -> float:
+    """The share of a forward's FLOPs ``fwd`` that each backward re-runs (``step_flops``' ``recompute``):
+    ``fraction`` of the blocks (``config_fields.recomputed_fraction``), whole under ``recompute_granularity``
+    ``full``; under ``selective`` without their self-attention products (4 S^2 D per block), which are kept."""
+    if cfg.recompute_granularity != "selective":
+        return fraction
+    _, F, H, W = latent_CFHW
+    pt, ph, pw = cfg.patch_size
+    S = (F // pt) * (H // ph) * (W // pw)
+    self_attn = cfg.num_layers * 4 * S * S * cfg.hidden_size
+    return fraction * (1.0 - self_attn / fwd.total)
 
 
 def step_flops(kind: str, fwd: PassFlops, jvp: PassFlops, batch: int, rollout_steps: int = 1,

@@ -55,10 +55,14 @@ def build_wan_config(model_cfg, data_cfg=None, recompute: bool | None = None, cp
     overrides["bf16"] = model_cfg.params_dtype == "bf16"
     overrides["fp16"] = model_cfg.params_dtype == "fp16"
     overrides.update(recompute_fields(model_cfg.recompute if recompute is None else recompute,
-                                      model_cfg.recompute_method, model_cfg.recompute_num_layers))
+                                      model_cfg.recompute_method, model_cfg.recompute_num_layers,
+                                      model_cfg.recompute_granularity))
     if not cosmos:
         overrides.setdefault("fused_elementwise", model_cfg.fused_elementwise)
         overrides.setdefault("fused_qkv", model_cfg.fused_qkv)
+    elif model_cfg.recompute_granularity == "selective":
+        raise ConfigError(f"model.recompute_granularity='selective' is implemented for Wan only, not for "
+                          f"model.preset={model_cfg.preset!r}; set model.recompute_granularity=full")
     elif model_cfg.fused_qkv:
         raise ConfigError(f"model.fused_qkv=true is implemented for Wan only, not for model.preset="
                           f"{model_cfg.preset!r}; set model.fused_qkv=false")

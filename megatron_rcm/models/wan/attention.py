@@ -62,7 +62,7 @@ class _WanAttentionBase(MegatronModule):
         q, t_q = self.q_norm(q, t_q, bias=b)
         return self._heads(q), self._heads(t_q)
 
-    def _out(self, o_SBNd, t_o):
+    def project_out(self, o_SBNd, t_o):
         """(y, t_y, b): the output projection, its bias ``b`` not added."""
         o = o_SBNd.flatten(-2)
         t_o = None if t_o is None else t_o.flatten(-2)
@@ -103,7 +103,13 @@ class WanSelfAttention(_WanAttentionBase):
 
     def forward_split(self, x_sBD, t_x, rope_cos, rope_sin, shard=None):
         """(y, t_y, b), the output projection's bias ``b`` not added (``forward`` adds it). ``shard`` (a
-        ``TokenShard``) is required under context parallelism: which tokens this rank holds."""
+        ``TokenShard``) is required under context parallelism: which tokens this rank holds. The three
+        parts ``qkv`` -> ``core`` -> ``project_out`` are called one by one by the block's selective recompute."""
+        o, t_o = self.core(*self.qkv(x_sBD, t_x, rope_cos, rope_sin), shard)
+        return self.project_out(o, t_o)
+
+    def qkv(self, x_sBD, t_x, rope_cos, rope_sin):
+        """(q, k, v, t_q, t_k, t_v) [S, B, N_tp, d]: the linears, q/k RMSNorm and RoPE before the core."""
         if self.linear_qkv is None:
             q, t_q = self._query(x_sBD, t_x)
             k, t_k, b_k = linear_jvp_split(self.linear_k, x_sBD, t_x)
@@ -113,11 +119,13 @@ class WanSelfAttention(_WanAttentionBase):
             q, t_q, k, t_k, v, t_v = self._fused_qkv(x_sBD, t_x)
         k, t_k, v, t_v = self._heads(k), self._heads(t_k), self._heads(v), self._heads(t_v)
         q, k, t_q, t_k = self.ew.rope(q, k, t_q, t_k, rope_cos, rope_sin)
+        return q, k, v, t_q, t_k, t_v
+
+    def core(self, q, k, v, t_q, t_k, t_v, shard=None):
+        """(o, t_o) [S, B, N_tp, d]: the attention op (over the CP group under context parallelism)."""
         if self.cp_attention is not None:
-            o, t_o = self.cp_attention(q, k, v, t_q, t_k, t_v, shard)
-        else:
-            o, t_o = self.attention(q, k, v, t_q, t_k, t_v)
-        return self._out(o, t_o)
+            return self.cp_attention(q, k, v, t_q, t_k, t_v, shard)
+        return self.attention(q, k, v, t_q, t_k, t_v)
 
     def _fused_qkv(self, x_sBD, t_x):
         """q, t_q, k, t_k (RMS-normed, [S, B, D_tp]; q split into heads), v, t_v [S, B, D_tp] from one GEMM."""
@@ -174,4 +182,4 @@ class WanCrossAttention(_WanAttentionBase):
             )
             o = o + o_img
             t_o = add_tangents(t_o, t_o_img)
-        return self._out(o, t_o)
+        return self.project_out(o, t_o)

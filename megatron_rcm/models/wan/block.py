@@ -12,15 +12,27 @@ RoPE, q/k RMSNorm and GELU chains run through ``ops/elementwise.py`` (``config.f
 PyTorch reference or one Triton kernel per chain for primal and tangent), picked here at construction.
 The biases of fc1 (into GELU), of the self-attention output and of fc2 (into the gated residuals) reach
 those chains un-added (``linear_jvp_split``): with the kernels, no broadcast bias add over the activations.
+
+Selective recompute (``selective``, given by the model for the blocks ``config_fields.selective_block`` picks):
+the block runs as three segments, ``pre_attention`` (norm + modulation, q/k/v linears, q/k RMSNorm, RoPE) ->
+the self-attention core (the attention op, context-parallel included) -> ``post_attention`` (output linear,
+gated residual, cross-attention, FFN, gated residual); the first and last under ``torch.utils.checkpoint``
+(non-reentrant), the core outside, so its autograd node keeps q, k, v, o (and the kernel's lse) and the
+backward re-runs the two segments but never the attention. Primal and tangent re-run together, as in a
+full-block recompute: tangents (computed without grad) pass between the segments as checkpoint outputs and
+inputs.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
 from megatron_rcm.models.jvp import add_tangents, compute_dtype, mul_jvp, over_tokens
+from megatron_rcm.models.te_support import recompute_context_fn
 from megatron_rcm.models.tp_linears import MLP
 from megatron_rcm.models.wan.attention import WanCrossAttention, WanSelfAttention
 from megatron_rcm.models.wan.layers import LayerNorm, mark_sequence_parallel
@@ -35,7 +47,7 @@ def modulate_jvp(x, t_x, shift, t_shift, scale, t_scale):
 
 
 class WanBlock(MegatronModule):
-    def __init__(self, config, spec, layer_number: int):
+    def __init__(self, config, spec, layer_number: int, selective: bool = False):
         super().__init__(config)
         self.layer_number = layer_number  # global, 0-based (checkpoint keys use it under any PP split)
         D = config.hidden_size
@@ -52,18 +64,40 @@ class WanBlock(MegatronModule):
         self.norm2 = LayerNorm(config, D, affine=False)
         self.ew = elementwise_ops(config.fused_elementwise)
         self.ffn = MLP(config, spec, self.ew.gelu_tanh, act_takes_bias=True)
+        self.selective = selective
+        """Selective recompute of this block (the model's choice, ``config_fields.selective_block``)."""
+
+    def _modulation(self, e0, t_e0, cdt):
+        """6 x [B, D] (per token: 6 x [s, B, D]) and their tangents: shift/scale/gate for attention, then FFN."""
+        e = (self.modulation.to(cdt) + e0.to(cdt)).unbind(-2)
+        return e, (t_e0.unbind(-2) if t_e0 is not None else (None,) * 6)
 
     def forward(self, x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard=None):
-        cdt = compute_dtype(x)
-        e = (self.modulation.to(cdt) + e0.to(cdt)).unbind(-2)  # 6 x [B, D] (per token: 6 x [s, B, D])
-        t_e = t_e0.unbind(-2) if t_e0 is not None else (None,) * 6
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = e
-        t_shift_msa, t_scale_msa, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp = t_e
+        if self.selective and torch.is_grad_enabled():  # re-run pre and post in the backward, not the core
+            segment = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False,
+                                        context_fn=recompute_context_fn(self.config))
+        else:
+            segment = _call
+        q, k, v, t_q, t_k, t_v = segment(self.pre_attention, x, t_x, e0, t_e0, rope_cos, rope_sin)
+        o, t_o = self.self_attn.core(q, k, v, t_q, t_k, t_v, shard)
+        return segment(self.post_attention, x, t_x, o, t_o, e0, t_e0, context, context_img)
+
+    def pre_attention(self, x, t_x, e0, t_e0, rope_cos, rope_sin):
+        """x [s, B, D] -> q, k, v [S, B, N_tp, d] and their tangents: LN + modulation, linears, RMSNorm, RoPE."""
+        e, t_e = self._modulation(e0, t_e0, compute_dtype(x))
+        (shift_msa, scale_msa), (t_shift_msa, t_scale_msa) = e[:2], t_e[:2]
+        h, t_h = self.ew.modulated_layer_norm(x, t_x, self.norm1.eps, shift_msa, t_shift_msa, scale_msa, t_scale_msa)
+        return self.self_attn.qkv(h, t_h, rope_cos, rope_sin)
+
+    def post_attention(self, x, t_x, o, t_o, e0, t_e0, context, context_img):
+        """The block input x [s, B, D] and the attention core's o [S, B, N_tp, d] -> the block output [s, B, D]."""
+        e, t_e = self._modulation(e0, t_e0, compute_dtype(x))
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = e
+        _, _, t_gate_msa, t_shift_mlp, t_scale_mlp, t_gate_mlp = t_e
         ew = self.ew
 
-        # self-attention
-        h, t_h = ew.modulated_layer_norm(x, t_x, self.norm1.eps, shift_msa, t_shift_msa, scale_msa, t_scale_msa)
-        y, t_y, b = self.self_attn.forward_split(h, t_h, rope_cos, rope_sin, shard)
+        # self-attention output projection and gated residual
+        y, t_y, b = self.self_attn.project_out(o, t_o)
         x, t_x = ew.gated_residual(x, t_x, y, t_y, gate_msa, t_gate_msa, bias=b)
 
         # cross-attention (no gate)
@@ -78,3 +112,8 @@ class WanBlock(MegatronModule):
         h, t_h = ew.modulated_layer_norm(x, t_x, self.norm2.eps, shift_mlp, t_shift_mlp, scale_mlp, t_scale_mlp)
         y, t_y, b = self.ffn.forward_split(h, t_h)
         return ew.gated_residual(x, t_x, y, t_y, gate_mlp, t_gate_mlp, bias=b)
+
+
+def _call(fn, *args):
+    """A segment run as it is (no recompute)."""
+    return fn(*args)

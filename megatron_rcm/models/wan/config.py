@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from megatron.core.transformer import TransformerConfig
 
-from megatron_rcm.models.config_fields import check_recompute, config_from_preset
+from megatron_rcm.models.config_fields import check_recompute, config_from_preset, megatron_check_view
 from megatron_rcm.models.te_support import check_transformer_impl
 from megatron_rcm.ops.attention import check_attention_backend
 from megatron_rcm.ops.elementwise import check_fused_elementwise
@@ -37,7 +37,8 @@ class WanConfig(TransformerConfig):
     Megatron's fields used as they are (``models/config_fields.py``): ``layernorm_epsilon`` is the epsilon of
     every LayerNorm / RMSNorm (override name ``norm_eps`` maps onto it); activation recompute of each block
     is ``recompute_granularity="full"``, ``recompute_method="uniform"``, ``recompute_num_layers=1``, of the first
-    N blocks of each stage ``recompute_method="block"``, ``recompute_num_layers=N``."""
+    N blocks of each stage ``recompute_method="block"``, ``recompute_num_layers=N``; with
+    ``recompute_granularity="selective"`` the chosen blocks re-run all but their self-attention core."""
 
     model_type: str = "t2v"
     """"t2v" or "i2v" (I2V adds the CLIP-feature projection and the image cross-attention)."""
@@ -87,7 +88,7 @@ class WanConfig(TransformerConfig):
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
         check_attention_backend(self.attention_backend_name, f"{type(self).__name__}.attention_backend_name")
-        check_recompute(self)
+        check_recompute(self, selective=True)
         self.fused_elementwise = check_fused_elementwise(self.fused_elementwise, f"{type(self).__name__}.fused_elementwise")
         check_transformer_impl(self)
         if not isinstance(self.fused_qkv, bool):
@@ -102,7 +103,8 @@ class WanConfig(TransformerConfig):
         head_dim = self.hidden_size // self.num_attention_heads
         if head_dim % 2 != 0 or head_dim < 6:
             raise ValueError(f"head dim {head_dim} must be even and >= 6 for the 3D RoPE split")
-        super().__post_init__()
+        with megatron_check_view(self):
+            super().__post_init__()
 
     @property
     def head_dim(self) -> int:

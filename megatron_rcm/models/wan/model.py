@@ -39,7 +39,7 @@ from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
-from megatron_rcm.models.config_fields import recomputed_block
+from megatron_rcm.models.config_fields import recomputed_block, selective_block
 from megatron_rcm.models.jvp import compute_dtype, linear_jvp, silu_jvp
 from megatron_rcm.models.te_support import recompute_context_fn
 from megatron_rcm.models.wan import impl_keys
@@ -134,7 +134,9 @@ class WanModel(MegatronModule):
                 mark_sequence_parallel(module)
         self.img_emb = ImageEmbedder(config) if config.model_type == "i2v" else None
         n = config.num_layers if num_local_layers is None else num_local_layers
-        self.blocks = nn.ModuleList([WanBlock(config, spec, layer_offset + i) for i in range(n)])
+        self.blocks = nn.ModuleList(
+            [WanBlock(config, spec, layer_offset + i, selective=selective_block(config, i)) for i in range(n)]
+        )
         self.head = WanHead(config) if post_process else None
         if not (pre_process and post_process):
             for module in self._conditioning_modules():
@@ -307,7 +309,9 @@ class WanModel(MegatronModule):
 
         for i, block in enumerate(self.blocks):
             args = (x, t_x, e0, t_e0, context, context_img, rope_cos, rope_sin, shard)
-            if recomputed_block(cfg, i) and torch.is_grad_enabled():  # primal and tangent re-run together
+            # full: the whole block re-runs, primal and tangent together; selective: the block checkpoints its
+            # segments around the self-attention core itself (``WanBlock``)
+            if recomputed_block(cfg, i) and not block.selective and torch.is_grad_enabled():
                 x, t_x = torch.utils.checkpoint.checkpoint(
                     block, *args, use_reentrant=False, context_fn=recompute_context_fn(cfg)
                 )
