@@ -115,14 +115,18 @@ def test_prewarmer_failure_is_a_warning_not_an_error(caplog):
 
 
 def test_trigger_builds_only_when_the_optimizer_state_changes():
-    sigs = iter([((0, 4), (0, 6))] * 3 + [((4, 4), (0, 6))] * 2 + [((4, 4), (6, 6))] * 5)
+    # the student's moments appear at its first step, the critic's only after the warm-up phase (and a
+    # critic parameter can lag: 5 of 6)
+    sigs = iter([{"student": (0, 4), "critic": (0, 6)}] * 3 + [{"student": (4, 4), "critic": (0, 6)}] * 2
+                + [{"student": (4, 4), "critic": (5, 6)}] * 2 + [{"student": (4, 4), "critic": (6, 6)}] * 3)
     builds = []
-    model = {"w": _st("w", torch.zeros(4))}  # 16 bytes
-    full = {**model, "m": _st("m", torch.zeros(100))}  # + 400 bytes -> 512
+    parts = {"model": {"w": _st("w", torch.zeros(4))},  # 16 bytes
+             "student": {"ms": _st("ms", torch.zeros(100))},  # 400 bytes -> 512
+             "critic": {"mc": _st("mc", torch.zeros(2, 100))}}  # 800 bytes -> 1024
 
-    def build(with_optimizers):
-        builds.append(with_optimizers)
-        return full if with_optimizers else model
+    def build(names):
+        builds.append(names)
+        return {"model": parts["model"], **{n: parts[n] for n in names}}
 
     fake = FakeAllocator()
     pw = HostMemoryPrewarmer(torch.device("cpu"), allocate=fake)
@@ -130,11 +134,12 @@ def test_trigger_builds_only_when_the_optimizer_state_changes():
     for _ in range(10):
         trigger.step()
         pw.wait()
-    # step 0: the networks (no optimizer state yet: building it would materialize it); the student's moments
-    # alone: nothing; every moment there: the full state dict, once
-    assert builds == [False, True]
-    assert pw.warmed == Counter({16: 1, 512: 1})
-    assert fake.sizes == [16, 16, 512]  # the second pass takes the cached 16-byte block back first
+    # step 0: the networks (no optimizer state yet: building it would materialize it); then each optimizer
+    # once all its moments exist; never per step
+    assert builds == [(), ("student",), ("critic", "student")]
+    assert pw.warmed == Counter({16: 1, 512: 1, 1024: 1})
+    # each pass takes the cached blocks back first, then allocates the new ones
+    assert fake.sizes == [16, 16, 512, 16, 512, 1024]
 
 
 def _cfg(tmp_path, name, *extra):
@@ -154,10 +159,10 @@ def test_training_with_warmup_is_bit_identical_and_warms_the_first_save(tmp_path
     run = Trainer(_cfg(tmp_path, "run"))
     fake = FakeAllocator()
     pw = HostMemoryPrewarmer(run.device, allocate=fake)
-    opts = (run.opt_student, run.opt_critic)
+    opts = {"student": run.opt_student, "critic": run.opt_critic}
     # the trainer's own trigger, with the CPU's tensors counted as the ones the preload would copy
-    run.prewarm = PrewarmTrigger(pw, signature=lambda: tuple(optimizer_state_counts(o) for o in opts),
-                                 build=lambda full: run.sharded_state_dict(optimizers=full), device_type="cpu")
+    run.prewarm = PrewarmTrigger(pw, signature=lambda: {n: optimizer_state_counts(o) for n, o in opts.items()},
+                                 build=lambda names: run.sharded_state_dict(optimizers=names), device_type="cpu")
     expected = pinned_block_counts(preload_sizes(run.sharded_state_dict(), "cpu"))
     history = run.train()
     run.close()

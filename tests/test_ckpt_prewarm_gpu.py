@@ -20,17 +20,18 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_first_save_finds_warmed_pinned_blocks(tmp_path):
     from megatron_rcm.training import Trainer
 
-    trainer = Trainer(_cfg(tmp_path, "run", 3, "checkpoint.save_every=0", "checkpoint.async_save=true",
+    trainer = Trainer(_cfg(tmp_path, "run", 4, "checkpoint.save_every=0", "checkpoint.async_save=true",
                            "checkpoint.prewarm_host_memory=true", "checkpoint.keep_last=1"))
     assert trainer.prewarm is not None
-    for _ in range(3):  # as train() does: poll the trigger, then step (the moments appear in steps 1-2)
+    for _ in range(4):  # as train() does: poll the trigger, then step (TINY: the student at steps 0-2, the
+        # critic's first step at 3, after the tangent warm-up)
         trainer.prewarm.step()
         trainer.train_step()
     trainer.prewarm.step()
     pw = trainer.prewarm.prewarmer
     pw.wait()
     assert pw.error is None, pw.error
-    assert trainer.prewarm.builds == 2  # the networks at step 0, everything once both optimizers stepped
+    assert trainer.prewarm.builds == 3  # the networks at step 0, then each optimizer after its first step
     expected = pinned_block_counts(preload_sizes(trainer.sharded_state_dict()))
     assert pw.warmed == expected
     before = torch.cuda.host_memory_stats()

@@ -23,9 +23,10 @@ bindings drop it around the dispatch), so ``cudaHostAlloc`` and its page pinning
 
 Sizes come from the trainer's sharded state dict (``ShardedTensor.data`` on the GPU: the tensors the
 preload copies). The optimizer's moments appear only after a network's first step (AdamW's lazy state):
-``PrewarmTrigger`` watches a cheap signature (how many parameters have optimizer state) each step and
-builds a state dict only when it changes (a few times per run, never per step); the allocator returns the
-blocks warmed earlier at once, so each warm-up pays only for the new ones. Nothing is warmed once a save
+``PrewarmTrigger`` watches a cheap signature each step (which optimizers have state for all their
+parameters) and builds a state dict only when it changes: at most once per optimizer plus once for the
+networks, never per step (the critic steps only after the warm-up phase: its moments are warmed then). The
+allocator returns the blocks warmed earlier at once, so each warm-up pays only for the new ones. Nothing is warmed once a save
 has started (the save's own blocks are then in the cache or in flight).
 
 Scope: the rank writes every tensor of its state dict only when the save's data-parallel (with context)
@@ -167,13 +168,13 @@ class HostMemoryPrewarmer:
 
 
 class PrewarmTrigger:
-    """Decides, once per training step, whether to warm: when ``signature()`` (cheap) changes, build the state
-    dict with ``build(full)`` (``full``: every optimizer has state for every parameter, so that the build
-    materializes nothing) and request its blocks. Before the optimizers have state: ``build(False)`` (the
-    networks and the EMA only)."""
+    """Decides, once per training step, whether to warm. ``signature()`` (cheap): ``{optimizer name:
+    (parameters with state, parameters)}``. When the set of optimizers with state for every parameter changes,
+    build the state dict with ``build(names)`` (the networks, the EMA and those optimizers only: building an
+    optimizer's part without its state would materialize the state) and request its blocks."""
 
-    def __init__(self, prewarmer: HostMemoryPrewarmer, signature: Callable[[], tuple[tuple[int, int], ...]],
-                 build: Callable[[bool], dict], device_type: str = "cuda"):
+    def __init__(self, prewarmer: HostMemoryPrewarmer, signature: Callable[[], dict[str, tuple[int, int]]],
+                 build: Callable[[tuple[str, ...]], dict], device_type: str = "cuda"):
         self.prewarmer, self.signature, self.build, self.device_type = prewarmer, signature, build, device_type
         self._last = None
         self.builds = 0
@@ -181,12 +182,9 @@ class PrewarmTrigger:
     def step(self) -> None:
         if self.prewarmer.finished:
             return
-        sig = self.signature()
-        if sig == self._last:
+        full = tuple(sorted(name for name, (with_state, total) in self.signature().items() if with_state == total))
+        if full == self._last:
             return
-        self._last = sig
-        full = all(with_state == total for with_state, total in sig)
-        if not full and self.builds:  # the networks are warmed already; the moments are not all there yet
-            return
+        self._last = full
         self.builds += 1
         self.prewarmer.request(pinned_block_counts(preload_sizes(self.build(full), self.device_type)))

@@ -176,10 +176,10 @@ class Trainer:
             optimizer_state_counts,
         )
 
-        opts = [o for o in (self.opt_student, self.opt_critic) if o is not None]
+        opts = {n: o for n, o in (("student", self.opt_student), ("critic", self.opt_critic)) if o is not None}
         return PrewarmTrigger(HostMemoryPrewarmer(self.device),
-                              signature=lambda: tuple(optimizer_state_counts(o) for o in opts),
-                              build=lambda full: self.sharded_state_dict(optimizers=full))
+                              signature=lambda: {n: optimizer_state_counts(o) for n, o in opts.items()},
+                              build=lambda names: self.sharded_state_dict(optimizers=names))
 
     @staticmethod
     def _check_layout(cfg, world: int | None = None) -> None:
@@ -457,10 +457,10 @@ class Trainer:
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def sharded_state_dict(self, is_loading: bool = False, optim_sharding: str | None = None,
-                           optimizers: bool = True) -> dict:
+                           optimizers: tuple[str, ...] = ("student", "critic")) -> dict:
         """``optim_sharding``: how the optimizers' state is (or was) written; default: this run's config.
-        ``optimizers=False``: without the optimizers' state (the host memory warm-up's view before their
-        moments exist: building it would materialize them)."""
+        ``optimizers``: whose state to include (the host memory warm-up leaves out an optimizer whose moments
+        do not exist yet: building its part would materialize them)."""
         from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing.mapping import ShardedObject
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
@@ -473,7 +473,7 @@ class Trainer:
         s_sd = self.student.module.sharded_state_dict(prefix="student.")
         sd = {"student": s_sd, "step": self.step, "scheduler_student": self.sched_student.state_dict()}
         sharding = optim_sharding or self.optim_sharding
-        if optimizers:
+        if "student" in optimizers:
             sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student", is_loading,
                                                                           sharding)
         sd["ema"] = {name: make_sharded_optimizer_tensor(s_sd[f"student.{name}"], t, "ema")
@@ -482,7 +482,7 @@ class Trainer:
         if self.critic is not None:
             c_sd = self.critic.module.sharded_state_dict(prefix="critic.")
             sd["critic"] = c_sd
-            if optimizers:
+            if "critic" in optimizers:
                 sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic", is_loading,
                                                                             sharding)
             sd["scheduler_critic"] = self.sched_critic.state_dict()
