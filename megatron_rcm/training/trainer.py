@@ -497,9 +497,9 @@ class Trainer:
         meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size(),
                 "optim_sharding": self.optim_sharding, "config": to_dict(self.cfg)}
         with self.timers("checkpoint"):
-            t0 = time.perf_counter()
             if self.prewarm is not None:  # a warm-up in flight finishes first (else both would allocate)
                 self.prewarm.prewarmer.finish()
+            t0 = time.perf_counter()
             sd = self.sharded_state_dict()
             t_sd = time.perf_counter() - t0
             path = self.ckpt.save(self.step, sd, meta)
