@@ -23,7 +23,7 @@ def test_bench_step_reports_every_phase_and_kind(tmp_path):
     out = tmp_path / "bench.json"
     r = _run([str(ROOT / "tools/bench_step.py"), "--config", str(ROOT / "examples/configs/quickstart.yaml"),
               *TINY, "--warmup", "0", "--iters", "2", "--checkpoint", str(tmp_path / "ckpt"), "--checkpoint-saves", "2",
-              "--json", str(out)], tmp_path)
+              "--prewarm-host-memory", "--json", str(out)], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert set(res["kinds"]) == {"warmup", "student", "critic"}
@@ -46,6 +46,8 @@ def test_bench_step_reports_every_phase_and_kind(tmp_path):
         assert all(v >= 0 for v in ph.values()) and sum(ph.values()) <= save["stall_s"] * 1.05 + 1e-3, save
     assert "checkpoint save 1 (async): training stalled" in r.stdout
     assert "checkpoint save 2 (async): training stalled" in r.stdout
+    assert "off on CPU" in res["prewarm"]["skipped"]  # the warm-up is a no-op on CPU
+    assert "pinned host memory warm-up: off on CPU" in r.stdout
     assert "step time (s)" in r.stdout and "Params for bucket" not in r.stdout + r.stderr
 
 

@@ -116,6 +116,7 @@ def test_sigkill_during_save_then_resume(tmp_path):
                 assert killed[step - 1][k] == v, (step, k)
     final = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in final] == [1, 2, 3, 4, 5, 6]  # the killed run's 3 and 4 replaced, not repeated
+    trainer.close()  # waits for the background deletion of the pruned step_00000002
     names = sorted(p.name for p in ckpt.iterdir())
     assert names == ["latest", "step_00000004", "step_00000006"]  # tmp dir cleaned, keep_last=2
 

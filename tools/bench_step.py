@@ -168,6 +168,8 @@ def bench(args) -> dict:
 
         root = Path(args.checkpoint) if args.checkpoint != "tmp" else Path(tempfile.mkdtemp(prefix="bench_ckpt_"))
         trainer.ckpt = CheckpointManager(str(root), keep_last=1, async_save=not args.sync_checkpoint)
+        if args.prewarm_host_memory:
+            results["prewarm"] = bench_prewarm(trainer)
         saves = [bench_checkpoint(trainer) for _ in range(args.checkpoint_saves)]
         results["checkpoint"] = saves[0]
         results["checkpoint_saves"] = saves
@@ -187,6 +189,25 @@ def bench(args) -> dict:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def bench_prewarm(trainer) -> dict:
+    """``checkpoint.prewarm_host_memory`` before the first save: the warm-up the trainer would run in the
+    background during its first steps, from the full state dict (the save's own view: it materializes the
+    moments of an optimizer the benchmark never stepped, as the save would), timed to its end."""
+    from megatron_rcm.training.host_prewarm import pinned_block_counts, preload_sizes
+
+    trainer.cfg.checkpoint.prewarm_host_memory = True
+    trainer.prewarm = trainer.host_memory_prewarm()
+    if trainer.prewarm is None:
+        return {"skipped": "off on CPU, without async saves, or at data x context parallel size > 1"}
+    pw = trainer.prewarm.prewarmer
+    t0 = time.perf_counter()
+    counts = pinned_block_counts(preload_sizes(trainer.sharded_state_dict()))
+    pw.request(counts)
+    pw.wait()
+    return {"wall_s": time.perf_counter() - t0, "alloc_s": pw.seconds, "blocks": sum(counts.values()),
+            "bytes": sum(b * n for b, n in counts.items()), "error": None if pw.error is None else str(pw.error)}
 
 
 def bench_checkpoint(trainer, poll_every_s: float = 0.05) -> dict:
@@ -234,6 +255,11 @@ def format_table(res: dict) -> str:
         mfu = "-" if c["mfu"] is None else f"{100 * c['mfu']:.1f}%"
         lines.append(f"cycle of 1 student + {c['steps'] - 1} critic steps: {c['time_s']:.3f} s, "
                      f"{c['tflops_per_gpu']:.1f} TFLOP/s per GPU, MFU {mfu}")
+    if "prewarm" in res:
+        w = res["prewarm"]
+        lines.append(f"pinned host memory warm-up: {w['skipped']}" if "skipped" in w else
+                     f"pinned host memory warm-up (background in training): {w['bytes'] / 1e9:.2f} GB in "
+                     f"{w['blocks']} blocks, {w['wall_s']:.2f} s" + (f", FAILED: {w['error']}" if w["error"] else ""))
     for i, c in enumerate(res.get("checkpoint_saves", [res["checkpoint"]] if "checkpoint" in res else [])):
         phases = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in c.get("save_phases_s", {}).items())
         lines.append(f"checkpoint save {i + 1} ({'async' if c['async'] else 'sync'}): training stalled {c['stall_s']:.2f} s "
@@ -254,6 +280,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint-saves", type=int, default=1,
                     help="with --checkpoint: this many saves one after another (the first pays for fresh pinned "
                          "host memory; later ones reuse PyTorch's cached host allocations)")
+    ap.add_argument("--prewarm-host-memory", action="store_true",
+                    help="with --checkpoint: warm PyTorch's pinned host memory cache before the first save "
+                         "(checkpoint.prewarm_host_memory; timed apart, as it runs beside training)")
     ap.add_argument("--sync-checkpoint", action="store_true",
                     help="time a synchronous save (training waits for the write) instead of an asynchronous one")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: by device)")

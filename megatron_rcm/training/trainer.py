@@ -153,8 +153,33 @@ class Trainer:
         if resume_path is not None:
             self.load_checkpoint(resume_path)
             self.resumed_from, self.saved_step = resume_path, self.step
+        self.prewarm = self.host_memory_prewarm()
         self._sample_batch = None
         self._pipelined = None
+
+    def host_memory_prewarm(self):
+        """``checkpoint.prewarm_host_memory``: a ``PrewarmTrigger`` (training/host_prewarm.py), polled each step
+        until the first save; None when off, on CPU, without asynchronous saves, or when the save's data-parallel
+        group spreads the writes over several ranks (which tensors a rank writes is decided at save time)."""
+        ccfg = self.cfg.checkpoint
+        if not (ccfg.prewarm_host_memory and ccfg.async_save and self.ckpt is not None and self.device.type == "cuda"):
+            return None
+        if self.dp_size * self.cp_size > 1:
+            if self.rank == 0:
+                logger.warning("checkpoint.prewarm_host_memory: skipped at data x context parallel size %d (each "
+                               "rank's share of the fully parallel save is decided at save time)",
+                               self.dp_size * self.cp_size)
+            return None
+        from megatron_rcm.training.host_prewarm import (
+            HostMemoryPrewarmer,
+            PrewarmTrigger,
+            optimizer_state_counts,
+        )
+
+        opts = {n: o for n, o in (("student", self.opt_student), ("critic", self.opt_critic)) if o is not None}
+        return PrewarmTrigger(HostMemoryPrewarmer(self.device),
+                              signature=lambda: {n: optimizer_state_counts(o) for n, o in opts.items()},
+                              build=lambda names: self.sharded_state_dict(optimizers=names))
 
     @staticmethod
     def _check_layout(cfg, world: int | None = None) -> None:
@@ -360,6 +385,8 @@ class Trainer:
         history = []
         try:
             while self.step < max_steps:
+                if self.prewarm is not None:  # pinned host memory for the first save, in the background
+                    self.prewarm.step()
                 metrics = self.train_step()
                 history.append(metrics)
                 log.log(self.step, metrics)  # 1-based: the console's and the checkpoint's number
@@ -429,8 +456,11 @@ class Trainer:
         return save_grid(rows, path, value_range=value_range)
 
     # -- checkpointing ---------------------------------------------------------------------------------
-    def sharded_state_dict(self, is_loading: bool = False, optim_sharding: str | None = None) -> dict:
-        """``optim_sharding``: how the optimizers' state is (or was) written; default: this run's config."""
+    def sharded_state_dict(self, is_loading: bool = False, optim_sharding: str | None = None,
+                           optimizers: tuple[str, ...] = ("student", "critic")) -> dict:
+        """``optim_sharding``: how the optimizers' state is (or was) written; default: this run's config.
+        ``optimizers``: whose state to include (the host memory warm-up leaves out an optimizer whose moments
+        do not exist yet: building its part would materialize them)."""
         from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing.mapping import ShardedObject
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
@@ -443,16 +473,18 @@ class Trainer:
         s_sd = self.student.module.sharded_state_dict(prefix="student.")
         sd = {"student": s_sd, "step": self.step, "scheduler_student": self.sched_student.state_dict()}
         sharding = optim_sharding or self.optim_sharding
-        sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student", is_loading,
-                                                                      sharding)
+        if "student" in optimizers:
+            sd["optimizer_student"] = self.opt_student.sharded_state_dict(s_sd, "optimizer.student", is_loading,
+                                                                          sharding)
         sd["ema"] = {name: make_sharded_optimizer_tensor(s_sd[f"student.{name}"], t, "ema")
                      for name, t in self.ema.shadow.items()}
         sd["ema_meta"] = {"std": self.ema.std, "num_updates": self.ema.num_updates}
         if self.critic is not None:
             c_sd = self.critic.module.sharded_state_dict(prefix="critic.")
             sd["critic"] = c_sd
-            sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic", is_loading,
-                                                                        sharding)
+            if "critic" in optimizers:
+                sd["optimizer_critic"] = self.opt_critic.sharded_state_dict(c_sd, "optimizer.critic", is_loading,
+                                                                            sharding)
             sd["scheduler_critic"] = self.sched_critic.state_dict()
         # per-replica states
         sd["rng"] = ShardedObject("rng_state", capture_rng_state(self.generator), (dp,), (dp_rank,), replica_id=replica)
@@ -465,6 +497,8 @@ class Trainer:
         meta = {"algorithm": self.cfg.distill.algorithm, "world_size": dist.get_world_size(),
                 "optim_sharding": self.optim_sharding, "config": to_dict(self.cfg)}
         with self.timers("checkpoint"):
+            if self.prewarm is not None:  # a warm-up in flight finishes first (else both would allocate)
+                self.prewarm.prewarmer.finish()
             t0 = time.perf_counter()
             sd = self.sharded_state_dict()
             t_sd = time.perf_counter() - t0
@@ -517,6 +551,8 @@ class Trainer:
 
     def close(self) -> None:
         """Collective when a checkpoint is in flight: waits for it to be finalized."""
+        if self.prewarm is not None:
+            self.prewarm.prewarmer.finish()
         if self.ckpt is not None:
             self.ckpt.close()
         self.data.close()
