@@ -74,3 +74,18 @@ def reduced_full_grads(model) -> dict:
     for n, p in model.named_parameters():
         p.data = saved[n]
     return grads
+
+
+def gather_sequence(tensors, world: int, S: int) -> list:
+    """Each rank's sequence shard (dim 0) of every tensor all-gathered over the default group into the full
+    sequence, cut to its S valid rows (the last shard may be padded); None entries stay None."""
+    out = []
+    for x in tensors:
+        if x is None:
+            out.append(None)
+            continue
+        parts = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(parts, x.contiguous())
+        out.append(torch.cat(parts)[:S])
+    return out
+

@@ -20,7 +20,7 @@ from megatron_rcm.ops.attention_chunks import (
     merge_partials,
 )
 from megatron_rcm.parallel.state import destroy_parallel, initialize_parallel
-from tests.dist_helpers import spawn
+from tests.dist_helpers import gather_sequence, spawn
 from tests.wan_helpers import rel_err
 
 TOL = 1e-5  # float32 round-off; the measured errors are ~1e-7
@@ -158,15 +158,7 @@ def _cp_case(rank, world, comm_type, S, tensors, variant):
         (o * loc[6]).sum().backward()
     finally:
         cp_attention.PartialSum = PartialSum
-    gathered = []
-    for x in (o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad):  # full sequences, valid rows only
-        if x is None:
-            gathered.append(None)
-            continue
-        parts = [torch.empty_like(x) for _ in range(world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        gathered.append(torch.cat(parts)[:S])
-    return gathered
+    return gather_sequence((o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad), world, S)  # valid rows only
 
 
 def _cp_worker(rank, world, cases):

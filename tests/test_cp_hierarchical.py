@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from megatron_rcm.parallel.state import destroy_parallel, initialize_parallel
-from tests.dist_helpers import spawn
+from tests.dist_helpers import gather_sequence, spawn
 from tests.test_cp_attention import _qkv, _reference
 from tests.wan_helpers import rel_err
 
@@ -51,15 +51,7 @@ def _case(rank, world, sizes, S, tensors, variant):
         attn = cp_attention.ContextParallelAttention("a2a+p2p", world, q.shape[2], "torch", sizes)
         o, t_o = attn(q_l, k_l, v_l, *loc[3:6], shard)
         (o * loc[6]).sum().backward()
-        gathered = []
-        for x in (o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad):
-            if x is None:
-                gathered.append(None)
-                continue
-            parts = [torch.empty_like(x) for _ in range(world)]
-            torch.distributed.all_gather(parts, x.contiguous())
-            gathered.append(torch.cat(parts)[:S])
-        return gathered
+        return gather_sequence((o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad), world, S)
     finally:
         cp_attention.TokenShard = real
 

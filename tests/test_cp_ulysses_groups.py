@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_rcm.parallel.state import destroy_parallel, initialize_parallel
-from tests.dist_helpers import spawn
+from tests.dist_helpers import gather_sequence, spawn
 from tests.test_cp_attention import _qkv, _reference
 from tests.wan_helpers import rel_err
 
@@ -55,15 +55,7 @@ def _case(world, S, G, tensors, variant):
     # the attention op's own no-grad and autograd paths may round differently: round-off, not equality
     assert rel_err(o_ng, o.detach()) <= TOL_G1 and (t_o is None or rel_err(t_o_ng, t_o) <= TOL_G1), (
         G, variant, rel_err(o_ng, o.detach()), None if t_o is None else rel_err(t_o_ng, t_o))
-    gathered = []
-    for x in (o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad):
-        if x is None:
-            gathered.append(None)
-            continue
-        parts = [torch.empty_like(x) for _ in range(world)]
-        torch.distributed.all_gather(parts, x.contiguous())
-        gathered.append(torch.cat(parts)[:S])
-    return gathered
+    return gather_sequence((o.detach(), t_o, q_l.grad, k_l.grad, v_l.grad), world, S)
 
 
 def _worker(rank, world, cases):

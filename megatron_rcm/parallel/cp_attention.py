@@ -42,7 +42,7 @@ from megatron_rcm.parallel.context import (
     cp_group,
     hierarchical_cp_groups,
 )
-from megatron_rcm.parallel.cp_ulysses_groups import check_head_groups, grouped_ulysses
+from megatron_rcm.parallel.cp_ulysses_groups import check_head_groups, grouped_ulysses, pack_by_destination
 
 __all__ = ["ContextParallelAttention", "PhaseTimes", "check_cp_layout", "record_phases"]
 
@@ -174,12 +174,8 @@ def _heads_to_seq(parts_SBNd, cp: int, group) -> list[torch.Tensor]:
     """Inverse of ``_seq_to_heads``: X tensors [cp*s, B, N_c, d] -> X tensors [s, B, cp*N_c, d] (contiguous).
     Two copies: into the send buffer [cp (destination = sequence chunk), s, X, B, N_c, d], and out of the
     receive buffer [cp (source = head group), s, X, B, N_c, d] into each part's head order."""
-    X = len(parts_SBNd)
-    S, B, Nc, d = parts_SBNd[0].shape
-    s = S // cp
-    send = parts_SBNd[0].new_empty(cp, s, X, B, Nc, d)
-    for i, y in enumerate(parts_SBNd):
-        send[:, :, i].copy_(y.reshape(cp, s, B, Nc, d))
+    send = pack_by_destination(parts_SBNd, cp)
+    _, s, X, B, Nc, d = send.shape
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     out = recv.permute(1, 2, 3, 0, 4, 5)  # [s, X, B, cp, N_c, d]

@@ -32,7 +32,18 @@ import torch.distributed as dist
 
 from megatron_rcm.parallel.context import TokenShard
 
-__all__ = ["check_head_groups", "grouped_ulysses"]
+__all__ = ["check_head_groups", "grouped_ulysses", "pack_by_destination"]
+
+
+def pack_by_destination(parts_SBnd, cp: int) -> torch.Tensor:
+    """X tensors [cp*s, B, n, d] copied once into one all-to-all send buffer [cp (destination = sequence chunk),
+    s, X, B, n, d]."""
+    S, B, n, d = parts_SBnd[0].shape
+    s = S // cp
+    send = parts_SBnd[0].new_empty(cp, s, len(parts_SBnd), B, n, d)
+    for i, y in enumerate(parts_SBnd):
+        send[:, :, i].copy_(y.reshape(cp, s, B, n, d))
+    return send
 
 
 def check_head_groups(groups, heads_per_cp_rank: int, cp: int, heads_per_tp_rank: int) -> None:
@@ -101,13 +112,8 @@ class _HeadGroups:
         """Send group g's X outputs back (send buffer [cp (destination = sequence chunk), s, X, B, n, d]);
         returns the X parts of its receive buffer [cp (source = head block), s, B, n, d] (unfilled until
         ``assemble``)."""
-        cp = self.cp
-        X = len(parts_SBnd)
-        S, B, n, d = parts_SBnd[0].shape
-        s = S // cp
-        send = parts_SBnd[0].new_empty(cp, s, X, B, n, d)
-        for i, y in enumerate(parts_SBnd):
-            send[:, :, i].copy_(y.reshape(cp, s, B, n, d))
+        send = pack_by_destination(parts_SBnd, self.cp)
+        X = send.shape[2]
         recv = torch.empty_like(send)
         self.pending_out[g] = _Pending(send, recv, self.group)
         return [recv[:, :, i] for i in range(X)]
