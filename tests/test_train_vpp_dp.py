@@ -132,11 +132,13 @@ def test_vpp_dp2_trainer_equals_pp1(reference, tmp_path):
     assert max(v for k, v in gerrs.items() if ".blocks.0." in k or ".blocks.1." in k) <= TOL, gerrs
 
     # the checkpoint (step STEPS, written over DP=2 with 2 local copies of each embedder shard) resumes at
-    # PP=1 x DP=1: every weight bit-equal, the optimizers' step counts restored
+    # PP=1 x DP=1 (global batch DP x PER_RANK in one micro-batch): every weight bit-equal, the optimizers' step
+    # counts restored, the data position of both DP ranks together (each read PER_RANK x STEPS samples)
     from megatron_rcm.training import Trainer
 
     trainer = Trainer(_cfg(tmp_path / "run", steps=STEPS, micro=1))
     assert trainer.step == STEPS
+    assert (trainer.data.order.epoch, trainer.data.order.cursor) == (0, DP * PER_RANK * STEPS)
     start = _weights_pp1(trainer)
     counts = {n: _optimizer_steps(o) for n, o in (("student", trainer.opt_student), ("critic", trainer.opt_critic))}
     trainer.close()
@@ -147,6 +149,17 @@ def test_vpp_dp2_trainer_equals_pp1(reference, tmp_path):
     assert max(diffs.values()) == 0.0, max(diffs.items(), key=lambda kv: kv[1])
     # 3 student steps and 1 critic step were taken (tangent_warmup 2, one student step in 2 afterwards)
     assert counts == {"student": 3, "critic": 1}, counts
+
+
+def test_data_position_at_another_dp_size():
+    from megatron_rcm.training.checkpoint import data_position_at
+
+    saved = {"epoch": 3, "cursor": 5, "num_samples": 100, "dp_rank": 1, "dp_size": 2}
+    assert data_position_at(saved, 1, 0) == {**saved, "cursor": 10, "dp_size": 1, "dp_rank": 0}
+    assert data_position_at(saved, 5, 4) == {**saved, "cursor": 2, "dp_size": 5, "dp_rank": 4}
+    with pytest.raises(ValueError, match=r"cursor 5 on each of 2 data-parallel ranks: 10 samples of epoch 3\) "
+                                         r"does not split over 4 data-parallel ranks"):
+        data_position_at(saved, 4, 0)
 
 
 def _weights_pp1(trainer):
