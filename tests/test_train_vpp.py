@@ -74,9 +74,10 @@ def _weights(trainer):
     return w
 
 
-def _run(cfg, unsummed=False, unmark=None):
+def _run(cfg, unsummed=False, unmark=None, setup=None):
     """(metrics per step, gradients per step, weights and samples after training, the weights right after a
-    resume or None). ``unmark``: a parameter attribute removed from chunk 1's parameters (negatives)."""
+    resume or None). ``unmark``: a parameter attribute removed from chunk 1's parameters (negatives);
+    ``setup(trainer)``: called before training (negatives, a reference's data)."""
     from megatron_rcm.parallel.pipeline import REPLICATED_ATTR, ModelChunks
     from megatron_rcm.training import Trainer
 
@@ -90,6 +91,8 @@ def _run(cfg, unsummed=False, unmark=None):
             for p in net.module[1].parameters():
                 if getattr(p, unmark, False):
                     delattr(p, unmark)
+    if setup is not None:
+        setup(trainer)
     grads = []
 
     def on_step(tr, metrics):

@@ -177,6 +177,30 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / META).read_text())
 
 
+def saved_dp_size(path: Path) -> int | None:
+    """The data-parallel size of the run that wrote ``path``: its world size over TP x CP x PP of its stored
+    config; None when ``meta.json`` lacks either (written by an older version)."""
+    meta = read_meta(path)
+    par = (meta.get("config") or {}).get("parallel")
+    if "world_size" not in meta or par is None:
+        return None
+    model_parallel = par.get("tensor_parallel", 1) * par.get("context_parallel", 1) * par.get("pipeline_parallel", 1)
+    return int(meta["world_size"]) // model_parallel
+
+
+def data_position_at(state: dict, dp_size: int, dp_rank: int) -> dict:
+    """An ``EpochOrder`` state (data position) taken at another data-parallel size, as DP rank ``dp_rank`` of
+    ``dp_size`` continues it. The saved ranks read positions ``r, r + W, ...`` of the epoch's permutation with
+    one cursor c for all (each reads a micro-batch per step), so together they consumed its first W c
+    positions; at W' ranks the cursor is W c / W'. ValueError naming the numbers when W' does not divide W c."""
+    saved_dp, cursor = int(state["dp_size"]), int(state["cursor"])
+    if saved_dp * cursor % dp_size:
+        raise ValueError(f"the checkpoint's data position (cursor {cursor} on each of {saved_dp} data-parallel "
+                         f"ranks: {saved_dp * cursor} samples of epoch {state['epoch']}) does not split over "
+                         f"{dp_size} data-parallel ranks")
+    return {**state, "cursor": saved_dp * cursor // dp_size, "dp_size": dp_size, "dp_rank": dp_rank}
+
+
 # -- config changes between the checkpoint's run and the resuming run -----------------------------------
 # Refused: the saved tensors (or the critic's presence) no longer fit, or the losses mean something else.
 REFUSED_CHANGES = ("model.preset", "model.overrides", "distill.algorithm")

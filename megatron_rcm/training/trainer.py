@@ -41,7 +41,9 @@ from megatron_rcm.training.checkpoint import (
     CheckpointManager,
     check_optim_layout,
     check_resume_config,
+    data_position_at,
     optim_sharding_of,
+    saved_dp_size,
 )
 from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
 from megatron_rcm.training.models import (
@@ -149,6 +151,7 @@ class Trainer:
         self.step = 0
         self.output_dir = Path(cfg.training.output_dir)
         self.resumed_from = None
+        self._saved_dp = None  # the data-parallel size of the checkpoint being loaded (load_checkpoint)
         self.saved_step = None  # the step of the newest checkpoint this trainer wrote or resumed from
         if resume_path is not None:
             self.load_checkpoint(resume_path)
@@ -466,7 +469,9 @@ class Trainer:
         from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 
         # the TP/CP ranks of one data-parallel replica hold the same generator and data state: one shard per
-        # DP rank, the others replicas of it, so a checkpoint resumes at any TP/CP size
+        # DP rank, the others replicas of it, so a checkpoint resumes at any TP/CP size; a checkpoint of another
+        # DP size: every rank reads all its shards (Megatron's load checks that the saved shards are covered) and
+        # ``_restore`` uses DP rank 0's
         dp, dp_rank = self.dp_size, self.dp_rank
         replica = (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
                    ps.get_context_parallel_rank())
@@ -489,6 +494,10 @@ class Trainer:
         # per-replica states
         sd["rng"] = ShardedObject("rng_state", capture_rng_state(self.generator), (dp,), (dp_rank,), replica_id=replica)
         sd["data"] = ShardedObject("data_state", self.data.state_dict(), (dp,), (dp_rank,), replica_id=replica)
+        if is_loading and self._saved_dp not in (None, dp):
+            for key, name in (("rng", "rng_state"), ("data", "data_state")):
+                sd[key] = [ShardedObject(name, None, (self._saved_dp,), (r,), replica_id=replica)
+                           for r in range(self._saved_dp)]
         return sd
 
     def save_checkpoint(self) -> Path:
@@ -526,8 +535,12 @@ class Trainer:
                      f"began, {r.write_gb_per_s:.2f} GB/s; training stalled {r.stall_s:.2f} s)")
 
     def load_checkpoint(self, path) -> None:
-        """Restore everything from ``path``; any failure is a ``CheckpointError`` naming ``path``."""
+        """Restore everything from ``path``; any failure is a ``CheckpointError`` naming ``path``. A checkpoint
+        of another data-parallel size restores the networks, optimizers, schedulers, EMA and step, and the data
+        position of the whole data-parallel group (``data_position_at``); the noise generators are per DP rank,
+        so they start afresh (a warning says so): such a resume is not an exact continuation."""
         saved_sharding = optim_sharding_of(path)
+        self._saved_dp = saved_dp_size(path)
         loaded = self.ckpt.load(self.sharded_state_dict(is_loading=True, optim_sharding=saved_sharding), path)
         try:
             self._restore(loaded, path)
@@ -545,8 +558,16 @@ class Trainer:
             self.critic.module.load_state_dict(strip_prefix(loaded["critic"], "critic."), strict=True)
             self.opt_critic.load_state_dict(loaded["optimizer_critic"])
             self.sched_critic.load_state_dict(loaded["scheduler_critic"])
-        restore_rng_state(loaded["rng"], self.generator)
-        self.data.load_state_dict(loaded["data"])
+        if self._saved_dp in (None, self.dp_size):
+            restore_rng_state(loaded["rng"], self.generator)
+            self.data.load_state_dict(loaded["data"])
+        else:
+            self.data.load_state_dict(data_position_at(loaded["data"][0], self.dp_size, self.dp_rank))
+            if self.rank == 0:
+                logger.warning("resuming %s (data-parallel size %d) at data-parallel size %d: the weights, "
+                               "optimizers, EMA, step and data position are restored; the random generators "
+                               "start afresh, so the run does not continue exactly", path, self._saved_dp,
+                               self.dp_size)
         self.step = int(loaded["step"])
 
     def close(self) -> None:
