@@ -63,7 +63,7 @@ def test_without_one_copy_per_shard_the_save_fails(tmp_path):
 def test_one_copy_per_shard_keeps_a_main_replica_and_checks_shapes():
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_rcm.training.checkpoint import one_copy_per_shard
+    from megatron_rcm.training.ckpt_layout import one_copy_per_shard
 
     t = torch.zeros(2, 3)
     copy = ShardedTensor.from_rank_offsets("emb", t, replica_id=(1, 0, 0))

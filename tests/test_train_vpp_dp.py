@@ -152,7 +152,7 @@ def test_vpp_dp2_trainer_equals_pp1(reference, tmp_path):
 
 
 def test_data_position_at_another_dp_size():
-    from megatron_rcm.training.checkpoint import data_position_at
+    from megatron_rcm.training.ckpt_layout import data_position_at
 
     saved = {"epoch": 3, "cursor": 5, "num_samples": 100, "dp_rank": 1, "dp_size": 2}
     assert data_position_at(saved, 1, 0) == {**saved, "cursor": 10, "dp_size": 1, "dp_rank": 0}

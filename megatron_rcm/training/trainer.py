@@ -41,10 +41,9 @@ from megatron_rcm.training.checkpoint import (
     CheckpointManager,
     check_optim_layout,
     check_resume_config,
-    data_position_at,
     optim_sharding_of,
-    saved_dp_size,
 )
+from megatron_rcm.training.ckpt_layout import data_position_at, saved_dp_size
 from megatron_rcm.training.logger import MetricLogger, peak_memory_gib
 from megatron_rcm.training.models import (
     DTYPES,
