@@ -6,7 +6,8 @@ The map is linear in x, so the tangent is rotated by the same cos/sin (t_q, t_k 
 Backward (primal only): the transpose of a rotation is the rotation by -a, the same kernel with sin negated.
 Math in float32 registers (cos/sin tables float32, as ``apply_rope``), out in the activation dtype.
 
-Legend: q, k [S, B, N, d] (Megatron order), viewed as [S, B*N, d/2, 2]; cos, sin [S, d/2].
+Legend: q, k [S, B, N, d] (Megatron order), viewed as rows [S * B * N, d] read whole (contiguous, vectorized) and
+split into their pairs in registers; cos, sin [S, d/2].
 """
 
 from __future__ import annotations
@@ -21,43 +22,48 @@ __all__ = ["RopeJVPFunction", "rope_jvp_fused"]
 
 
 @triton.jit
-def _rotate(X, Y, offs, mask, cos, sin):
-    x0 = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    x1 = tl.load(X + offs + 1, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + offs, (x0 * cos - x1 * sin).to(Y.dtype.element_ty), mask=mask)
-    tl.store(Y + offs + 1, (x0 * sin + x1 * cos).to(Y.dtype.element_ty), mask=mask)
+def _rotate(X, Y, offs, mask, cos, sin, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate a [BLOCK_R, 2 * BLOCK_H] tile of interleaved pairs, read and written as contiguous rows."""
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    x0, x1 = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_H, 2)))
+    y = tl.join(x0 * cos - x1 * sin, x0 * sin + x1 * cos)
+    tl.store(Y + offs, tl.reshape(y, (BLOCK_R, 2 * BLOCK_H)).to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _rope_jvp(Q, K, TQ, TK, OQ, OK, OTQ, OTK, COS, SIN, BN, H, SIGN: tl.constexpr,
-              BLOCK_BN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_T: tl.constexpr):
-    """Program (s, i): token s, heads*batch [i * BLOCK_BN, (i+1) * BLOCK_BN), all H = d/2 pairs."""
-    s = tl.program_id(0).to(tl.int64)
-    bn = tl.program_id(1) * BLOCK_BN + tl.arange(0, BLOCK_BN)
-    j = tl.arange(0, BLOCK_H)
-    cos = tl.load(COS + s * H + j, mask=j < H, other=0.0).to(tl.float32)[None, :]
-    sin = SIGN * tl.load(SIN + s * H + j, mask=j < H, other=0.0).to(tl.float32)[None, :]
-    offs = (s * BN + bn[:, None]) * (2 * H) + 2 * j[None, :]
-    mask = (bn[:, None] < BN) & (j[None, :] < H)
+def _rope_jvp(Q, K, TQ, TK, OQ, OK, OTQ, OTK, COS, SIN, ROWS, BN, H, SIGN: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, HAS_T: tl.constexpr):
+    """Program i: rows [i * BLOCK_R, (i+1) * BLOCK_R) of the [S * B * N, d] view (row r is token r // BN), all
+    d = 2H channels of each row, so every load and store is a contiguous row segment."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    s = r // BN
+    j = tl.arange(0, BLOCK_H)  # pair index
+    c = tl.arange(0, 2 * BLOCK_H)  # channel index
+    pair_mask = (r[:, None] < ROWS) & (j[None, :] < H)
+    cos = tl.load(COS + s[:, None] * H + j[None, :], mask=pair_mask, other=0.0).to(tl.float32)
+    sin = SIGN * tl.load(SIN + s[:, None] * H + j[None, :], mask=pair_mask, other=0.0).to(tl.float32)
+    offs = r[:, None] * (2 * H) + c[None, :]
+    mask = (r[:, None] < ROWS) & (c[None, :] < 2 * H)
     # -- primal q, k
-    _rotate(Q, OQ, offs, mask, cos, sin)
-    _rotate(K, OK, offs, mask, cos, sin)
+    _rotate(Q, OQ, offs, mask, cos, sin, BLOCK_R, BLOCK_H)
+    _rotate(K, OK, offs, mask, cos, sin, BLOCK_R, BLOCK_H)
     # -- tangent, same rotation
     if HAS_T:
-        _rotate(TQ, OTQ, offs, mask, cos, sin)
-        _rotate(TK, OTK, offs, mask, cos, sin)
+        _rotate(TQ, OTQ, offs, mask, cos, sin, BLOCK_R, BLOCK_H)
+        _rotate(TK, OTK, offs, mask, cos, sin, BLOCK_R, BLOCK_H)
 
 
 def _launch(q, k, t_q, t_k, cos, sin, sign: float):
     S, B, N, d = q.shape
     H = d // 2
     BLOCK_H = triton.next_power_of_2(H)
-    BLOCK_BN = min(triton.next_power_of_2(B * N), max(1, 2048 // BLOCK_H))
+    rows = S * B * N
+    BLOCK_R = min(triton.next_power_of_2(rows), max(1, 4096 // (2 * BLOCK_H)))
     outs = [torch.empty_like(q), torch.empty_like(k)]
     outs += [torch.empty_like(q), torch.empty_like(k)] if t_q is not None else [None, None]
-    _rope_jvp[(S, triton.cdiv(B * N, BLOCK_BN))](
-        q, k, t_q, t_k, *outs, cos, sin, B * N, H, SIGN=sign, BLOCK_BN=BLOCK_BN, BLOCK_H=BLOCK_H,
-        HAS_T=t_q is not None, num_warps=1 if INTERPRET else 4,
+    _rope_jvp[(triton.cdiv(rows, BLOCK_R),)](
+        q, k, t_q, t_k, *outs, cos, sin, rows, B * N, H, SIGN=sign, BLOCK_R=BLOCK_R, BLOCK_H=BLOCK_H,
+        HAS_T=t_q is not None, num_warps=1 if INTERPRET else 8,
     )
     return outs
 

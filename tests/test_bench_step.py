@@ -51,6 +51,19 @@ def test_bench_step_reports_every_phase_and_kind(tmp_path):
     assert "step time (s)" in r.stdout and "Params for bucket" not in r.stdout + r.stderr
 
 
+def test_bench_checkpoint_discard_leaves_no_checkpoint_and_each_save_writes_afresh(tmp_path):
+    """``--checkpoint-discard`` (a host with room for one checkpoint): each save is timed, then deleted."""
+    out, ckpt = tmp_path / "bench.json", tmp_path / "ckpt"
+    r = _run([str(ROOT / "tools/bench_step.py"), "--config", str(ROOT / "examples/configs/quickstart.yaml"), *TINY,
+              "--kinds", "critic", "--warmup", "0", "--iters", "1", "--checkpoint", str(ckpt), "--checkpoint-saves", "2",
+              "--checkpoint-discard", "--json", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saves = json.loads(out.read_text())["checkpoint_saves"]
+    assert len(saves) == 2 and all(s["discarded"] and s["bytes"] > 0 for s in saves)
+    assert abs(saves[0]["bytes"] - saves[1]["bytes"]) < 1e-3 * saves[0]["bytes"]  # the second wrote a whole one too
+    assert not list(ckpt.glob("step_*")) and not list(ckpt.glob(".trash-*"))
+
+
 def test_megatron_listings_only_when_verbose(tmp_path):
     args = ["-m", "megatron_rcm.cli", "{}", "train", "--config", str(ROOT / "examples/configs/quickstart.yaml"),
             "--set", "data.source=mock", "--set", "training.max_steps=1", "--set", f"training.output_dir={tmp_path}/o",

@@ -119,6 +119,17 @@ def test_rope(dtype, with_tangent):
     compare("rope", (q, k, t_q, t_k, cos, sin), (0, 1), dtype)
 
 
+def test_rope_rows_over_several_programs():
+    """370 rows of d = 16 (S = 37 tokens, B = 2, N = 5): two row tiles, the second partial, tokens split across
+    tiles and heads of one token in both."""
+    from megatron_rcm.models.wan.rope import rope_cos_sin
+
+    cos, sin = rope_cos_sin((1, 37, 1), (8, 4, 4), 10000.0, DEVICE, torch.float32)
+    q, k = leaf(37, 2, 5, 16, dtype=torch.bfloat16), leaf(37, 2, 5, 16, dtype=torch.bfloat16)
+    t_q, t_k = (torch.randn(37, 2, 5, 16, device=DEVICE).bfloat16() for _ in range(2))
+    compare("rope", (q, k, t_q, t_k, cos, sin), (0, 1), torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_tangent", [True, False])
 def test_rms_norm(dtype, with_tangent):

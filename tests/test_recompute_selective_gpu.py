@@ -6,8 +6,11 @@ setting (one JSON line each).
 
 Tolerances: the forward of each setting runs the same kernels on the same inputs (recompute happens in the
 backward only): v and t_v are expected bit-equal, bounded by 1e-6. The gradients come from the same saved or
-re-computed tensors; a backward kernel that accumulates with atomics may order its sums differently run to run,
-so they are bounded by 3e-2, the bf16 bound of the other parity tests (tests/test_te_gpu.py).
+re-computed tensors, but a backward kernel that accumulates with atomics orders its sums differently run to run:
+measured on an H200 (2026-12-01), "none" vs "full" differed by 6.0e-2 in the worst parameter (a near-cancelling
+gradient), so a fixed per-parameter bound is no test. The noise floor is measured instead: "full" runs twice, and
+each setting's gradients must differ from "full" by no more than 4x what "full" differs from itself, per parameter
+(plus 1e-3), and by at most 1e-2 over all parameters together (the norm of the concatenated gradients).
 """
 
 from __future__ import annotations
@@ -69,18 +72,30 @@ def _run(setting, impl="local"):
     return v.float().cpu(), t_v.float().cpu(), grads, len(cores), peak
 
 
+def _global_rel_err(a: dict, b: dict) -> float:
+    num = sum(float((a[k] - b[k]).pow(2).sum()) for k in b)
+    return (num / sum(float(b[k].pow(2).sum()) for k in b)) ** 0.5
+
+
 @pytest.mark.parametrize("impl", ["local", "transformer_engine"])
 def test_selective_matches_full_bf16_cuda(impl):
     if impl == "transformer_engine":
         pytest.importorskip("transformer_engine.pytorch")
     runs = {s: _run(s, impl) for s in SETTINGS}
     ref = runs["full"]
+    again = _run("full", impl)[2]
+    noise = {k: rel_err(again[k], ref[2][k]) for k in ref[2]}
+    print(json.dumps({"test": "selective_recompute_gpu", "impl": impl, "noise_full_vs_full": {
+        "worst": max(noise.values()), "global": _global_rel_err(again, ref[2])}}))
     for s, (v, t_v, grads, cores, peak) in runs.items():
-        errs = {"v": rel_err(v, ref[0]), "t_v": rel_err(t_v, ref[1]),
-                "grad": max(rel_err(grads[k], ref[2][k]) for k in ref[2])}
+        per = {k: rel_err(grads[k], ref[2][k]) for k in ref[2]}
+        worst = max(per, key=lambda k: per[k] / (4 * noise[k] + 1e-3))
+        errs = {"v": rel_err(v, ref[0]), "t_v": rel_err(t_v, ref[1]), "grad_global": _global_rel_err(grads, ref[2]),
+                "grad_worst": per[worst], "worst_param": worst, "its_noise": noise[worst]}
         print(json.dumps({"test": "selective_recompute_gpu", "impl": impl, "setting": s, "vs": "full",
                           "errors": errs, "attention_core_calls": cores, "peak_activation_gib": round(peak, 3)}))
         assert errs["v"] <= 1e-6 and errs["t_v"] <= 1e-6, (s, errs)
-        assert errs["grad"] <= 3e-2, (s, errs)
+        assert errs["grad_global"] <= 1e-2, (s, errs)
+        assert per[worst] <= 4 * noise[worst] + 1e-3, (s, errs)
     assert [runs[s][3] for s in SETTINGS] == [LAYERS, 2 * LAYERS, LAYERS]
     assert runs["none"][4] > runs["selective"][4] > runs["full"][4]

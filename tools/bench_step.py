@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -170,7 +171,15 @@ def bench(args) -> dict:
         trainer.ckpt = CheckpointManager(str(root), keep_last=1, async_save=not args.sync_checkpoint)
         if args.prewarm_host_memory:
             results["prewarm"] = bench_prewarm(trainer)
-        saves = [bench_checkpoint(trainer) for _ in range(args.checkpoint_saves)]
+        saves = []
+        for _ in range(args.checkpoint_saves):
+            saves.append(bench_checkpoint(trainer))
+            if args.checkpoint_discard:  # untimed: the next save then has no checkpoint to replace
+                if rank0:
+                    shutil.rmtree(saves[-1]["path"])
+                if torch.distributed.is_initialized():
+                    torch.distributed.barrier()
+                saves[-1]["discarded"] = True
         results["checkpoint"] = saves[0]
         results["checkpoint_saves"] = saves
     trainer.close()
@@ -283,6 +292,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prewarm-host-memory", action="store_true",
                     help="with --checkpoint: warm PyTorch's pinned host memory cache before the first save "
                          "(checkpoint.prewarm_host_memory; timed apart, as it runs beside training)")
+    ap.add_argument("--checkpoint-discard", action="store_true",
+                    help="with --checkpoint: delete each checkpoint once it is finalized and timed (untimed), for a "
+                         "host with room for one: the next save then replaces none")
     ap.add_argument("--sync-checkpoint", action="store_true",
                     help="time a synchronous save (training waits for the write) instead of an asynchronous one")
     ap.add_argument("--peak-tflops", type=float, default=None, help="per-GPU peak for MFU (default: by device)")
