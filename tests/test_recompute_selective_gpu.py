@@ -6,11 +6,14 @@ setting (one JSON line each).
 
 Tolerances: the forward of each setting runs the same kernels on the same inputs (recompute happens in the
 backward only): v and t_v are expected bit-equal, bounded by 1e-6. The gradients come from the same saved or
-re-computed tensors, but a backward kernel that accumulates with atomics orders its sums differently run to run:
-measured on an H200 (2026-12-01), "none" vs "full" differed by 6.0e-2 in the worst parameter (a near-cancelling
-gradient), so a fixed per-parameter bound is no test. The noise floor is measured instead: "full" runs twice, and
-each setting's gradients must differ from "full" by no more than 4x what "full" differs from itself, per parameter
-(plus 1e-3), and by at most 1e-2 over all parameters together (the norm of the concatenated gradients).
+re-computed tensors, but the attention backward accumulates with atomics and orders its sums differently run to
+run: measured on an H200 (2026-12-01), "full" vs itself differed by 1.1e-3 over all gradients and by up to 6e-2
+in single near-cancelling parameters, whose worst one changes from run to run. So the noise floor is measured:
+"full" runs twice, and each setting's gradients must differ from "full" by at most 4x the floor over all
+parameters together (norm of the concatenated gradients; and at most 1e-2), and in each parameter by at most
+2x the worst per-parameter difference of "full" with itself (+1e-3). Peak memory: every recompute setting below
+none; selective keeps q/k/v/o per block, which at 2 layers can still peak below full (full's recompute transient
+is a whole block: measured 0.63 vs 0.70 GiB here), while with 30 layers it is above (docs/throughput.md).
 """
 
 from __future__ import annotations
@@ -89,13 +92,13 @@ def test_selective_matches_full_bf16_cuda(impl):
         "worst": max(noise.values()), "global": _global_rel_err(again, ref[2])}}))
     for s, (v, t_v, grads, cores, peak) in runs.items():
         per = {k: rel_err(grads[k], ref[2][k]) for k in ref[2]}
-        worst = max(per, key=lambda k: per[k] / (4 * noise[k] + 1e-3))
+        worst = max(per, key=per.get)
         errs = {"v": rel_err(v, ref[0]), "t_v": rel_err(t_v, ref[1]), "grad_global": _global_rel_err(grads, ref[2]),
                 "grad_worst": per[worst], "worst_param": worst, "its_noise": noise[worst]}
         print(json.dumps({"test": "selective_recompute_gpu", "impl": impl, "setting": s, "vs": "full",
                           "errors": errs, "attention_core_calls": cores, "peak_activation_gib": round(peak, 3)}))
         assert errs["v"] <= 1e-6 and errs["t_v"] <= 1e-6, (s, errs)
-        assert errs["grad_global"] <= 1e-2, (s, errs)
-        assert per[worst] <= 4 * noise[worst] + 1e-3, (s, errs)
+        assert errs["grad_global"] <= min(1e-2, 4 * _global_rel_err(again, ref[2]) + 1e-4), (s, errs)
+        assert per[worst] <= 2 * max(noise.values()) + 1e-3, (s, errs)
     assert [runs[s][3] for s in SETTINGS] == [LAYERS, 2 * LAYERS, LAYERS]
-    assert runs["none"][4] > runs["selective"][4] > runs["full"][4]
+    assert runs["none"][4] > max(runs["selective"][4], runs["full"][4])
