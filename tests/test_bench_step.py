@@ -124,9 +124,10 @@ def test_bench_step_block_recompute_prints_a_json_line_per_kind(tmp_path):
     layers = 2  # examples/configs/quickstart.yaml: model.overrides.num_layers
     rc = rows[0]["recompute"]
     share = rc.pop("flop_share")  # the self-attention products of the recomputed block are not re-run
+    share_jvp = rc.pop("flop_share_jvp")  # nor those of the JVP pass (3x a forward's)
     assert rc == {"on": True, "granularity": "selective", "method": "block", "num_layers": 1,
                   "fraction": 1 / layers}, rc
-    assert 0 < share < 1 / layers, share
+    assert 0 < share < 1 / layers and 0 < share_jvp < 1 / layers, (share, share_jvp)
     assert rows[0]["step_time_s"] > 0 and "peak_memory_gib" in rows[0]
     assert f"recompute selective block (1), {100 / layers:.0f}% of the blocks" in r.stdout
 

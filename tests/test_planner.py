@@ -9,8 +9,9 @@ from megatron_rcm.models.wan import WanModel, wan_config
 from megatron_rcm.parallel.state import initialize_parallel
 from megatron_rcm.planner.layouts import Layout, Problem, enumerate_layouts, latent_grid, video_tokens
 from megatron_rcm.planner.measured import DEFAULT_CALIBRATION, load_measured
-from megatron_rcm.planner.memory import MemoryModel, param_counts, stepped_in_run
+from megatron_rcm.planner.memory import SELECTIVE_KEPT, MemoryModel, param_counts, stepped_in_run
 from megatron_rcm.planner.timing import EFF_RING, IB_GBPS, NVLINK_GBPS, TimingModel, _collective_s
+from megatron_rcm.training.flops import model_flops, recompute_shares, step_flops
 
 PLAN = ["plan", "--preset", "wan2.1-t2v-14b", "--frames", "81", "--size", "1280x720", "--gpus", "128",
         "--gpu-memory", "80"]
@@ -116,9 +117,14 @@ def test_calibration_reproduces_the_measurement(calibrated):
         assert abs(t / m["step_time_s"] - 1) < 0.01, kind
         got = mem.peak_gib(cal.problem, cal.layout, kind, stepped_in_run(cal.kinds)[kind])
         assert abs(got / m["peak_memory_gib"] - 1) < 0.02, kind
-        # the FLOP model here is the one bench_step used for the file
-        flops = json.loads(DEFAULT_CALIBRATION.read_text())["kinds"][kind]["flops_per_step"]
-        assert tm.flops_per_gpu(cal.problem, cal.layout, kind, m["rollout_mean"]) == pytest.approx(flops, rel=1e-9)
+        # the planner's FLOPs are bench_step's FLOP model (tests/test_flops.py checks it against FlopCounterMode),
+        # averaged over the file's rollout lengths (the file's own flops_per_step predate the JVP-recompute term)
+        rollouts = json.loads(DEFAULT_CALIBRATION.read_text())["kinds"][kind]["rollout_steps"]
+        cfg, shape = cal.problem.wan_cfg, cal.problem.latent_CFHW
+        fwd, jvp = model_flops(cfg, shape, cal.problem.text_len)
+        shares = recompute_shares(cfg, fwd, jvp, shape, 1.0, cal.problem.text_len, granularity="full")
+        want = sum(step_flops(kind, fwd, jvp, 1, n, shares[0], True, shares[1]) for n in rollouts) / len(rollouts)
+        assert tm.flops_per_gpu(cal.problem, cal.layout, kind, m["rollout_mean"]) == pytest.approx(want, rel=1e-9)
 
 
 def test_timing_parts(calibrated, problem_14b):
@@ -200,3 +206,30 @@ def test_optimizer_moments_predict_a_run_in_another_order(calibrated):
         got = mem.peak_gib(other.problem, other.layout, kind, stepped[kind])
         assert abs(got / m["peak_memory_gib"] - 1) < 0.02, (kind, got, m["peak_memory_gib"])
     assert stepped_in_training("warmup") == ("student",) and stepped_in_training("critic") == ("student", "critic")
+
+
+def test_selective_recompute_layouts_predict_the_measured_selective_run():
+    """Calibrated on the full-recompute run of 2026-12-01, the planner predicts the selective run measured right
+    after it on the same H200 (docs/benchmarks.md): peaks within 3 % (the kept q, k, v, o of ``SELECTIVE_KEPT``),
+    and selective faster than full. Files without a granularity record ran full, whatever the config says now."""
+    bench = DEFAULT_CALIBRATION.parent
+    full = load_measured(bench / "step_1p3b_full_2026-12-01.json")
+    sel = load_measured(bench / "step_1p3b_selective_2026-12-01.json")
+    assert full.layout.recompute_granularity == "full" and sel.layout.recompute_granularity == "selective"
+    assert load_measured(DEFAULT_CALIBRATION).layout.recompute_granularity == "full"
+    assert sel.layout.name() == "TP1 CP1 PP1 DP1 rc-sel mb1"
+    mem = MemoryModel.calibrate(full.problem, full.layout, {k: v["peak_memory_gib"] for k, v in full.kinds.items()},
+                                stepped_in_run(full.kinds))
+    tm = TimingModel.calibrate(full.problem, full.layout, full.kinds)
+    stepped = stepped_in_run(sel.kinds)
+    for kind, k in sel.kinds.items():
+        got = mem.peak_gib(sel.problem, sel.layout, kind, stepped[kind])
+        assert abs(got / k["peak_memory_gib"] - 1) < 0.03, (kind, got, k["peak_memory_gib"])
+        extra = got - mem.peak_gib(full.problem, full.layout, kind, stepped[kind])
+        units = 31200 * 1536 * 30 / 2**30
+        assert extra == pytest.approx(SELECTIVE_KEPT[kind] * units, rel=1e-9)
+        t_sel = tm.step(sel.problem, sel.layout, kind, k["rollout_mean"]).total
+        assert t_sel < tm.step(full.problem, full.layout, kind, k["rollout_mean"]).total
+    enum = enumerate_layouts(8, 40, 40)
+    grans = {(lay.recompute, lay.recompute_granularity) for lay in enum.layouts}
+    assert grans == {(True, "full"), (True, "selective"), (False, "full")}

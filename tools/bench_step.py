@@ -33,7 +33,7 @@ from megatron_rcm.cli import configure_logging
 from megatron_rcm.config.loader import load_config
 from megatron_rcm.models.config_fields import recomputed_fraction
 from megatron_rcm.ops.attention import SDPA_PREFERENCES, set_sdpa_preference
-from megatron_rcm.training.flops import model_flops, recompute_share, step_flops
+from megatron_rcm.training.flops import model_flops, recompute_shares, step_flops
 from megatron_rcm.training.kernel_profile import device_kernels, format_shares, kernel_shares
 from megatron_rcm.training.phases import instrument_network
 
@@ -114,7 +114,8 @@ def bench(args) -> dict:
 
     C, F, H, W = cfg.data.latent_shape
     fwd, jvp = model_flops(trainer.wan_cfg, (C, F, H, W), cfg.data.text_len)
-    recompute["flop_share"] = recompute_share(wan_cfg, fwd, (C, F, H, W), recompute["fraction"])
+    recompute["flop_share"], recompute["flop_share_jvp"] = recompute_shares(
+        wan_cfg, fwd, jvp, (C, F, H, W), recompute["fraction"] if cfg.model.recompute else 0.0, cfg.data.text_len)
     B = cfg.data.micro_batch_size * cfg.optimizer.grad_accumulation_steps
     peak = _peak_tflops(args.peak_tflops)
     world = torch.distributed.get_world_size()
@@ -141,7 +142,7 @@ def bench(args) -> dict:
                 phases.append(ph)
                 rollouts.append(n_roll)
                 flops_list.append(step_flops(kind, fwd, jvp, B, n_roll, recompute["flop_share"],
-                                             cfg.distill.guidance not in (None, 1.0)))
+                                             cfg.distill.guidance not in (None, 1.0), recompute["flop_share_jvp"]))
         dt, flops = statistics.mean(times), statistics.mean(flops_list)
         # every model-parallel rank works on the same samples: the world's FLOPs are the DP ranks' sum
         tflops_per_gpu = flops * trainer.dp_size / dt / world / 1e12

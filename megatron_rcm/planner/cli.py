@@ -76,7 +76,9 @@ def predict(problem, layout, mem: MemoryModel, tm: TimingModel, peak_tflops: flo
     flops = tm.flops_per_gpu(problem, layout, "student") + (f - 1) * tm.flops_per_gpu(problem, layout, "critic")
     tokens = layout.samples_per_step * problem.tokens * f / cycle / layout.gpus
     return {"layout": layout.name(), "tp": layout.tp, "cp": layout.cp, "cp_comm": layout.cp_comm,
-            "pp": layout.pp, "dp": layout.dp, "recompute": layout.recompute, "recompute_layers": layout.recompute_layers, "micro_batch": layout.micro_batch,
+            "pp": layout.pp, "dp": layout.dp, "recompute": layout.recompute, "recompute_layers": layout.recompute_layers,
+            "recompute_granularity": layout.recompute_granularity if layout.recompute else None,
+            "micro_batch": layout.micro_batch,
             "num_micro_batches": layout.num_micro_batches, "status": layout.status,
             "memory_gib": mem.per_gpu_gib(problem, layout),
             "step_s": {k: s.total for k, s in steps.items()},

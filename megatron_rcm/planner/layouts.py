@@ -70,6 +70,9 @@ class Layout:
     recompute_layers: int | None = None
     """With ``recompute``: blocks recomputed per pipeline stage (Megatron's ``block`` method: the first N of
     the stage); None recomputes every block (``uniform``)."""
+    recompute_granularity: str = "full"
+    """With ``recompute``: "full" re-runs the recomputed blocks whole; "selective" re-runs them less their
+    self-attention core, whose q, k, v, o stay stored (``model.recompute_granularity``)."""
 
     @property
     def gpus(self) -> int:
@@ -93,6 +96,7 @@ class Layout:
     def name(self) -> str:
         cp = f"CP{self.cp}" + (f"-{self.cp_comm}" if self.cp > 1 else "")
         rc = "no-rc" if not self.recompute else "rc" if self.recompute_layers is None else f"rc{self.recompute_layers}"
+        rc += "-sel" if self.recompute and self.recompute_granularity == "selective" else ""
         return (f"TP{self.tp} {cp} PP{self.pp} DP{self.dp} {rc} mb{self.micro_batch}"
                 + (f"x{self.num_micro_batches}" if self.num_micro_batches > 1 else ""))
 
@@ -116,11 +120,12 @@ class Enumeration:
 
 
 def enumerate_layouts(gpus: int, heads: int, layers: int, micro_batches=(1,), pp_micro_batches=(4, 8, 16),
-                      recompute=(True, False), cp_comms=("p2p", "a2a")) -> Enumeration:
+                      recompute=(True, False), cp_comms=("p2p", "a2a"),
+                      granularities=("full", "selective")) -> Enumeration:
     """Every layout of ``gpus`` GPUs that satisfies the rules, and the factorizations that do not (with why).
 
     PP = 1 layouts run one micro-batch per step; PP > 1 layouts try each of ``pp_micro_batches`` (m) to
-    amortize the pipeline bubble (p - 1) / (m + p - 1).
+    amortize the pipeline bubble (p - 1) / (m + p - 1). Recompute on comes in each of ``granularities``.
     """
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
@@ -147,5 +152,7 @@ def enumerate_layouts(gpus: int, heads: int, layers: int, micro_batches=(1,), pp
                     for m in ((1,) if pp == 1 else pp_micro_batches):
                         for b in micro_batches:
                             for rc in recompute:
-                                out.layouts.append(Layout(tp, cp, pp, dp, rc, b, m, comm, status))
+                                for g in (granularities if rc else ("full",)):
+                                    out.layouts.append(Layout(tp, cp, pp, dp, rc, b, m, comm, status,
+                                                              recompute_granularity=g))
     return out

@@ -1,6 +1,7 @@
 """Measured runs: a ``tools/bench_step.py`` JSON file read back into the planner's (problem, layout, measurements).
 
-The file names its config and overrides; the layout comes from ``parallel.*``, ``model.recompute`` (with ``recompute_method`` / ``recompute_num_layers``) and
+The file names its config and overrides; the layout comes from ``parallel.*``, ``model.recompute`` (with ``recompute_method`` / ``recompute_num_layers``;
+the granularity from the file's own ``recompute`` record, full where it has none) and
 ``data.micro_batch_size`` / ``optimizer.grad_accumulation_steps`` of that config, the data-parallel size from
 ``world_size``. Relative config paths are looked up from the working directory, then from the repository root.
 """
@@ -66,9 +67,13 @@ def load_measured(path: str | Path) -> Measured:
     if world % (tp * cp * pp):
         raise ValueError(f"{path}: world_size {world} is not a multiple of TP*CP*PP = {tp}*{cp}*{pp}")
     block = cfg.model.recompute and cfg.model.recompute_method == "block"
+    # the granularity the run used, as bench_step recorded it; files from before selective recompute existed
+    # (no "granularity") ran full, whatever the config file says today
+    granularity = (data.get("recompute") or {}).get("granularity") or "full"
     layout = Layout(tp, cp, pp, world // (tp * cp * pp), cfg.model.recompute, cfg.data.micro_batch_size,
                     cfg.optimizer.grad_accumulation_steps, getattr(par, "cp_comm_type", "p2p") if cp > 1 else None,
-                    recompute_layers=cfg.model.recompute_num_layers if block else None)
+                    recompute_layers=cfg.model.recompute_num_layers if block else None,
+                    recompute_granularity=granularity)
     kinds = {}
     for kind, k in data["kinds"].items():
         missing = [x for x in ("step_time_s", "phases_s", "rollout_steps", "peak_memory_gib") if x not in k]

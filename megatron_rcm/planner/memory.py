@@ -12,7 +12,8 @@ over TP and all counted on the worst pipeline stage):
 with alpha_kind (bytes per token, per hidden unit, per layer, per sample) solved from a measured peak
 (recompute on) after subtracting the static part; each block that is not recomputed (recompute off: all;
 block recompute of N per stage: layers / PP - N) adds the stored tensors that recompute re-creates,
-2 (19 D + 2 F_h) bytes per token per layer (an estimate, not calibrated). The reported
+2 (19 D + 2 F_h) bytes per token per layer (an estimate, not calibrated), and each block under selective
+recompute its kept q, k, v, o (``SELECTIVE_KEPT``: 8 bytes per token x hidden unit per graph). The reported
 memory adds ``CONTEXT_ALLOWANCE_GIB`` for what ``max_memory_allocated`` does not see.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["CONTEXT_ALLOWANCE_GIB", "KINDS", "MemoryModel", "stepped_in_run", "param_counts"]
+__all__ = ["CONTEXT_ALLOWANCE_GIB", "KINDS", "MemoryModel", "SELECTIVE_KEPT", "stepped_in_run", "param_counts"]
 
 GIB = 2**30
 KINDS = ("warmup", "student", "critic")
@@ -95,11 +96,21 @@ def _token_layer_units(problem, layout) -> float:
     return tokens * cfg.hidden_size * cfg.num_layers / layout.pp * in_flight
 
 
-def _kept_per_unit(cfg, layout) -> float:
-    """Bytes per token x hidden unit x layer that the blocks not recomputed keep beyond a recomputed block:
-    2 (19 D + 2 F_h) / D per block, times the share of the stage's blocks not recomputed."""
+SELECTIVE_KEPT = {"warmup": 10.0, "student": 18.0, "critic": 8.0}
+"""Bytes per token x hidden unit x layer that a block under selective recompute keeps beyond full recompute, per
+step kind: q, k, v, o (bf16, [S/CP, b, D/TP] each: 8) per graph with grad, + t_o (2) in the JVP pass. The
+warm-up step holds the JVP pass's graph (10), the student step that and the DMD generator's (10 + 8), the critic
+step one (8) (docs/throughput.md)."""
+
+
+def _kept_per_unit(cfg, layout, kind: str) -> float:
+    """Bytes per token x hidden unit x layer that the blocks keep beyond fully recomputed ones: 2 (19 D + 2 F_h)
+    / D per block not recomputed, times the share of the stage's blocks not recomputed; under selective
+    recompute also ``SELECTIVE_KEPT[kind]`` times the share recomputed."""
     extra = 2 * (19 * cfg.hidden_size + 2 * cfg.ffn_hidden_size) / cfg.hidden_size
-    return extra * (1.0 - layout.recompute_fraction(cfg.num_layers))
+    frac = layout.recompute_fraction(cfg.num_layers)
+    selective = SELECTIVE_KEPT[kind] * frac if layout.recompute and layout.recompute_granularity == "selective" else 0.0
+    return extra * (1.0 - frac) + selective
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,6 @@ class MemoryModel:
         if not layout.recompute:
             raise ValueError("memory calibration needs a run with model.recompute=true")
         units = _token_layer_units(problem, layout)
-        kept = _kept_per_unit(problem.wan_cfg, layout)  # 0 when every block is recomputed
         alpha = {}
         for kind, gib in peak_gib.items():
             nets = stepped_in_training(kind) if stepped is None else stepped[kind]
@@ -125,11 +135,11 @@ class MemoryModel:
             if act <= 0:
                 raise ValueError(f"measured peak of the {kind} step ({gib:.1f} GiB) is below the static memory "
                                  f"({static / GIB:.1f} GiB): the calibration run does not match the model")
-            alpha[kind] = act / units - kept
+            alpha[kind] = act / units - _kept_per_unit(problem.wan_cfg, layout, kind)  # 0: full, every block
         return cls(alpha)
 
     def activation_bytes(self, problem, layout, kind: str) -> float:
-        return (self.alpha[kind] + _kept_per_unit(problem.wan_cfg, layout)) * _token_layer_units(problem, layout)
+        return (self.alpha[kind] + _kept_per_unit(problem.wan_cfg, layout, kind)) * _token_layer_units(problem, layout)
 
     def peak_gib(self, problem, layout, kind: str, stepped: tuple | None = None) -> float:
         """Predicted ``max_memory_allocated`` of a step of ``kind`` (GiB), without the allowance; the optimizer

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_rcm.planner.memory import param_counts
-from megatron_rcm.training.flops import model_flops, step_flops
+from megatron_rcm.training.flops import model_flops, recompute_shares, step_flops
 
 __all__ = ["TimingModel", "PASSES", "GPUS_PER_NODE", "NVLINK_GBPS", "IB_GBPS"]
 
@@ -51,7 +51,8 @@ PASSES = {
 }
 """Passes of one network per sample and step kind (the FLOP model's list, docs/throughput.md): g teacher
 forwards (2 with CFG), n rollout forwards, rc recompute forwards per backward (rc: the share of the blocks
-recomputed, 1 with every block)."""
+recomputed, 1 with every block). Under selective recompute the FLOPs count the recompute without the
+self-attention products (``flops.recompute_shares``), and the CP collectives no recompute forward."""
 OVERHEAD_PHASES = ("optimizer", "ema", "grad_reduce", "data", "other")
 
 
@@ -106,8 +107,10 @@ class TimingModel:
     def _flops(problem, layout, kind: str, rollout: float) -> float:
         fwd, jvp = model_flops(problem.wan_cfg, problem.latent_CFHW, problem.text_len)
         samples = layout.micro_batch * layout.num_micro_batches
-        return step_flops(kind, fwd, jvp, samples, rollout, layout.recompute_fraction(problem.wan_cfg.num_layers),
-                          problem.guidance)
+        share, share_jvp = recompute_shares(problem.wan_cfg, fwd, jvp, problem.latent_CFHW,
+                                            layout.recompute_fraction(problem.wan_cfg.num_layers), problem.text_len,
+                                            granularity=layout.recompute_granularity)
+        return step_flops(kind, fwd, jvp, samples, rollout, share, problem.guidance, share_jvp)
 
     def flops_per_gpu(self, problem, layout, kind: str, rollout: float | None = None) -> float:
         """The FLOP model's step FLOPs of one data-parallel rank's samples, split over TP x CP x PP."""
@@ -117,7 +120,11 @@ class TimingModel:
     def step(self, problem, layout, kind: str, rollout: float | None = None) -> StepTime:
         cfg, L = problem.wan_cfg, layout
         n = problem.rollout_mean if rollout is None else rollout
-        passes = PASSES[kind](n, 2 if problem.guidance else 1, L.recompute_fraction(cfg.num_layers))
+        rc = L.recompute_fraction(cfg.num_layers)
+        passes = PASSES[kind](n, 2 if problem.guidance else 1, rc)
+        # selective recompute re-runs the linears (their TP collectives) but not the attention core (CP's)
+        passes_cp = PASSES[kind](n, 2 if problem.guidance else 1, 0.0) if L.recompute_granularity == "selective" \
+            else passes
         bubble = (L.num_micro_batches + L.pp - 1) / L.num_micro_batches
         rate = self.rate[kind]
         compute = self.flops_per_gpu(problem, L, kind, n) / rate * bubble
@@ -131,11 +138,11 @@ class TimingModel:
         v_cp = L.micro_batch * S_cp * D / L.tp * BYTES_ACT
         t_cp = 0.0
         if L.cp > 1 and L.cp_comm == "a2a":
-            n_a2a = sum(CP_A2A[p] * c for p, c in passes.items()) * layers * L.num_micro_batches
+            n_a2a = sum(CP_A2A[p] * c for p, c in passes_cp.items()) * layers * L.num_micro_batches
             t_cp = n_a2a * _collective_s(v_cp, L.cp, L.tp * L.cp, EFF_A2A)
         elif L.cp > 1:
             bw = _bandwidth(L.tp * L.cp) * EFF_P2P * 1e9
-            for p, c in passes.items():
+            for p, c in passes_cp.items():
                 xfer = CP_RING[p] * v_cp / bw
                 chunk = CP_ATTN_FLOPS[p] * L.micro_batch * S_cp * S_cp * D / L.tp / rate
                 t_cp += c * layers * L.num_micro_batches * (L.cp - 1) * max(0.0, xfer - chunk)
