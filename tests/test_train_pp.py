@@ -31,13 +31,13 @@ TINY4 = [  # tests/test_ckpt_resume.py's TINY with 4 layers (PP=4 needs them)
 ]
 
 
-def _cfg(path, pp=1, tp=1, steps=STEPS, micro=4, cp=1):
+def _cfg(path, pp=1, tp=1, steps=STEPS, micro=4, cp=1, sets=()):
     extra = [f"parallel.pipeline_parallel={pp}", f"parallel.tensor_parallel={tp}", f"parallel.context_parallel={cp}",
              f"parallel.pipeline_microbatches={micro}", f"training.max_steps={steps}",
              f"training.output_dir={path}", f"checkpoint.dir={path}/ckpt", f"checkpoint.save_every={STEPS}",
              f"logging.sample_every={STEPS}",
              "optimizer.eps=1e-2"]  # as tests/test_train_cp.py: round-off gradients move weights by round-off
-    return load_config(None, [*TINY4, *extra])
+    return load_config(None, [*TINY4, *extra, *sets])
 
 
 def _full_weights(module, prefix):
@@ -87,10 +87,10 @@ def _run(cfg):
     return history, grads, weights
 
 
-def _worker(rank, world, root, pp, tp, cp=1):
+def _worker(rank, world, root, pp, tp, cp=1, sets=()):
     from megatron_rcm.parallel.state import destroy_parallel
 
-    out = _run(_cfg(f"{root}/pp{pp}-tp{tp}-cp{cp}", pp, tp, cp=cp))
+    out = _run(_cfg(f"{root}/pp{pp}-tp{tp}-cp{cp}", pp, tp, cp=cp, sets=sets))
     destroy_parallel()
     return out
 
@@ -109,10 +109,16 @@ def reference(tmp_path_factory):
     return ref
 
 
-@pytest.mark.parametrize("pp,tp,cp", [(2, 1, 1), (4, 1, 1), (2, 2, 1), (2, 1, 2)])
-def test_pp_step_equals_pp1(reference, tmp_path, pp, tp, cp):
+SELECTIVE = ("model.recompute=true", "model.recompute_granularity=selective")
+"""Selective recompute inside the stages (the replay's backward re-runs the blocks less their attention cores);
+float32 selective is bit-equal to no recompute (tests/test_recompute_selective.py), so the reference holds."""
+
+
+@pytest.mark.parametrize("pp,tp,cp,sets", [(2, 1, 1, ()), (4, 1, 1, ()), (2, 2, 1, ()), (2, 1, 2, ()),
+                                           (2, 1, 1, SELECTIVE)])
+def test_pp_step_equals_pp1(reference, tmp_path, pp, tp, cp, sets):
     ref_hist, ref_grads, ref_w = reference
-    hist, grads, w = spawn(_worker, pp * tp * cp, str(tmp_path), pp, tp, cp)
+    hist, grads, w = spawn(_worker, pp * tp * cp, str(tmp_path), pp, tp, cp, sets)
     assert len(hist) == len(ref_hist) == STEPS
     assert {"loss/scm", "loss/dmd"} <= set(ref_hist[2]) and "loss/critic" in ref_hist[3]
     errs = history_errors(ref_hist, hist)
