@@ -115,7 +115,7 @@ def bench(args) -> dict:
     C, F, H, W = cfg.data.latent_shape
     fwd, jvp = model_flops(trainer.wan_cfg, (C, F, H, W), cfg.data.text_len)
     recompute["flop_share"], recompute["flop_share_jvp"] = recompute_shares(
-        wan_cfg, fwd, jvp, (C, F, H, W), recompute["fraction"] if cfg.model.recompute else 0.0, cfg.data.text_len)
+        wan_cfg, fwd, jvp, (C, F, H, W), recompute["fraction"], cfg.data.text_len)
     B = cfg.data.micro_batch_size * cfg.optimizer.grad_accumulation_steps
     peak = _peak_tflops(args.peak_tflops)
     world = torch.distributed.get_world_size()

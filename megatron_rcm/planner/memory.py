@@ -109,7 +109,7 @@ def _kept_per_unit(cfg, layout, kind: str) -> float:
     recompute also ``SELECTIVE_KEPT[kind]`` times the share recomputed."""
     extra = 2 * (19 * cfg.hidden_size + 2 * cfg.ffn_hidden_size) / cfg.hidden_size
     frac = layout.recompute_fraction(cfg.num_layers)
-    selective = SELECTIVE_KEPT[kind] * frac if layout.recompute and layout.recompute_granularity == "selective" else 0.0
+    selective = SELECTIVE_KEPT[kind] * frac if layout.recompute_granularity == "selective" else 0.0  # frac 0: off
     return extra * (1.0 - frac) + selective
 
 

@@ -80,9 +80,10 @@ def recompute_shares(cfg, fwd: PassFlops, jvp: PassFlops, latent_CFHW, fraction:
     as they ran, primal and tangent together in the JVP pass's graph; under ``recompute_granularity``
     (``granularity`` overrides the config's) ``selective`` without their self-attention products, which are
     kept (4 S^2 D a block in a forward, 12 S^2 D in the JVP pass). Embeddings and head are never recomputed."""
-    blk_fwd, blk_jvp = _per_layer(cfg, _tokens(cfg, latent_CFHW), text_len + image_tokens)
+    S = _tokens(cfg, latent_CFHW)
+    blk_fwd, blk_jvp = _per_layer(cfg, S, text_len + image_tokens)
     if (granularity or getattr(cfg, "recompute_granularity", "full")) == "selective":
-        self_attn = 4 * _tokens(cfg, latent_CFHW) ** 2 * cfg.hidden_size
+        self_attn = 4 * S * S * cfg.hidden_size
         blk_fwd = PassFlops(blk_fwd.linear, blk_fwd.attention - self_attn)
         blk_jvp = PassFlops(blk_jvp.linear, blk_jvp.attention - 3 * self_attn)
     n = fraction * cfg.num_layers
